@@ -1,0 +1,92 @@
+"""Kernel: the layer Hessian H = 2/n * sum_i x_i x_i^T and its damped inverse.
+
+Shared by every second-order method (GPTQ, SparseGPT, Wanda's activation norms).
+Imports only torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class HessianError(ValueError):
+    """The Hessian cannot be inverted or holds non-finite values."""
+
+
+class HessianAccumulator:
+    """Streaming H = 2/n * sum x x^T in fp32.
+
+    Kept as a running mean so that after any number of batches H equals the
+    one-shot formula over every row seen so far (exact under streaming, unlike
+    summing then dividing by a guessed n).
+    """
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu") -> None:
+        self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.sq_norm = torch.zeros(columns, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add rows of inputs x [..., columns] (any leading shape)."""
+        x = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
+        m = x.shape[0]
+        if m == 0:
+            return
+        total = self.n + m
+        self.H.mul_(self.n / total)
+        self.sq_norm.mul_(self.n / total)
+        # addmm runs this at GEMM speed; sqrt(2/total) folds the 2/n factor into x.
+        xs = x * (2.0 / total) ** 0.5
+        self.H.addmm_(xs.t(), xs)
+        self.sq_norm.add_((x * x).sum(0) / total)
+        self.n = total
+
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.H).all())
+
+    def input_norm(self) -> torch.Tensor:
+        """||x_j||_2 over all rows seen (Wanda's activation statistic)."""
+        return (self.sq_norm * self.n).sqrt()
+
+
+@dataclass
+class InverseHessian:
+    Hinv: torch.Tensor  # upper Cholesky factor of (H + damp*I)^-1, [cols, cols]
+    damp: float  # absolute damping added to the diagonal
+    damp_fraction: float  # damp as a fraction of mean(diag(H))
+    dead: torch.Tensor  # bool [cols]: columns whose input was always zero
+
+
+def inverse_hessian(
+    H: torch.Tensor, damp_fraction: float = 0.01, max_tries: int = 6
+) -> InverseHessian:
+    """Damped inverse Hessian in the form the OBS column loops need.
+
+    Dead columns (diag 0: the input feature never fired) get H_jj = 1 so the
+    matrix stays invertible; the caller zeroes those weight columns since they
+    cannot affect the output. Damping is lambda = fraction * mean(diag H); if
+    Cholesky still fails it is raised tenfold up to max_tries times before we
+    give up with HessianError.
+    """
+    if not torch.isfinite(H).all():
+        raise HessianError("Hessian has NaN/inf entries (non-finite calibration activations)")
+    H = H.to(torch.float32).clone()
+    diag = torch.diagonal(H)
+    dead = diag == 0
+    diag[dead] = 1.0
+    mean_diag = float(diag.mean())
+    fraction = damp_fraction
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for _ in range(max_tries):
+        damp = fraction * mean_diag
+        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0:
+                return InverseHessian(U, damp, fraction, dead)
+        fraction = fraction * 10 if fraction > 0 else 1e-4
+    raise HessianError(
+        f"Hessian is not positive definite even with damping {fraction / 10:g} x mean(diag)"
+    )
