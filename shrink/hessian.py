@@ -68,25 +68,36 @@ def inverse_hessian(
     cannot affect the output. Damping is lambda = fraction * mean(diag H); if
     Cholesky still fails it is raised tenfold up to max_tries times before we
     give up with HessianError.
+
+    Works in fp32, or fp64 when H is fp64 (tests use that to compare blocked and
+    unblocked sweeps without rounding noise).
     """
+    if damp_fraction < 0:
+        raise ValueError(f"damp_fraction must be >= 0, got {damp_fraction}")
+    if H.ndim != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"Hessian must be a square matrix, got shape {tuple(H.shape)}")
     if not torch.isfinite(H).all():
         raise HessianError("Hessian has NaN/inf entries (non-finite calibration activations)")
-    H = H.to(torch.float32).clone()
+    H = H.to(torch.promote_types(H.dtype, torch.float32)).clone()
     diag = torch.diagonal(H)
     dead = diag == 0
     diag[dead] = 1.0
     mean_diag = float(diag.mean())
     fraction = damp_fraction
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    tried = fraction
     for _ in range(max_tries):
+        tried = fraction
         damp = fraction * mean_diag
         L, info = torch.linalg.cholesky_ex(H + damp * eye)
         if int(info) == 0:
             Hinv = torch.cholesky_inverse(L)
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if int(info) == 0:
+            # A nearly singular H can pass the first Cholesky yet give an inverse with
+            # inf/NaN; treat that as a failure too and damp harder.
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
                 return InverseHessian(U, damp, fraction, dead)
         fraction = fraction * 10 if fraction > 0 else 1e-4
     raise HessianError(
-        f"Hessian is not positive definite even with damping {fraction / 10:g} x mean(diag)"
+        f"Hessian is not positive definite even with damping {tried:g} x mean(diag)"
     )

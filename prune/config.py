@@ -1,0 +1,17 @@
+"""Schema of the `prune` config group."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PruneConfig:
+    method: str = "sparsegpt"  # sparsegpt | wanda | magnitude
+    sparsity: float = 0.5  # fraction of zeros (ignored for N:M patterns: N/M)
+    pattern: str = "unstructured"  # unstructured | N:M, e.g. 2:4, 4:8
+    # Per-layer overrides, decoder layer index -> sparsity (e.g. {0: 0.3}).
+    layer_sparsity: dict[int, float] = field(default_factory=dict)
+    joint_quant: bool = False  # prune_quantize: one OBS sweep that prunes and quantizes
+    damp: float = 0.01
+    block_size: int = 128
+    true_sequential: bool = True

@@ -1,0 +1,109 @@
+"""The `prune` pipeline stage: SparseGPT, Wanda or magnitude on every decoder Linear.
+
+With `prune.joint_quant` the SparseGPT sweep also quantizes (quant.* settings) in the
+same pass, and the model leaves this stage pruned AND quantized.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from prune.baselines import magnitude_prune, wanda_prune
+from prune.config import PruneConfig
+from prune.sparsegpt import sparsegpt_prune
+from shrink.calibration import LinearJob, compress_model
+from shrink.errors import ShrinkError
+from shrink.modeling import set_weight_matrix, weight_matrix
+
+if TYPE_CHECKING:
+    from shrink.pipeline import RunState
+
+log = logging.getLogger(__name__)
+
+METHODS = ("sparsegpt", "wanda", "magnitude")
+
+
+def parse_pattern(pattern: str) -> tuple[int, int]:
+    """"unstructured" -> (0, 0); "N:M" -> (N, M) with 0 < N < M."""
+    if pattern == "unstructured":
+        return 0, 0
+    n_str, sep, m_str = str(pattern).partition(":")
+    if not sep or not n_str.isdigit() or not m_str.isdigit():
+        raise ShrinkError(f"prune.pattern: {pattern!r} is not 'unstructured' or 'N:M' (e.g. 2:4)")
+    n, m = int(n_str), int(m_str)
+    if not 0 < n < m:
+        raise ShrinkError(f"prune.pattern: {pattern!r} needs 0 < N < M")
+    return n, m
+
+
+def check_prune_config(p: PruneConfig) -> tuple[int, int]:
+    if p.method not in METHODS:
+        raise ShrinkError(f"prune.method: unknown method {p.method!r} (sparsegpt | wanda | magnitude)")
+    for where, s in [("prune.sparsity", p.sparsity)] + [(f"prune.layer_sparsity.{k}", v) for k, v in p.layer_sparsity.items()]:
+        if not 0 <= s < 1:
+            raise ShrinkError(f"{where}: {s} must be in [0, 1)")
+    if p.joint_quant and p.method != "sparsegpt":
+        raise ShrinkError("prune.joint_quant: only SparseGPT prunes and quantizes in one sweep")
+    return parse_pattern(p.pattern)
+
+
+def nm_ok(W: torch.Tensor, n: int, m: int) -> bool:
+    """At least N zeros in every group of M consecutive input columns of every row."""
+    rows, cols = W.shape
+    if cols % m:
+        return False
+    return bool(((W.reshape(rows, cols // m, m) == 0).sum(-1) >= n).all())
+
+
+def prune_stage(state: "RunState") -> dict[str, Any]:
+    p = state.cfg.prune
+    n, m = check_prune_config(p)
+    q = state.cfg.quant
+    packed: dict[str, dict[str, torch.Tensor]] = {}
+    per_linear: dict[str, float] = {}
+
+    def compressor(job: LinearJob) -> dict[str, Any]:
+        W = weight_matrix(job.module)
+        if m and W.shape[1] % m:
+            raise ShrinkError(f"{job.full_name}: prune.pattern {n}:{m}: M={m} does not divide {W.shape[1]} input columns")
+        sparsity = float(p.layer_sparsity.get(job.layer_index, p.sparsity))
+        stats: dict[str, Any] = {"sparsity_target": n / m if m else sparsity}
+        if p.method == "sparsegpt":
+            joint = dict(quant_bits=q.bits, quant_group_size=q.group_size, quant_sym=q.sym) if p.joint_quant else {}
+            result = sparsegpt_prune(W.float(), job.hessian.H, sparsity, n, m, p.block_size, p.damp, **joint)
+            new = result.quant.Q if result.quant is not None else result.W
+            if result.quant is not None:
+                from quant.stage import pack_result
+
+                packed[job.full_name] = pack_result(result.quant, job.module)
+            stats.update(obs_error=result.error, damp=result.damp_fraction)
+        else:
+            Wf = W.float()
+            mask = (wanda_prune(Wf, job.hessian.input_norm(), sparsity, n, m) if p.method == "wanda"
+                    else magnitude_prune(Wf, sparsity, n, m))
+            new = Wf.masked_fill(mask, 0.0)
+        set_weight_matrix(job.module, new.to(W.dtype))
+        achieved = float((weight_matrix(job.module) == 0).float().mean())
+        per_linear[job.full_name] = achieved
+        stats["sparsity"] = achieved
+        if m:
+            stats["pattern_ok"] = nm_ok(weight_matrix(job.module), n, m)
+        return stats
+
+    windows = None if p.method == "magnitude" else state.calibration()
+    report = compress_model(state.model, windows, compressor, state.device, p.true_sequential,
+                            offload_activations=q.offload_activations, label=f"{p.method} {p.pattern}")
+    if p.joint_quant:
+        from quant.stage import check_quant_config, install_quantized
+
+        check_quant_config(q)
+        install_quantized(state, packed, q)
+    overall = sum(per_linear.values()) / max(len(per_linear), 1)
+    result = {"method": p.method, "pattern": p.pattern, "sparsity_mean": overall, "per_linear": per_linear,
+              "layers": report}
+    if m:
+        result["pattern_ok"] = all(r.get("pattern_ok", False) for r in report)
+    log.info("pruned: mean sparsity %.4f%s", overall, f", {n}:{m} pattern ok: {result['pattern_ok']}" if m else "")
+    return result

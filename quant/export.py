@@ -1,0 +1,376 @@
+"""Export / load GPTQ checkpoints (app level: uses transformers, safetensors, accelerate).
+
+A folder written by save_gptq_model is a standard GPTQ checkpoint:
+  config.json            model config + "quantization_config" (what transformers/optimum read)
+  quantize_config.json   the same dict (what gptqmodel / AutoGPTQ read)
+  model.safetensors      or model-0000x-of-0000y.safetensors + model.safetensors.index.json
+  generation_config.json when the model has one
+Quantized Linears appear as <name>.qweight/.qzeros/.scales/.g_idx(/.bias); everything else
+is the usual float state dict. load_quantized_model reads it back with safetensors only
+(never pickle) and without gptqmodel/optimum.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from quant.qlinear import QuantLinear
+
+log = logging.getLogger(__name__)
+
+SAFE_NAME = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+QUANT_CONFIG_NAME = "quantize_config.json"
+_QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+# ---------------------------------------------------------------------------- modules
+def _linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a GPT-2 style Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        # transformers' Conv1D stores weight as [in, out] (transposed nn.Linear).
+        in_f, out_f = module.weight.shape
+        return int(in_f), int(out_f)
+    raise TypeError(f"cannot quantize module of type {type(module).__name__}")
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def replace_with_quant_linears(
+    model: nn.Module,
+    packed: dict[str, dict[str, torch.Tensor]],
+    bits: int,
+    group_size: int,
+    checkpoint_format: str = "gptq",
+) -> nn.Module:
+    """Swap each named Linear/Conv1D (names as in model.named_modules()) for a QuantLinear.
+
+    packed[name] is pack_gptq's output for that layer (weights in nn.Linear orientation
+    [out, in], also for Conv1D). The original bias is kept. Returns model (modified in place).
+    """
+    for name, tensors in packed.items():
+        old = model.get_submodule(name)
+        in_f, out_f = _linear_dims(old)
+        bias = old.bias.detach().clone() if getattr(old, "bias", None) is not None else None
+        new = QuantLinear.from_packed(tensors, bits, group_size, bias=bias, checkpoint_format=checkpoint_format)
+        if (new.in_features, new.out_features) != (in_f, out_f):
+            raise ValueError(
+                f"{name}: packed tensors are {new.in_features}->{new.out_features}, module is {in_f}->{out_f}"
+            )
+        _set_submodule(model, name, new.to(old.weight.device))
+    return model
+
+
+# ---------------------------------------------------------------------------- config
+def gptq_quantization_config(
+    bits: int,
+    group_size: int,
+    sym: bool,
+    desc_act: bool,
+    static_groups: bool,
+    true_sequential: bool,
+    damp_percent: float,
+    checkpoint_format: str = "gptq",
+    modules_in_block_to_quantize: list[list[str]] | None = None,
+    quantizer: str = "shrink",
+) -> dict[str, Any]:
+    """The quantization_config dict shared by config.json and quantize_config.json.
+
+    Field choices (readers checked: transformers 5.23 GPTQConfig, optimum 2.3
+    GPTQQuantizer, gptqmodel 7.6 QuantizeConfig):
+    - quant_method/method: transformers dispatches on quant_method; gptqmodel 7 calls it
+      "method" (quant_method is its deprecated alias). Both are written.
+    - format/checkpoint_format: "gptq" = v1 qzeros (z-1). transformers 5 and gptqmodel
+      read "format", older AutoGPTQ/optimum "checkpoint_format".
+    - pack_dtype "int32": gptqmodel sizes qweight/qzeros from it.
+    - lm_head false: gptqmodel would otherwise not know whether lm_head is packed.
+    - act_group_aware false: transformers/optimum default it to True (GAR, a
+      quantization-time reordering). We never use it; stating False keeps the recorded
+      recipe honest. desc_act must be True whenever g_idx is not i // group_size, because
+      readers pick kernels that ignore g_idx when desc_act is False (save checks this).
+    - modules_in_block_to_quantize: optimum replaces EVERY Linear inside the decoder blocks
+      with a quant layer unless this lists the quantized ones (save fills it in).
+    - damp_percent/static_groups/true_sequential top level (transformers validates
+      damp_percent in (0, 1)) and in meta, where gptqmodel 7 keeps recipe details.
+    """
+    if checkpoint_format not in ("gptq", "gptq_v2"):
+        raise ValueError(f"checkpoint_format must be 'gptq' or 'gptq_v2', got {checkpoint_format!r}")
+    if not 0 < damp_percent < 1:
+        raise ValueError("damp_percent must be in (0, 1)")
+    cfg: dict[str, Any] = {
+        "quant_method": "gptq",
+        "method": "gptq",
+        "bits": bits,
+        "group_size": group_size,
+        "desc_act": desc_act,
+        "sym": sym,
+        "static_groups": static_groups,
+        "true_sequential": true_sequential,
+        "damp_percent": damp_percent,
+        "act_group_aware": False,
+        "lm_head": False,
+        "format": checkpoint_format,
+        "checkpoint_format": checkpoint_format,
+        "pack_dtype": "int32",
+        "meta": {
+            "quantizer": [quantizer],
+            "damp_percent": damp_percent,
+            "static_groups": static_groups,
+            "true_sequential": true_sequential,
+            "act_group_aware": False,
+        },
+    }
+    if modules_in_block_to_quantize is not None:
+        cfg["modules_in_block_to_quantize"] = modules_in_block_to_quantize
+    return cfg
+
+
+_BLOCK_RE = re.compile(r"^(?P<block>.+?)\.(?P<idx>\d+)\.(?P<rest>.+)$")
+
+
+def _modules_in_block(names: list[str]) -> list[list[str]]:
+    """Quantized module names relative to their decoder block, e.g. "self_attn.q_proj".
+
+    One flat group: for loading only membership matters (the nesting records
+    true-sequential order for quantization, which the reader ignores).
+    """
+    per_block: dict[str, set[str]] = {}
+    rests: list[str] = []
+    for n in names:
+        m = _BLOCK_RE.match(n)
+        if m is None:
+            raise ValueError(f"{n} is not inside a numbered block; GPTQ readers cannot place it")
+        per_block.setdefault(m["idx"], set()).add(m["rest"])
+        if m["rest"] not in rests:
+            rests.append(m["rest"])
+    if len({frozenset(s) for s in per_block.values()}) > 1:
+        # optimum applies one module list to all blocks: a ragged pattern would load wrong.
+        raise ValueError("quantized modules differ between blocks; GPTQ config cannot express that")
+    return [rests]
+
+
+# ---------------------------------------------------------------------------- save
+def _tied_embeddings(model: nn.Module) -> bool:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return False
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return bool(getattr(text, "tie_word_embeddings", False))
+
+
+def _dedup_shared(state: dict[str, torch.Tensor], tied: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """safetensors refuses tensors sharing storage. For tied embeddings drop the later key
+    (transformers re-ties on load); any other sharing is broken with a clone, because the
+    loader would not know to re-share it."""
+    seen: dict[tuple, str] = {}
+    out: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    for k, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
+        if key is not None and key in seen:
+            if tied:
+                dropped.append(k)
+                continue
+            t = t.clone()
+        elif key is not None:
+            seen[key] = k
+        out[k] = t.contiguous()
+    return out, dropped
+
+
+def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += nbytes
+    return shards
+
+
+def _check_g_idx(model: nn.Module, desc_act: bool) -> None:
+    if desc_act:
+        return
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear) and m.group_size not in (-1, 0):
+            trivial = torch.arange(m.in_features, device=m.g_idx.device) // m.group_size
+            if not torch.equal(m.g_idx.long(), trivial):
+                raise ValueError(f"{name}: act-order g_idx requires desc_act=True in quantization_config")
+
+
+def save_gptq_model(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    quant_config: dict[str, Any],
+    max_shard_size: int = 4 * 1024**3,
+    overwrite: bool = False,
+) -> Path:
+    """Write model (with QuantLinear layers already swapped in) as a GPTQ folder.
+
+    Everything goes to a temporary sibling first and is renamed into place at the end, so
+    a failure never leaves a half-written out_dir. Returns the final path.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists (pass overwrite=True)")
+    qnames = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    if not qnames:
+        raise ValueError("model has no QuantLinear layers; call replace_with_quant_linears first")
+    qcfg = copy.deepcopy(quant_config)
+    if "modules_in_block_to_quantize" not in qcfg:
+        qcfg["modules_in_block_to_quantize"] = _modules_in_block(qnames)
+    _check_g_idx(model, bool(qcfg.get("desc_act", False)))
+
+    config = copy.deepcopy(model.config)
+    config.quantization_config = qcfg
+    tied = _tied_embeddings(model)
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if tied and isinstance(out_emb, QuantLinear):
+        # A quantized lm_head cannot be re-tied to the float embedding on load.
+        config.tie_word_embeddings = False
+        tied = False
+
+    state, dropped = _dedup_shared({k: v.detach().cpu() for k, v in model.state_dict().items()}, tied)
+    if dropped:
+        log.info("tied weights not written (re-tied on load): %s", dropped)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        shards = _shards(state, max_shard_size)
+        meta = {"format": "pt"}  # transformers expects this safetensors metadata tag
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SAFE_NAME), metadata=meta)
+        else:
+            weight_map: dict[str, str] = {}
+            for i, shard in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata=meta)
+                weight_map.update({k: fname for k in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
+        config.save_pretrained(str(tmp))
+        (tmp / QUANT_CONFIG_NAME).write_text(json.dumps(qcfg, indent=2))
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(str(tmp))
+        if out.exists():
+            backup = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            out.rename(backup)
+            tmp.rename(out)
+            shutil.rmtree(backup)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ---------------------------------------------------------------------------- load
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / SAFE_INDEX
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [folder / f for f in sorted(set(weight_map.values()))]
+    single = folder / SAFE_NAME
+    if single.exists():
+        return [single]
+    raise FileNotFoundError(f"no {SAFE_NAME} or {SAFE_INDEX} in {folder} (pickle checkpoints are not read)")
+
+
+def load_quantized_model(
+    folder: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float16,
+    cache_weight: bool = True,
+) -> nn.Module:
+    """Load a GPTQ folder into a runnable model with pure-torch QuantLinear layers.
+
+    Needs only transformers + safetensors + accelerate. Float tensors are cast to dtype;
+    GPTQ scales stay fp16 as stored (QuantLinear dequantizes in fp32).
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(str(folder))
+    qcfg = getattr(config, "quantization_config", None)
+    if qcfg is None and (folder / QUANT_CONFIG_NAME).exists():
+        qcfg = json.loads((folder / QUANT_CONFIG_NAME).read_text())
+    if qcfg is None:
+        raise ValueError(f"{folder} has no quantization_config")
+    qcfg = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
+    bits, group_size = int(qcfg["bits"]), int(qcfg["group_size"])
+    fmt = qcfg.get("format") or qcfg.get("checkpoint_format") or "gptq"
+    # Build from a config WITHOUT quantization_config so transformers never routes through
+    # its own GPTQ quantizer (which needs optimum + gptqmodel).
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+
+    files = _safetensors_files(folder)
+    keys: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            keys.update(sf.keys())
+    qnames = sorted(k[: -len(".qweight")] for k in keys if k.endswith(".qweight"))
+
+    # Parameters on meta (no allocation, no random init); buffers stay real so
+    # non-persistent ones (e.g. rotary inv_freq) are computed as usual.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name in qnames:
+        old = model.get_submodule(name)
+        in_f, out_f = _linear_dims(old)
+        new = QuantLinear(
+            in_f, out_f, bits, group_size, bias=f"{name}.bias" in keys, device="meta",
+            cache_weight=cache_weight, checkpoint_format=fmt, bias_dtype=dtype,
+        )
+        _set_submodule(model, name, new)
+
+    qkeys = {f"{n}.{s}" for n in qnames for s in _QUANT_SUFFIXES}
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for k in sf.keys():
+                t = sf.get_tensor(k)
+                if t.is_floating_point() and k not in qkeys:
+                    t = t.to(dtype)
+                state[k] = t
+    for name in qnames:  # placeholder n_groups may differ (e.g. act-order files): trust the file
+        m = model.get_submodule(name)
+        if m.scales.shape != state[f"{name}.scales"].shape:
+            m.scales = torch.empty_like(state[f"{name}.scales"], device="meta")
+            m.qzeros = torch.empty_like(state[f"{name}.qzeros"], device="meta")
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise ValueError(f"unexpected keys in checkpoint: {result.unexpected_keys[:10]}")
+    if _tied_embeddings(model):
+        model.tie_weights()
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise ValueError(f"tensors missing from checkpoint: {still_meta[:10]}")
+    return model.to(device).eval()

@@ -1,0 +1,173 @@
+"""Kernel: GPTQ (Frantar et al. 2022) and round-to-nearest weight quantization.
+
+GPTQ is the OBS column sweep of shrink.obs with a grid quantizer plugged in: every
+column is rounded onto its grid and the rounding error is pushed onto the columns not
+yet quantized, using the damped inverse Hessian of the layer inputs.
+
+Options, as in the reference implementation / AutoGPTQ:
+* group_size -1: one grid per output row, fitted once on the whole (updated-free) W.
+  group_size g > 0: one grid per row and per g input columns.
+* act_order (desc_act): sweep the columns by descending diag(H) so the most
+  influential inputs are quantized first, while the most freedom is left to fix them.
+* groups are fitted lazily when the sweep reaches them (on the weights as updated so
+  far, in sweep order, so with act_order g_idx[perm[i]] = i // g), or, with
+  static_groups, up front on the original column order (g_idx[j] = j // g).
+* mask (True = pruned, e.g. from SparseGPT): those weights are forced to 0 (every grid
+  holds 0 exactly, at code == zero point) and their error is propagated like any other.
+Imports only torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quant.grid import Grid, dequantize_codes, fit_grid, quantize_codes
+from shrink.hessian import inverse_hessian
+from shrink.obs import obs_sweep, prepare_layer
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+@dataclass
+class QuantResult:
+    """Q == (codes - zero[g_idx].T) * scale[g_idx].T exactly (fp32), original column order."""
+
+    Q: torch.Tensor  # fp32 [out, in] dequantized weight
+    codes: torch.Tensor  # int32 [out, in], in [0, 2**bits - 1]
+    scale: torch.Tensor  # fp32 [n_groups, out]
+    zero: torch.Tensor  # fp32 [n_groups, out], integer-valued, the real zero point z
+    g_idx: torch.Tensor  # int32 [in]: group of each input column
+    bits: int
+    group_size: int
+    sym: bool
+    error: float  # GPTQ: OBS loss sum (w-q)^2/d^2 / 2; RTN: sum (w-q)^2 / 2
+    damp_fraction: float  # damping actually used (0.0 for RTN)
+
+
+def check_quant_args(cols: int, bits: int, group_size: int, static_groups: bool = False) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if group_size != -1 and group_size <= 0:
+        raise ValueError(f"group_size must be -1 (one grid per row) or positive, got {group_size}")
+    if group_size > 0 and cols % group_size:
+        raise ValueError(f"group_size {group_size} must divide in_features {cols}")
+    if static_groups and group_size <= 0:
+        raise ValueError("static_groups requires group_size > 0")
+
+
+class GroupQuantizer:
+    """The sweep's column quantizer: which grid each sweep column uses and its codes.
+
+    Grids are fitted up front on W_fit (original column order) for one-grid-per-row and
+    static groups, or lazily through fit() when the sweep reaches each group.
+    """
+
+    def __init__(
+        self, W_fit: torch.Tensor, bits: int, sym: bool, group_size: int,
+        static: bool = False, perm: torch.Tensor | None = None,
+    ) -> None:
+        rows, cols = W_fit.shape
+        self.bits, self.sym, self.group_size = bits, sym, group_size
+        self.perm = perm
+        size = cols if group_size == -1 else group_size
+        self.refit_every = 0 if (group_size == -1 or static) else group_size
+        sweep_pos = torch.arange(cols, device=W_fit.device)
+        self.g_idx = sweep_pos // size  # original order
+        if self.refit_every and perm is not None:
+            self.g_idx = torch.empty_like(sweep_pos)
+            self.g_idx[perm] = sweep_pos // size  # groups follow the sweep order
+        col_group = self.g_idx if perm is None else self.g_idx[perm]
+        self.col_group: list[int] = col_group.tolist()  # host copy: no device sync per column
+        self.grids: list[Grid | None] = [None] * (cols // size)
+        if not self.refit_every:
+            for g in range(cols // size):
+                self.grids[g] = fit_grid(W_fit[:, g * size : (g + 1) * size], bits, sym)
+        self.codes = torch.zeros(rows, cols, dtype=torch.int32, device=W_fit.device)  # sweep order
+
+    def fit(self, start: int, current: torch.Tensor) -> None:
+        self.grids[start // self.refit_every] = fit_grid(current, self.bits, self.sym)
+
+    def __call__(self, i: int, w: torch.Tensor) -> torch.Tensor:
+        grid = self.grids[self.col_group[i]]
+        c = quantize_codes(w.unsqueeze(1), grid)
+        self.codes[:, i] = c[:, 0].to(torch.int32)
+        return dequantize_codes(c, grid)[:, 0].to(w.dtype)
+
+    def result(self, error: float, damp_fraction: float) -> QuantResult:
+        """Codes back in original order; Q rebuilt from codes so the invariant is exact."""
+        codes = self.codes
+        if self.perm is not None:
+            codes = codes[:, torch.argsort(self.perm)]
+        scale = torch.stack([g.scale[:, 0] for g in self.grids]).to(torch.float32)
+        zero = torch.stack([g.zero[:, 0] for g in self.grids]).to(torch.float32)
+        Q = (codes.to(torch.float32) - zero[self.g_idx].T) * scale[self.g_idx].T
+        return QuantResult(
+            Q, codes, scale, zero, self.g_idx.to(torch.int32), self.bits, self.group_size,
+            self.sym, error, damp_fraction,
+        )
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    bits: int,
+    group_size: int = -1,
+    sym: bool = False,
+    act_order: bool = False,
+    static_groups: bool = False,
+    damp: float = 0.01,
+    block_size: int = 128,
+    mask: torch.Tensor | None = None,
+) -> QuantResult:
+    """GPTQ-quantize W [out, in] given the layer Hessian H [in, in] (2/n sum x x^T).
+
+    damp is the fraction of mean(diag H) added to the diagonal (raised automatically
+    if H is still not positive definite; the value used is returned). Computes in fp32
+    on W's device (fp64 if W is fp64).
+    """
+    W, H, dead = prepare_layer(W, H, mask)
+    check_quant_args(W.shape[1], bits, group_size, static_groups)
+    mask = mask.to(W.device) if mask is not None else None
+    W_fit = W.masked_fill(mask, 0) if mask is not None else W
+    perm = None
+    if act_order:
+        # Reference GPTQ orders by diag(H) after setting dead columns to 1.
+        diag = torch.diagonal(H).masked_fill(dead, 1)
+        perm = torch.argsort(diag, descending=True, stable=True)
+    quantizer = GroupQuantizer(W_fit, bits, sym, group_size, static_groups, perm)
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+        mask = mask[:, perm] if mask is not None else None
+    inv = inverse_hessian(H, damp)
+    sweep = obs_sweep(W, inv.Hinv, block_size=block_size, mask=mask, quantizer=quantizer)
+    return quantizer.result(sweep.error, inv.damp_fraction)
+
+
+def rtn_quantize(
+    W: torch.Tensor,
+    bits: int,
+    group_size: int = -1,
+    sym: bool = False,
+    mask: torch.Tensor | None = None,
+) -> QuantResult:
+    """Round-to-nearest on the same grids (the no-calibration baseline).
+
+    Masked weights (True = pruned) are set to 0 before fitting and stay 0.
+    """
+    if W.ndim != 2:
+        raise ValueError(f"W must be 2-D [out, in], got shape {tuple(W.shape)}")
+    check_quant_args(W.shape[1], bits, group_size)
+    if mask is not None and (mask.dtype != torch.bool or mask.shape != W.shape):
+        raise ValueError(f"mask must be a bool tensor of shape {tuple(W.shape)}")
+    W = W.to(torch.float32)
+    if mask is not None:
+        W = W.masked_fill(mask.to(W.device), 0)
+    quantizer = GroupQuantizer(W, bits, sym, group_size, static=True)
+    size = W.shape[1] if group_size == -1 else group_size
+    for g, grid in enumerate(quantizer.grids):
+        cols = slice(g * size, (g + 1) * size)
+        quantizer.codes[:, cols] = quantize_codes(W[:, cols], grid).to(torch.int32)
+    res = quantizer.result(0.0, 0.0)
+    res.error = float(((W - res.Q) ** 2).sum()) / 2
+    return res

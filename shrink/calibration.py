@@ -1,0 +1,229 @@
+"""The ONE layer-by-layer calibration engine, shared by pruning and quantization.
+
+1. Capture the inputs of decoder layer 0 with ALL their call kwargs (attention mask,
+   position ids/embeddings, cache flags) by running the base model with its layer
+   list cut down to layer 0 (so no lm_head and no other layer runs).
+2. Per layer: move it to the device; find which Linears read the same input tensor
+   (q/k/v, gate/up) so they share ONE Hessian; hook them, run the calibration
+   batches, hand each Linear and its Hessian to the compressor; with true-sequential
+   the groups are done in execution order, each seeing the already-compressed ones;
+   re-run the compressed layer so its outputs feed the next layer; move it back.
+Only one layer and the activations are on the device at a time, so peak device
+memory does not grow with depth. The engine knows no algorithm: a compressor edits
+the weights in place and returns its own stats.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from shrink.errors import ShrinkError
+from shrink.hessian import HessianAccumulator, HessianError
+from shrink.modeling import find_decoder_layers, find_linears, weight_matrix
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LinearJob:
+    layer_index: int
+    num_layers: int
+    name: str  # qualified name inside the decoder layer, e.g. "self_attn.q_proj"
+    full_name: str  # qualified name inside the model
+    module: nn.Module
+    hessian: Optional[HessianAccumulator]  # None when the compressor needs no data
+
+
+Compressor = Callable[[LinearJob], dict[str, Any]]
+
+
+@dataclass
+class LayerBatch:
+    """The recorded call of a decoder layer for one calibration batch."""
+    args: tuple
+    kwargs: dict[str, Any]
+
+    def hidden(self) -> torch.Tensor:
+        return self.args[0] if self.args else self.kwargs["hidden_states"]
+
+    def with_hidden(self, h: torch.Tensor) -> "LayerBatch":
+        if self.args:
+            return LayerBatch((h, *self.args[1:]), self.kwargs)
+        return LayerBatch(self.args, {**self.kwargs, "hidden_states": h})
+
+    def to(self, device: torch.device) -> "LayerBatch":
+        return LayerBatch(tuple(_move(a, device) for a in self.args),
+                          {k: _move(v, device) for k, v in self.kwargs.items()})
+
+
+def _move(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_move(v, device) for v in value)
+    return value
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int,
+                         device: torch.device, store: torch.device) -> list[LayerBatch]:
+    """Inputs (args and kwargs) of decoder layer 0 for each calibration batch."""
+    parent_name, layers = find_decoder_layers(model)
+    parent = model.get_submodule(parent_name.rsplit(".", 1)[0]) if "." in parent_name else model
+    attr = parent_name.rsplit(".", 1)[-1]
+    recorded: list[LayerBatch] = []
+
+    def record(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        recorded.append(LayerBatch(args, kwargs).to(store))
+
+    base = model.base_model
+    setattr(parent, attr, nn.ModuleList([layers[0]]))
+    handle = layers[0].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        base.to(device)
+        for start in range(0, windows.shape[0], batch_size):
+            base(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        handle.remove()
+        base.to("cpu")
+        setattr(parent, attr, layers)
+    return recorded
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, batches: list[LayerBatch], device: torch.device,
+              store: torch.device | None) -> list[torch.Tensor] | None:
+    """Run every batch through the layer; keep outputs (on `store`) unless store is None."""
+    outputs = []
+    for batch in batches:
+        out = _first(layer(*batch.to(device).args, **batch.to(device).kwargs))
+        if store is not None:
+            outputs.append(out.to(store))
+    return outputs if store is not None else None
+
+
+def input_groups(layer: nn.Module, batch: LayerBatch, device: torch.device) -> list[list[str]]:
+    """Linears grouped by the input tensor they read, in execution order."""
+    linears = find_linears(layer)
+    seen: dict[int, list[str]] = {}
+    order: list[int] = []
+    handles = []
+
+    keep: list[torch.Tensor] = []  # keeps inputs alive so their ids stay unique during the pass
+
+    def hook(name: str):
+        def fn(_m: nn.Module, inp: tuple, _out: Any) -> None:
+            keep.append(inp[0])
+            key = id(inp[0])
+            if key not in seen:
+                seen[key] = []
+                order.append(key)
+            if name not in seen[key]:
+                seen[key].append(name)
+        return fn
+
+    for name, module in linears.items():
+        handles.append(module.register_forward_hook(hook(name)))
+    try:
+        run_layer(layer, [batch], device, None)
+    finally:
+        for h in handles:
+            h.remove()
+    groups = [seen[k] for k in order]
+    missing = [n for n in linears if not any(n in g for g in groups)]
+    return groups + ([missing] if missing else [])
+
+
+def accumulate(layer: nn.Module, groups: list[list[str]], batches: list[LayerBatch],
+               device: torch.device) -> dict[str, HessianAccumulator]:
+    """One Hessian per input group, shared by the Linears of the group."""
+    linears = find_linears(layer)
+    hessians: dict[str, HessianAccumulator] = {}
+    handles = []
+    for group in groups:
+        first = linears[group[0]]
+        columns = weight_matrix(first).shape[1]
+        acc = HessianAccumulator(columns, device)
+        for name in group:
+            hessians[name] = acc
+        handles.append(first.register_forward_hook(lambda _m, inp, _o, acc=acc: acc.add(inp[0])))
+    try:
+        run_layer(layer, batches, device, None)
+    finally:
+        for h in handles:
+            h.remove()
+    return hessians
+
+
+def relative_error(W0: torch.Tensor, W1: torch.Tensor, acc: Optional[HessianAccumulator]) -> float:
+    """||(W0-W1) X^T||^2 / ||W0 X^T||^2 = tr(D H D^T) / tr(W H W^T); weight-space if no H."""
+    D = (W0 - W1).float()
+    if acc is None:
+        return float((D * D).sum() / (W0.float() ** 2).sum().clamp_min(1e-30))
+    H = acc.H
+    num = (D @ H * D).sum()
+    den = (W0.float() @ H * W0.float()).sum().clamp_min(1e-30)
+    return float(num / den)
+
+
+def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor: Compressor,
+                   device: torch.device, true_sequential: bool = True, batch_size: int = 8,
+                   offload_activations: bool = False, label: str = "compress") -> list[dict[str, Any]]:
+    """Compress every Linear of every decoder layer; returns a per-Linear report."""
+    parent_name, layers = find_decoder_layers(model)
+    store = torch.device("cpu") if offload_activations else device
+    batches = capture_layer_inputs(model, windows, batch_size, device, store) if windows is not None else None
+    report: list[dict[str, Any]] = []
+    total = time.time()
+    for i, layer in enumerate(layers):
+        start = time.time()
+        layer.to(device)
+        linears = find_linears(layer)
+        if batches is None:
+            groups, hessians = [list(linears)], {}
+        else:
+            groups = input_groups(layer, batches[0], device)
+            hessians = {} if true_sequential else accumulate(layer, groups, batches, device)
+        for group in groups:
+            if batches is not None and true_sequential:
+                hessians.update(accumulate(layer, [group], batches, device))
+            for name in group:
+                report.append(_compress_one(i, len(layers), parent_name, name, linears[name],
+                                            hessians.get(name), compressor))
+        if batches is not None:
+            outputs = run_layer(layer, batches, device, store)
+            if not all(torch.isfinite(o).all() for o in outputs):
+                raise ShrinkError(f"layer {i}: NaN/inf activations after compression (check the input model and calibration data)")
+            batches = [b.with_hidden(o) for b, o in zip(batches, outputs)]
+        layer.to("cpu")
+        errors = [r["rel_error"] for r in report[-len(linears):]]
+        elapsed = time.time() - total
+        log.info("%s layer %d/%d: %.1fs, mean rel. error %.4g, max %.4g, ETA %.0fs", label, i + 1, len(layers),
+                 time.time() - start, sum(errors) / len(errors), max(errors), elapsed / (i + 1) * (len(layers) - i - 1))
+    return report
+
+
+def _compress_one(i: int, n: int, parent: str, name: str, module: nn.Module,
+                  acc: Optional[HessianAccumulator], compressor: Compressor) -> dict[str, Any]:
+    full = f"{parent}.{i}.{name}"
+    if acc is not None and not acc.finite():
+        raise ShrinkError(f"{full}: NaN/inf in calibration activations")
+    W0 = weight_matrix(module).clone()
+    start = time.time()
+    try:
+        stats = compressor(LinearJob(i, n, name, full, module, acc))
+    except HessianError as exc:
+        raise ShrinkError(f"{full}: {exc}") from exc
+    except ValueError as exc:  # kernels validate shapes/options with ValueError
+        raise ShrinkError(f"{full}: {exc}") from exc
+    rel = relative_error(W0, weight_matrix(module), acc)
+    return {"layer": i, "name": name, "full_name": full, "seconds": time.time() - start, "rel_error": rel, **stats}

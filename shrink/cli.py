@@ -1,0 +1,97 @@
+"""The `shrink` console script: a Hydra app, plus a few plain subcommands.
+
+`shrink [overrides]` composes conf/config.yaml and runs the pipeline; `shrink
+import-gguf ...` (and later report/publish/plan) are argparse subcommands dispatched
+before Hydra sees argv, since Hydra has no notion of subcommands.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from shrink.errors import ShrinkError
+
+log = logging.getLogger("shrink")
+
+
+def asset_path(name: str) -> str:
+    """OmegaConf resolver ${asset:NAME}: a data file shipped inside the package."""
+    return str(Path(__file__).parent / "assets" / name)
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("asset", asset_path, replace=True)
+
+
+def hydra_main() -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import DictConfig
+
+    from shrink.config import register_configs
+
+    register_configs()
+    register_resolvers()
+
+    # An absolute path: Hydra would otherwise read "../conf" as a Python module path.
+    conf_dir = str(Path(__file__).resolve().parent.parent / "conf")
+
+    @hydra.main(version_base="1.3", config_path=conf_dir, config_name="config")
+    def _run(cfg: DictConfig) -> None:
+        from shrink.gguf_import import import_gguf
+        from shrink.modeling import resolve_dtype
+        from shrink.pipeline import run_pipeline, write_recipe
+
+        logging.getLogger().setLevel(cfg.log_level)
+        out = Path(cfg.out) if cfg.out else Path(HydraConfig.get().runtime.output_dir)
+        try:
+            if cfg.model.gguf and not Path(cfg.model.path).expanduser().exists():
+                import_gguf(cfg.model.gguf, cfg.model.path, resolve_dtype("float16"))
+            write_recipe(cfg, out)
+            metrics = run_pipeline(cfg, out)
+        except ShrinkError as exc:
+            print(f"shrink: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        for name, ppl in metrics.get("ppl", {}).items():
+            base = metrics.get("baseline_ppl", {}).get(name)
+            print(f"ppl[{name}] = {ppl:.3f}" + (f" (baseline {base:.3f})" if base is not None else ""))
+        print(f"out: {out}")
+
+    _run()
+
+
+def import_gguf_command(argv: list[str]) -> None:
+    from shrink.gguf_import import import_gguf
+    from shrink.modeling import resolve_dtype
+
+    parser = argparse.ArgumentParser(prog="shrink import-gguf",
+                                     description="Convert a GGUF causal LM into a safetensors HF folder.")
+    parser.add_argument("gguf", help="path to a .gguf file, or pkg:<package>/<file>")
+    parser.add_argument("out", help="folder to write (reused if it exists)")
+    parser.add_argument("--dtype", default="float16")
+    args = parser.parse_args(argv)
+    print(import_gguf(args.gguf, args.out, resolve_dtype(args.dtype)))
+
+
+SUBCOMMANDS = {"import-gguf": import_gguf_command}
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    if argv and argv[0] in SUBCOMMANDS:
+        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+        try:
+            SUBCOMMANDS[argv[0]](argv[1:])
+        except ShrinkError as exc:
+            print(f"shrink: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        return
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

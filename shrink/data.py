@@ -1,0 +1,124 @@
+"""Corpora, tokenization (cached), the calibration sampler and the evaluation windows.
+
+Token streams follow the perplexity protocol of ../shared/README.md: each document
+tokenized without special tokens, EOS appended, all documents concatenated in file
+order. Streams are cached on disk (safetensors) keyed by the file's content hash and
+the tokenizer's fingerprint, so a second run does not tokenize again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedTokenizerBase
+
+from shrink.errors import ShrinkError
+
+log = logging.getLogger(__name__)
+
+LOADERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SHRINK_CACHE", "~/.cache/shrink")).expanduser()
+
+
+def loader_for(path: Path) -> str:
+    suffixes = [s for s in path.suffixes if s not in (".gz", ".bz2", ".xz", ".zst")]
+    if not suffixes or suffixes[-1] not in LOADERS:
+        raise ShrinkError(f"{path}: unsupported data format (use .jsonl, .json, .txt, .parquet or .csv, optionally .gz)")
+    return LOADERS[suffixes[-1]]
+
+
+def load_texts(path: str | os.PathLike, text_field: str = "text", key: str = "data.path") -> list[str]:
+    """Documents of a local file, in file order (a .txt file is one document)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ShrinkError(f"{key}: {file} does not exist")
+    import datasets  # heavy import, only when data is read
+
+    loader = loader_for(file)
+    kwargs = {"sample_by": "document"} if loader == "text" else {}
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(loader, data_files=str(file), split="train", **kwargs)
+    except Exception as exc:  # datasets raises many types for unreadable files
+        raise ShrinkError(f"{key}: cannot read {file}: {str(exc).splitlines()[0]}") from exc
+    if text_field not in ds.column_names:
+        raise ShrinkError(f"{key}: {file} has no field {text_field!r} (fields: {ds.column_names}; set data.text_field)")
+    texts = [t for t in ds[text_field] if t]
+    if not texts:
+        raise ShrinkError(f"{key}: {file} holds no text (empty corpus)")
+    return texts
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    payload = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{payload}|eos={tokenizer.eos_token_id}".encode()).hexdigest()
+
+
+def token_stream(
+    path: str | os.PathLike,
+    tokenizer: PreTrainedTokenizerBase,
+    text_field: str = "text",
+    cache_dir: str | os.PathLike | None = None,
+    key: str = "data.path",
+) -> torch.Tensor:
+    """int64 token ids of the whole file per the protocol, from cache when possible."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ShrinkError(f"{key}: {file} does not exist")
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    ident = hashlib.sha256(f"{file_sha256(file)}|{tokenizer_fingerprint(tokenizer)}|{text_field}".encode()).hexdigest()
+    cached = cache / "tokens" / f"{ident[:32]}.safetensors"
+    if cached.is_file():
+        return load_file(cached)["ids"]
+    start = time.time()
+    texts = load_texts(file, text_field, key)
+    eos = tokenizer.eos_token_id
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([t for doc in encoded for t in (*doc, eos)], dtype=torch.int64)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+    save_file({"ids": ids}, tmp)
+    tmp.replace(cached)  # atomic: a concurrent or killed run never sees half a file
+    log.info("tokenized %s: %d documents, %d tokens in %.1fs", file.name, len(texts), ids.numel(), time.time() - start)
+    return ids
+
+
+def eval_windows(stream: torch.Tensor, seq_len: int, max_windows: int | None = None, key: str = "data.eval") -> torch.Tensor:
+    """Non-overlapping windows [n, seq_len]; the remainder is dropped."""
+    if seq_len <= 1:
+        raise ShrinkError(f"{key}.seq_len must be > 1, got {seq_len}")
+    n = stream.numel() // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise ShrinkError(f"{key}: {stream.numel()} tokens is shorter than one window of {seq_len}")
+    return stream[: n * seq_len].view(n, seq_len)
+
+
+def calibration_windows(stream: torch.Tensor, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """num_samples random windows [num_samples, seq_len] of the stream (GPTQ's sampler), seeded."""
+    if num_samples <= 0 or seq_len <= 0:
+        raise ShrinkError(f"data.calib: num_samples and seq_len must be positive, got {num_samples}, {seq_len}")
+    if stream.numel() <= seq_len:
+        raise ShrinkError(f"data.calib: {stream.numel()} tokens is not more than seq_len={seq_len}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, stream.numel() - seq_len, (num_samples,), generator=generator)
+    return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])

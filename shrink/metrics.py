@@ -1,0 +1,53 @@
+"""Measured figures of a model for metrics.json: size, sparsity, bits, peak memory."""
+from __future__ import annotations
+
+import resource
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from shrink.modeling import count_parameters, find_decoder_layers, find_linears, weight_matrix
+
+
+def peak_memory_bytes() -> dict[str, int]:
+    """Peak resident memory of this process, and peak CUDA allocation if any."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cpu = rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+    cuda = int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else 0
+    return {"cpu": int(cpu), "cuda": cuda}
+
+
+def layer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Dense [out, in] weights of every Linear in the decoder layers (dequantized if needed)."""
+    name, layers = find_decoder_layers(model)
+    result = {}
+    for i, layer in enumerate(layers):
+        for lname, module in find_linears(layer).items():
+            result[f"{name}.{i}.{lname}"] = weight_matrix(module)
+        for lname, module in layer.named_modules():
+            if hasattr(module, "dequantized_weight"):
+                result[f"{name}.{i}.{lname}"] = module.dequantized_weight()
+    return result
+
+
+def sparsity_report(model: nn.Module) -> dict[str, Any]:
+    """Fraction of exact zeros per decoder-layer Linear and overall."""
+    per_layer = {}
+    zeros = total = 0
+    for name, W in layer_weights(model).items():
+        z = int((W == 0).sum())
+        per_layer[name] = z / W.numel()
+        zeros += z
+        total += W.numel()
+    return {"overall": zeros / total if total else 0.0, "per_linear": per_layer}
+
+
+def size_metrics(model: nn.Module, size_bytes: int) -> dict[str, Any]:
+    params = count_parameters(model)
+    return {
+        "params": params,
+        "size_bytes": int(size_bytes),
+        "bits_per_weight": 8.0 * size_bytes / params if params else 0.0,
+    }

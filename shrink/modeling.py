@@ -1,0 +1,184 @@
+"""Model plumbing that knows no algorithm: load, save, and find decoder layers and Linears.
+
+Discovery works from the model's own structure, not per-architecture tables: the
+decoder layers are the longest ModuleList of identical blocks, and the Linears are
+every nn.Linear or GPT-2-style Conv1D inside one block.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
+
+from shrink.config import ModelConfig
+from shrink.errors import ShrinkError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+WEIGHT_SUFFIXES = (".safetensors",)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ShrinkError(f"model.dtype: unknown dtype {name!r} (choose from {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ShrinkError(f"model.device: {name!r} asked for but no CUDA device is available")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ShrinkError(f"model.device: unknown device {name!r} (cpu | cuda | auto)")
+    return torch.device(name)
+
+
+def check_model_folder(path: str | os.PathLike) -> Path:
+    """A local HF folder with config.json and safetensors weights (pickles are refused)."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ShrinkError(f"model.path: {folder} is not a folder")
+    if not (folder / "config.json").is_file():
+        raise ShrinkError(f"model.path: {folder} has no config.json (not a Hugging Face model folder)")
+    if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in folder.iterdir()):
+        pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        hint = f" (found {pickles[0]}: pickled weights are not loaded)" if pickles else ""
+        raise ShrinkError(f"model.path: {folder} has no .safetensors weights{hint}")
+    return folder
+
+
+def is_gptq_folder(folder: Path) -> bool:
+    config = json.loads((folder / "config.json").read_text())
+    return (config.get("quantization_config") or {}).get("quant_method") == "gptq"
+
+
+def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load model + tokenizer from a local folder on the CPU in cfg.dtype, in eval mode.
+
+    Models stay on the CPU: the stages move what they need (one layer at a time for
+    calibration, the whole model for evaluation) to cfg.device.
+    """
+    folder = check_model_folder(cfg.path)
+    dtype = resolve_dtype(cfg.dtype)
+    if is_gptq_folder(folder):
+        from quant.export import load_quantized_model
+
+        model = load_quantized_model(folder, device="cpu", dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code
+        )
+    tokenizer = load_tokenizer(folder, cfg.trust_remote_code)
+    check_vocab(model, tokenizer, folder)
+    return model.eval(), tokenizer
+
+
+def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ShrinkError(f"model.path: cannot load a tokenizer from {folder}: {exc}") from exc
+    if tokenizer.eos_token_id is None:
+        raise ShrinkError(f"model.path: tokenizer in {folder} has no EOS token")
+    return tokenizer
+
+
+def check_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """Every token id the tokenizer can emit must index a row of the embedding."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ShrinkError(
+            f"model.path: tokenizer in {folder} has {len(tokenizer)} tokens but the model's "
+            f"embedding has {rows} rows (tokenizer/vocab mismatch)"
+        )
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Logical parameter count: tied weights once, quantized Linears by their unpacked size."""
+    total = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        logical = getattr(module, "logical_numel", None)
+        if callable(logical):
+            total += logical()
+            continue
+        for p in module.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The longest ModuleList whose children all share one class: the decoder stack."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        if not find_linears(module[0]):
+            continue
+        if best is None or len(module) > len(best[1]):
+            best = (name, module)
+    if best is None:
+        raise ShrinkError(f"no decoder layers found in {type(model).__name__} (no repeated block with Linears)")
+    return best
+
+
+def find_linears(module: nn.Module) -> dict[str, nn.Module]:
+    """Every nn.Linear / Conv1D under module, by qualified name, in registration order."""
+    return {
+        name: child
+        for name, child in module.named_modules()
+        if isinstance(child, (nn.Linear, Conv1D)) and name
+    }
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as [out_features, in_features] (Conv1D stores it transposed)."""
+    if isinstance(module, Conv1D):
+        return module.weight.data.t()
+    return module.weight.data
+
+
+def set_weight_matrix(module: nn.Module, W: torch.Tensor) -> None:
+    target = module.weight.data
+    target.copy_(W.t() if isinstance(module, Conv1D) else W)
+
+
+def save_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    folder: Path,
+    extra_files: dict[str, str] | None = None,
+) -> None:
+    """save_pretrained (safetensors) + tokenizer + text files into an existing empty folder."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    for name, text in (extra_files or {}).items():
+        (folder / name).write_text(text)
+
+
+def folder_size_bytes(folder: str | os.PathLike, suffixes: tuple[str, ...] = WEIGHT_SUFFIXES) -> int:
+    """Bytes of the weight files in a model folder."""
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.name.endswith(suffixes))
+
+
+def model_summary(model: PreTrainedModel) -> dict[str, Any]:
+    _, layers = find_decoder_layers(model)
+    return {
+        "class": type(model).__name__,
+        "layers": len(layers),
+        "linears_per_layer": len(find_linears(layers[0])),
+        "params": count_parameters(model),
+    }

@@ -1,0 +1,173 @@
+"""Runs the ordered stages of `pipeline.stages` on one model, in memory, and writes the
+artifacts of ../shared/CONTRACT.md into `out`: metrics.json, recipe.yaml, model/.
+
+A stage is a function `(RunState) -> dict`; its dict lands in metrics.json under the
+stage's name. Stages that change the model set `state.changed`; export then writes
+model/ through a temporary folder so a failure never leaves a partial one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from shrink import data as data_mod
+from shrink.errors import ShrinkError
+from shrink.evaluation import perplexity
+from shrink.metrics import peak_memory_bytes, size_metrics, sparsity_report
+from shrink.modeling import folder_size_bytes, load_model, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunState:
+    cfg: DictConfig
+    out: Path
+    model: Optional[PreTrainedModel] = None
+    tokenizer: Optional[PreTrainedTokenizerBase] = None
+    changed: bool = False
+    # Set by the quantize stage: export then writes the GPTQ layout with this config.
+    quantization_config: Optional[dict[str, Any]] = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    _calib: Optional[torch.Tensor] = None
+
+    @property
+    def device(self) -> torch.device:
+        return resolve_device(self.cfg.model.device)
+
+    def calibration(self) -> torch.Tensor:
+        """Calibration windows [num_samples, seq_len], sampled once per run."""
+        if self._calib is None:
+            c = self.cfg.data.calib
+            stream = data_mod.token_stream(c.path, self.tokenizer, self.cfg.data.text_field,
+                                           self.cfg.data.cache_dir, key="data.calib.path")
+            self._calib = data_mod.calibration_windows(stream, c.num_samples, c.seq_len, self.cfg.seed)
+        return self._calib
+
+    def eval_windows(self) -> torch.Tensor:
+        e = self.cfg.data.eval
+        stream = data_mod.token_stream(e.path, self.tokenizer, self.cfg.data.text_field,
+                                       self.cfg.data.cache_dir, key="data.eval.path")
+        return data_mod.eval_windows(stream, e.seq_len, e.max_windows, key="data.eval")
+
+    def eval_name(self) -> str:
+        e = self.cfg.data.eval
+        return e.name or Path(e.path).name.split(".")[0]
+
+    def evaluate(self, label: str) -> float:
+        windows = self.eval_windows()
+        log.info("%s: perplexity on %s (%d windows of %d)", label, self.eval_name(), *windows.shape)
+        self.model.to(self.device)
+        try:
+            return perplexity(self.model, windows, self.cfg.eval.batch_size, self.device, label)
+        finally:
+            self.model.to("cpu")
+
+
+def eval_stage(state: RunState) -> dict[str, Any]:
+    ppl = state.evaluate("eval")
+    state.metrics.setdefault("ppl", {})[state.eval_name()] = ppl
+    log.info("perplexity %s: %.3f", state.eval_name(), ppl)
+    return {"ppl": ppl}
+
+
+def export_stage(state: RunState) -> dict[str, Any]:
+    """Write out/model atomically (temp sibling folder, then rename)."""
+    from shrink.card import model_card
+
+    target = state.out / "model"
+    if target.exists():
+        raise ShrinkError(f"out: {target} already exists; choose another out")
+    tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=state.out))
+    try:
+        card = model_card(state)
+        if state.quantization_config is not None:
+            from quant.export import save_gptq_model
+
+            save_gptq_model(state.model, tmp, state.quantization_config)
+            state.tokenizer.save_pretrained(tmp)
+        else:
+            state.model.save_pretrained(tmp, safe_serialization=True)
+            state.tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(card)
+        tmp.chmod(0o755)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("exported %s", target)
+    return {"path": str(target)}
+
+
+def stage_table() -> dict[str, Callable[[RunState], dict[str, Any]]]:
+    from distill.stage import distill_stage
+    from prune.stage import prune_stage
+    from quant.stage import quantize_stage
+
+    return {"distill": distill_stage, "prune": prune_stage, "quantize": quantize_stage,
+            "eval": eval_stage, "export": export_stage}
+
+
+MODIFYING = {"distill", "prune", "quantize"}
+
+
+def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    table = stage_table()
+    stages = list(cfg.pipeline.stages)
+    unknown = [s for s in stages if s not in table]
+    if unknown:
+        raise ShrinkError(f"pipeline.stages: unknown stage {unknown[0]!r} (known: {', '.join(table)})")
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "model").exists():
+        raise ShrinkError(f"out: {out / 'model'} already exists; choose another out")
+    torch.manual_seed(cfg.seed)
+    state = RunState(cfg=cfg, out=out)
+    seconds: dict[str, float] = {}
+    start = time.time()
+    state.model, state.tokenizer = load_model(cfg.model)
+    seconds["load"] = time.time() - start
+    input_size = folder_size_bytes(cfg.model.path)
+    if cfg.eval.baseline and "eval" in stages and MODIFYING & set(stages):
+        t = time.time()
+        ppl = state.evaluate("baseline")
+        state.metrics["baseline_ppl"] = {state.eval_name(): ppl}
+        seconds["baseline_eval"] = time.time() - t
+    for i, name in enumerate(stages, 1):
+        log.info("stage %d/%d: %s", i, len(stages), name)
+        t = time.time()
+        report = table[name](state)
+        seconds[name] = time.time() - t
+        state.metrics.setdefault("stages", {})[name] = report
+        if name in MODIFYING:
+            state.changed = True
+    if "baseline_ppl" not in state.metrics and "ppl" in state.metrics and not state.changed:
+        state.metrics["baseline_ppl"] = dict(state.metrics["ppl"])
+    exported = out / "model"
+    size = folder_size_bytes(exported) if exported.is_dir() else input_size
+    state.metrics.update(size_metrics(state.model, size))
+    state.metrics["sparsity"] = sparsity_report(state.model)["overall"]
+    state.metrics["seconds"] = seconds
+    state.metrics["seconds"]["total"] = time.time() - start
+    state.metrics["peak_memory_bytes"] = peak_memory_bytes()
+    write_json(out / "metrics.json", state.metrics)
+    return state.metrics
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def write_recipe(cfg: DictConfig, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

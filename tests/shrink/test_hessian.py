@@ -1,0 +1,94 @@
+"""HessianAccumulator and inverse_hessian."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shrink.hessian import HessianAccumulator, HessianError, inverse_hessian
+
+
+def inputs(n: int = 300, cols: int = 24, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, cols, generator=g) @ torch.randn(cols, cols, generator=g) + 0.3
+
+
+def test_streaming_equals_one_shot():
+    X = inputs()
+    acc = HessianAccumulator(24)
+    # Uneven batches, a 3-D batch, an empty one and a half-precision one.
+    acc.add(X[:7])
+    acc.add(X[7:7])
+    acc.add(X[7:107].reshape(4, 25, 24))
+    acc.add(X[107:200].half().float())
+    acc.add(X[200:])
+    Xr = torch.cat([X[:107], X[107:200].half().float(), X[200:]]).double()
+    assert acc.n == 300
+    torch.testing.assert_close(acc.H.double(), 2 / 300 * Xr.T @ Xr, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(acc.input_norm().double(), Xr.norm(dim=0), rtol=1e-5, atol=1e-5)
+    assert acc.finite()
+
+
+def test_half_precision_input_accumulates_in_fp32():
+    acc = HessianAccumulator(24)
+    acc.add(inputs().half())
+    assert acc.H.dtype == torch.float32 and acc.finite()
+
+
+def test_inverse_is_damped_inverse_cholesky():
+    X = inputs().double()
+    H = 2 / 300 * X.T @ X
+    inv = inverse_hessian(H, 0.01)
+    assert inv.Hinv.dtype == torch.float64  # fp64 in, fp64 out
+    damp = 0.01 * float(torch.diagonal(H).mean())
+    assert inv.damp == pytest.approx(damp) and inv.damp_fraction == 0.01
+    assert torch.equal(inv.Hinv, torch.triu(inv.Hinv))
+    expect = torch.linalg.inv(H + damp * torch.eye(24, dtype=H.dtype))
+    torch.testing.assert_close(inv.Hinv.T @ inv.Hinv, expect)
+    inv32 = inverse_hessian(H.float(), 0.01)
+    assert inv32.Hinv.dtype == torch.float32
+    torch.testing.assert_close(inv32.Hinv.double(), inv.Hinv, rtol=1e-3, atol=1e-4)
+
+
+def test_dead_columns():
+    X = inputs()
+    X[:, [2, 11]] = 0
+    acc = HessianAccumulator(24)
+    acc.add(X)
+    inv = inverse_hessian(acc.H)
+    assert inv.dead.tolist() == [j in (2, 11) for j in range(24)]
+    assert torch.isfinite(inv.Hinv).all()
+    H = acc.H.clone()
+    H[[2, 11], [2, 11]] = 1
+    expect = torch.linalg.inv(H + inv.damp * torch.eye(24))
+    torch.testing.assert_close(inv.Hinv.T @ inv.Hinv, expect, rtol=1e-3, atol=1e-5)
+    # Dead columns are decoupled: no OBS update flows to or from them.
+    off = inv.Hinv[[2, 11]].clone()
+    off[0, 2] = off[1, 11] = 0
+    assert torch.all(off == 0) and torch.all(inv.Hinv[:, [2, 11]].sum(0) == torch.diagonal(inv.Hinv)[[2, 11]])
+
+
+def test_auto_damping_on_singular_hessian():
+    H = torch.ones(6, 6)  # rank one: undamped Cholesky fails deterministically
+    inv = inverse_hessian(H, 0.0)
+    assert inv.damp_fraction == 1e-4 and inv.damp == pytest.approx(1e-4)
+    assert torch.isfinite(inv.Hinv).all()
+    # Indefinite (eigenvalue -1.5, mean diag 1): needs damping above 1.5 -> 0.01, 0.1, 1, 10.
+    H = torch.tensor([[1.0, 2.5], [2.5, 1.0]])
+    assert inverse_hessian(H, 0.01).damp_fraction == pytest.approx(10.0)
+    with pytest.raises(HessianError, match="damping 1 "):
+        inverse_hessian(H, 0.01, max_tries=3)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_raises(bad):
+    H = torch.eye(4)
+    H[1, 2] = bad
+    with pytest.raises(HessianError, match="NaN/inf"):
+        inverse_hessian(H)
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="damp_fraction"):
+        inverse_hessian(torch.eye(3), -0.1)
+    with pytest.raises(ValueError, match="square"):
+        inverse_hessian(torch.ones(3, 4))
