@@ -79,7 +79,9 @@ def wanda_prune(
     _check_2d(W)
     check_sparsity(sparsity, prune_n, prune_m, W.shape[1])
     if input_norm.shape != (W.shape[1],):
-        raise ValueError(f"input_norm must have shape [{W.shape[1]}], got {tuple(input_norm.shape)}")
+        raise ValueError(
+            f"input_norm must have shape [{W.shape[1]}], got {tuple(input_norm.shape)}"
+        )
     scores = W.detach().abs().to(torch.float32) * input_norm.to(W.device, torch.float32)
     if prune_n:
         return nm_mask(scores, prune_n, prune_m)

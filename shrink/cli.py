@@ -24,7 +24,10 @@ def asset_path(name: str) -> str:
 def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
+    from shrink.gguf_import import import_dir
+
     OmegaConf.register_new_resolver("asset", asset_path, replace=True)
+    OmegaConf.register_new_resolver("gguf_dir", lambda spec: str(import_dir(spec)), replace=True)
 
 
 def hydra_main() -> None:
@@ -42,14 +45,15 @@ def hydra_main() -> None:
 
     @hydra.main(version_base="1.3", config_path=conf_dir, config_name="config")
     def _run(cfg: DictConfig) -> None:
-        from shrink.gguf_import import import_gguf
+        from shrink.gguf_import import import_dir, import_gguf
         from shrink.modeling import resolve_dtype
         from shrink.pipeline import run_pipeline, write_recipe
 
         logging.getLogger().setLevel(cfg.log_level)
         out = Path(cfg.out) if cfg.out else Path(HydraConfig.get().runtime.output_dir)
         try:
-            if cfg.model.gguf and not Path(cfg.model.path).expanduser().exists():
+            # Only the GGUF's own cache folder is filled by importing; any other model.path must exist.
+            if cfg.model.gguf and Path(cfg.model.path).expanduser() == import_dir(cfg.model.gguf):
                 import_gguf(cfg.model.gguf, cfg.model.path, resolve_dtype("float16"))
             write_recipe(cfg, out)
             metrics = run_pipeline(cfg, out)

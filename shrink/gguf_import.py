@@ -40,6 +40,14 @@ def resolve_gguf(spec: str) -> Path:
     return path
 
 
+def import_dir(spec: str) -> Path:
+    """Where a GGUF spec is imported: $SHRINK_CACHE/models/<file stem> (default ~/.cache/shrink)."""
+    import os
+
+    cache = Path(os.environ.get("SHRINK_CACHE", "~/.cache/shrink")).expanduser()
+    return cache / "models" / Path(spec.split("/")[-1]).stem
+
+
 def import_gguf(spec: str, out_dir: str | Path, dtype: torch.dtype = torch.float16) -> Path:
     """Write `out_dir` (safetensors + tokenizer) from a GGUF file unless it already exists."""
     out = Path(out_dir).expanduser()

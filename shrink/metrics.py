@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shrink.modeling import count_parameters, find_decoder_layers, find_linears, weight_matrix
+from shrink.modeling import count_parameters, find_decoder_layers, find_linears, is_packed_linear, weight_matrix
 
 
 def peak_memory_bytes() -> dict[str, int]:
@@ -27,8 +27,8 @@ def layer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
         for lname, module in find_linears(layer).items():
             result[f"{name}.{i}.{lname}"] = weight_matrix(module)
         for lname, module in layer.named_modules():
-            if hasattr(module, "dequantized_weight"):
-                result[f"{name}.{i}.{lname}"] = module.dequantized_weight()
+            if is_packed_linear(module):
+                result[f"{name}.{i}.{lname}"] = module.dequantize()
     return result
 
 

@@ -103,19 +103,23 @@ def check_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fold
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Logical parameter count: tied weights once, quantized Linears by their unpacked size."""
+    """Logical parameter count: tied weights once, packed Linears by their unpacked size
+    (their bias is a buffer there, so it is not counted)."""
     total = 0
     seen: set[int] = set()
     for module in model.modules():
-        logical = getattr(module, "logical_numel", None)
-        if callable(logical):
-            total += logical()
-            continue
+        if is_packed_linear(module):
+            total += module.in_features * module.out_features
         for p in module.parameters(recurse=False):
             if id(p) not in seen:
                 seen.add(id(p))
                 total += p.numel()
     return total
+
+
+def is_packed_linear(module: nn.Module) -> bool:
+    """A GPTQ-style packed Linear (quant.qlinear.QuantLinear and the ecosystem's kernels)."""
+    return hasattr(module, "qweight") and hasattr(module, "in_features") and hasattr(module, "out_features")
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -126,7 +130,7 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             continue
         if len({type(child) for child in module}) != 1:
             continue
-        if not find_linears(module[0]):
+        if not any(isinstance(m, (nn.Linear, Conv1D)) or is_packed_linear(m) for m in module[0].modules()):
             continue
         if best is None or len(module) > len(best[1]):
             best = (name, module)

@@ -65,7 +65,9 @@ def prepare_layer(
         raise ValueError(f"W must be 2-D [out, in], got shape {tuple(W.shape)}")
     cols = W.shape[1]
     if tuple(H.shape) != (cols, cols):
-        raise ValueError(f"H must be [{cols}, {cols}] for W of shape {tuple(W.shape)}, got {tuple(H.shape)}")
+        raise ValueError(
+            f"H must be [{cols}, {cols}] for W of shape {tuple(W.shape)}, got {tuple(H.shape)}"
+        )
     if mask is not None and (mask.dtype != torch.bool or mask.shape != W.shape):
         raise ValueError(f"mask must be a bool tensor of shape {tuple(W.shape)}")
     dtype = compute_dtype(W)

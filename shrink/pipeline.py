@@ -94,7 +94,7 @@ def export_stage(state: RunState) -> dict[str, Any]:
         if state.quantization_config is not None:
             from quant.export import save_gptq_model
 
-            save_gptq_model(state.model, tmp, state.quantization_config)
+            save_gptq_model(state.model, tmp, state.quantization_config, overwrite=True)
             state.tokenizer.save_pretrained(tmp)
         else:
             state.model.save_pretrained(tmp, safe_serialization=True)

@@ -21,7 +21,8 @@ def layer(seed: int = 0, dtype: torch.dtype = torch.float64, rows: int = ROWS, c
     return W.to(dtype), (2 / N * X.T @ X).to(dtype), X.to(dtype)
 
 
-def ref_sparsegpt(W, H, sparsity, n=0, m=0, block=128, damp=0.01, bits=None, group_size=-1, sym=False):
+def ref_sparsegpt(W, H, sparsity, n=0, m=0, block=128, damp=0.01, bits=None, group_size=-1,
+                  sym=False):
     """Unblocked SparseGPT: full updates column by column. The unstructured mask is
     still chosen every `block` columns (the paper's rule), from the updated weights."""
     W, H = W.clone(), H.clone()
@@ -100,7 +101,10 @@ def test_blocked_matches_unblocked_reference(sparsity, n, m, block_size, bits, g
     assert r.W.dtype == torch.float32 and r.damp_fraction == 0.01
 
 
-@pytest.mark.parametrize("rows,cols,sparsity,block", [(20, 96, 0.5, 32), (7, 50, 0.37, 16), (13, 64, 0.9, 128), (5, 33, 0.11, 8)])
+@pytest.mark.parametrize(
+    "rows,cols,sparsity,block",
+    [(20, 96, 0.5, 32), (7, 50, 0.37, 16), (13, 64, 0.9, 128), (5, 33, 0.11, 8)],
+)
 def test_exact_unstructured_sparsity(rows, cols, sparsity, block):
     W, H, _ = layer(seed=cols, dtype=torch.float32, rows=rows, cols=cols)
     r = sparsegpt_prune(W, H, sparsity, block_size=block)
@@ -129,13 +133,17 @@ def test_reconstruction_beats_baselines(n, m, sparsity):
     assert err <= output_error(W, wanda, X)
 
 
-@pytest.mark.parametrize("n,m,group_size,sym", [(0, 0, -1, False), (0, 0, 32, True), (2, 4, 16, False)])
+@pytest.mark.parametrize(
+    "n,m,group_size,sym", [(0, 0, -1, False), (0, 0, 32, True), (2, 4, 16, False)]
+)
 def test_joint_mode(n, m, group_size, sym):
     W, H, X = layer(seed=12, dtype=torch.float32)
-    r = sparsegpt_prune(W, H, 0.5, n, m, block_size=32, quant_bits=4, quant_group_size=group_size, quant_sym=sym)
+    r = sparsegpt_prune(W, H, 0.5, n, m, block_size=32, quant_bits=4,
+                        quant_group_size=group_size, quant_sym=sym)
     q = r.quant
     g = q.g_idx.long()
-    assert torch.equal(q.g_idx.long(), torch.arange(COLS) // (COLS if group_size == -1 else group_size))
+    size = COLS if group_size == -1 else group_size
+    assert torch.equal(q.g_idx.long(), torch.arange(COLS) // size)
     assert torch.equal(q.Q, (q.codes.float() - q.zero[g].T) * q.scale[g].T)
     assert torch.all(q.Q[r.mask] == 0)
     assert torch.equal(q.codes[r.mask].float(), q.zero[g].T[r.mask])

@@ -30,7 +30,8 @@ def ref_hinv(H: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
 
 
-def ref_gptq(W, H, bits, group_size=-1, sym=False, act_order=False, static=False, damp=0.01, mask=None):
+def ref_gptq(W, H, bits, group_size=-1, sym=False, act_order=False, static=False, damp=0.01,
+             mask=None):
     """Textbook GPTQ: one column at a time, full row-of-Hinv updates, no lazy blocks."""
     W, H = W.clone(), H.clone()
     rows, cols = W.shape
@@ -52,7 +53,8 @@ def ref_gptq(W, H, bits, group_size=-1, sym=False, act_order=False, static=False
     grids, loss = dict(fixed), 0.0
     for i in range(cols):
         if not fixed and i % size == 0:
-            grids[i // size] = fit_grid(W[:, i:i + size].masked_fill(mask[:, i:i + size], 0), bits, sym)
+            sl = slice(i, i + size)
+            grids[i // size] = fit_grid(W[:, sl].masked_fill(mask[:, sl], 0), bits, sym)
         g = int(perm[i]) // size if fixed else i // size
         w = W[:, i].clone()
         c = quantize_codes(w.masked_fill(mask[:, i], 0)[:, None], grids[g])[:, 0]
@@ -98,11 +100,14 @@ CASES = [
 
 @pytest.mark.parametrize("bits,group_size,sym,act_order,static,block_size", CASES)
 @pytest.mark.parametrize("masked", [False, True])
-def test_blocked_matches_unblocked_reference(bits, group_size, sym, act_order, static, block_size, masked):
+def test_blocked_matches_unblocked_reference(
+    bits, group_size, sym, act_order, static, block_size, masked
+):
     W, H, _ = layer(seed=bits + group_size)
     mask = torch.rand(W.shape, generator=torch.Generator().manual_seed(1)) < 0.4 if masked else None
-    r = gptq_quantize(W, H, bits, group_size, sym, act_order, static, block_size=block_size, mask=mask)
-    codes, g_idx, scale, zero, loss = ref_gptq(W, H, bits, group_size, sym, act_order, static, mask=mask)
+    args = (W, H, bits, group_size, sym, act_order, static)
+    r = gptq_quantize(*args, block_size=block_size, mask=mask)
+    codes, g_idx, scale, zero, loss = ref_gptq(*args, mask=mask)
     assert torch.equal(r.codes, codes)
     assert torch.equal(r.g_idx, g_idx)
     torch.testing.assert_close(r.scale, scale.float(), rtol=1e-6, atol=0)
@@ -120,7 +125,8 @@ def test_g_idx_layouts():
     static = gptq_quantize(W, H, 4, 16, act_order=True, static_groups=True)
     assert torch.equal(static.g_idx.long(), torch.arange(COLS) // 16)
     whole = gptq_quantize(W, H, 4)
-    assert torch.equal(whole.g_idx, torch.zeros(COLS, dtype=torch.int32)) and whole.scale.shape == (1, ROWS)
+    assert torch.equal(whole.g_idx, torch.zeros(COLS, dtype=torch.int32))
+    assert whole.scale.shape == (1, ROWS)
 
 
 @pytest.mark.parametrize("bits,group_size", [(3, -1), (4, -1), (4, 32), (2, 16)])
@@ -150,7 +156,9 @@ def test_half_precision_weights():
         assert output_error(W, r.Q, X) < output_error(W, rtn_quantize(W, 4, 32).Q, X)
 
 
-@pytest.mark.parametrize("sym,act_order,group_size", [(False, False, -1), (True, True, 16), (False, True, 32)])
+@pytest.mark.parametrize(
+    "sym,act_order,group_size", [(False, False, -1), (True, True, 16), (False, True, 32)]
+)
 def test_masked_zeros_survive(sym, act_order, group_size):
     W, H, _ = layer(seed=6, dtype=torch.float32)
     mask = torch.rand(W.shape, generator=torch.Generator().manual_seed(2)) < 0.5

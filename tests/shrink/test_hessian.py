@@ -64,7 +64,10 @@ def test_dead_columns():
     # Dead columns are decoupled: no OBS update flows to or from them.
     off = inv.Hinv[[2, 11]].clone()
     off[0, 2] = off[1, 11] = 0
-    assert torch.all(off == 0) and torch.all(inv.Hinv[:, [2, 11]].sum(0) == torch.diagonal(inv.Hinv)[[2, 11]])
+    assert torch.all(off == 0)
+    col = inv.Hinv[:, [2, 11]].clone()
+    col[2, 0] = col[11, 1] = 0
+    assert torch.all(col == 0)
 
 
 def test_auto_damping_on_singular_hessian():

@@ -1,0 +1,65 @@
+"""Shared fixtures: paths to ../shared, and tiny random models of every family we claim."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("SHRINK_SHARED", ROOT.parent / "shared"))
+TEACHER = SHARED / "models" / "llama-teacher"
+STUDENT = SHARED / "models" / "llama-student"
+TOKENIZER = SHARED / "models" / "tokenizer-docs-en"
+DOCS = SHARED / "data" / "docs-en"
+
+needs_shared = pytest.mark.skipif(not TEACHER.is_dir(), reason="../shared is not present")
+
+VOCAB = 8192  # the shared docs-en tokenizer, so tiny models can use it
+
+
+def tiny_config(family: str) -> transformers.PretrainedConfig:
+    """A 2-layer random config of each architecture family (fast on CPU)."""
+    h, common = 64, dict(vocab_size=VOCAB)
+    configs = {
+        "llama": lambda: transformers.LlamaConfig(hidden_size=h, intermediate_size=128, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_key_value_heads=2, **common),
+        "qwen2": lambda: transformers.Qwen2Config(hidden_size=h, intermediate_size=128, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_key_value_heads=2, **common),
+        "mistral": lambda: transformers.MistralConfig(hidden_size=h, intermediate_size=128, num_hidden_layers=2,
+                                                      num_attention_heads=4, num_key_value_heads=2, **common),
+        "opt": lambda: transformers.OPTConfig(hidden_size=h, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                              word_embed_proj_dim=h, **common),
+        "gpt2": lambda: transformers.GPT2Config(n_embd=h, n_layer=2, n_head=4, **common),
+        "gpt_neox": lambda: transformers.GPTNeoXConfig(hidden_size=h, intermediate_size=128, num_hidden_layers=2,
+                                                       num_attention_heads=4, **common),
+        "bloom": lambda: transformers.BloomConfig(hidden_size=h, n_layer=2, n_head=4, **common),
+        "falcon": lambda: transformers.FalconConfig(hidden_size=h, num_hidden_layers=2, num_attention_heads=4,
+                                                    new_decoder_architecture=False, multi_query=True, **common),
+        "phi": lambda: transformers.PhiConfig(hidden_size=h, intermediate_size=128, num_hidden_layers=2,
+                                              num_attention_heads=4, **common),
+    }
+    return configs[family]()
+
+
+FAMILIES = ["llama", "qwen2", "mistral", "opt", "gpt2", "gpt_neox", "bloom", "falcon", "phi"]
+
+
+def tiny_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(tiny_config(family)).eval()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path):
+    """Factory: save a tiny random model of a family with the shared tokenizer, return its folder."""
+    def make(family: str = "llama", name: str | None = None) -> Path:
+        folder = tmp_path / (name or family)
+        tiny_model(family).save_pretrained(folder)
+        for f in TOKENIZER.iterdir():
+            shutil.copy(f, folder / f.name)
+        return folder
+    return make

@@ -1,0 +1,110 @@
+"""The shared layer-wise engine: captured inputs, Hessians, grouping, true-sequential."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shrink.calibration import LinearJob, accumulate, capture_layer_inputs, compress_model, input_groups, run_layer
+from shrink.errors import ShrinkError
+from shrink.modeling import find_decoder_layers, find_linears, set_weight_matrix, weight_matrix
+from tests.conftest import FAMILIES, tiny_model
+
+CPU = torch.device("cpu")
+
+
+def windows(n: int = 4, seq: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 8192, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_replaying_layers_from_captured_inputs_matches_the_full_model(family: str) -> None:
+    """Captured args+kwargs of layer 0 let each layer be replayed alone, exactly."""
+    model = tiny_model(family)
+    x = windows()
+    with torch.no_grad():
+        reference = model(input_ids=x, output_hidden_states=True, use_cache=False).hidden_states
+    batches = capture_layer_inputs(model, x, batch_size=2, device=CPU, store=CPU)
+    assert len(batches) == 2
+    _, layers = find_decoder_layers(model)
+    hidden = torch.cat([b.hidden() for b in batches])
+    torch.testing.assert_close(hidden, reference[0])
+    outputs = run_layer(layers[0], batches, CPU, CPU)
+    torch.testing.assert_close(torch.cat(outputs), reference[1], rtol=1e-4, atol=1e-5)
+
+
+def test_inputs_are_grouped_by_shared_input_in_execution_order() -> None:
+    model = tiny_model("llama")
+    batches = capture_layer_inputs(model, windows(), 4, CPU, CPU)
+    _, layers = find_decoder_layers(model)
+    groups = input_groups(layers[0], batches[0], CPU)
+    assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def test_hessian_is_two_over_n_xtx_of_the_linear_inputs() -> None:
+    model = tiny_model("llama")
+    x = windows()
+    _, layers = find_decoder_layers(model)
+    seen = []
+    handle = layers[1].mlp.down_proj.register_forward_hook(lambda _m, inp, _o: seen.append(inp[0].reshape(-1, inp[0].shape[-1])))
+    with torch.no_grad():
+        model(input_ids=x, use_cache=False)
+    handle.remove()
+    X = torch.cat(seen)
+    batches = capture_layer_inputs(model, x, 1, CPU, CPU)
+    batches = [b.with_hidden(o) for b, o in zip(batches, run_layer(layers[0], batches, CPU, CPU))]
+    H = accumulate(layers[1], [["mlp.down_proj"]], batches, CPU)["mlp.down_proj"].H
+    torch.testing.assert_close(H, 2 / X.shape[0] * X.T @ X, rtol=1e-4, atol=1e-5)
+
+
+def test_identity_compressor_leaves_model_unchanged_and_reports_every_linear() -> None:
+    model = tiny_model("gpt2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls: list[LinearJob] = []
+    report = compress_model(model, windows(), lambda job: calls.append(job) or {}, CPU)
+    assert len(report) == len(calls) == 2 * 4
+    assert all(r["rel_error"] == 0 for r in report)
+    assert all(job.hessian is not None and job.hessian.n == 4 * 16 for job in calls)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_true_sequential_feeds_compressed_outputs_to_later_groups(sequential: bool) -> None:
+    """Zeroing v_proj makes the attention output zero: with true-sequential, o_proj must see it."""
+    model = tiny_model("llama")
+    seen: dict[str, torch.Tensor] = {}
+
+    def compressor(job: LinearJob) -> dict:
+        seen[f"{job.layer_index}.{job.name}"] = job.hessian.H.clone()
+        if job.name == "self_attn.v_proj":
+            with torch.no_grad():
+                set_weight_matrix(job.module, torch.zeros_like(weight_matrix(job.module)))
+        return {}
+
+    compress_model(model, windows(), compressor, CPU, true_sequential=sequential)
+    o_proj_H = seen["0.self_attn.o_proj"]
+    assert (float(o_proj_H.abs().max()) == 0) == sequential
+
+
+def test_data_free_compressor_gets_no_hessian_and_layers_end_on_cpu() -> None:
+    model = tiny_model("opt")
+    report = compress_model(model, None, lambda job: {"had_h": job.hessian is not None}, CPU)
+    assert not any(r["had_h"] for r in report)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_nan_activations_name_the_layer() -> None:
+    model = tiny_model("llama")
+    _, layers = find_decoder_layers(model)
+    with torch.no_grad():
+        layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ShrinkError, match="NaN/inf"):
+        compress_model(model, windows(), lambda job: {}, CPU)
+
+
+def test_compressor_value_errors_name_the_linear() -> None:
+    def bad(job: LinearJob) -> dict:
+        raise ValueError("group size 48 does not divide 64")
+    with pytest.raises(ShrinkError, match=r"model.layers.0.self_attn.q_proj: group size"):
+        compress_model(tiny_model("llama"), windows(), bad, CPU)
