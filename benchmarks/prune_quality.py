@@ -12,7 +12,7 @@ import logging
 
 from benchmarks.common import run, write_result
 
-SETTINGS = [("unstructured", 0.5), ("2:4", 0.5), ("4:8", 0.5), ("unstructured", 0.6), ("unstructured", 0.7)]
+SETTINGS = [("unstructured", 0.5), ("2:4", 0.5), ("unstructured", 0.6), ("unstructured", 0.7)]
 METHODS = ["magnitude", "wanda", "sparsegpt"]
 COMBINED = [  # (pipeline, extra overrides, label)
     ("quantize", ["quant.method=gptq"], "GPTQ 4-bit g128 alone"),

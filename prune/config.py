@@ -14,4 +14,5 @@ class PruneConfig:
     joint_quant: bool = False  # prune_quantize: one OBS sweep that prunes and quantizes
     damp: float = 0.01
     block_size: int = 128
-    true_sequential: bool = True
+    # The SparseGPT and Wanda reference code prune every Linear of a layer from one pass.
+    true_sequential: bool = False

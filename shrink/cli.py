@@ -45,16 +45,11 @@ def hydra_main() -> None:
 
     @hydra.main(version_base="1.3", config_path=conf_dir, config_name="config")
     def _run(cfg: DictConfig) -> None:
-        from shrink.gguf_import import import_dir, import_gguf
-        from shrink.modeling import resolve_dtype
         from shrink.pipeline import run_pipeline, write_recipe
 
         logging.getLogger().setLevel(cfg.log_level)
         out = Path(cfg.out) if cfg.out else Path(HydraConfig.get().runtime.output_dir)
         try:
-            # Only the GGUF's own cache folder is filled by importing; any other model.path must exist.
-            if cfg.model.gguf and Path(cfg.model.path).expanduser() == import_dir(cfg.model.gguf):
-                import_gguf(cfg.model.gguf, cfg.model.path, resolve_dtype("float16"))
             write_recipe(cfg, out)
             metrics = run_pipeline(cfg, out)
         except ShrinkError as exc:

@@ -23,6 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from shrink import data as data_mod
 from shrink.errors import ShrinkError
 from shrink.evaluation import perplexity
+from shrink.gguf_import import import_dir, import_gguf
 from shrink.metrics import peak_memory_bytes, size_metrics, sparsity_report
 from shrink.modeling import folder_size_bytes, load_model, resolve_device
 
@@ -133,6 +134,10 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
     state = RunState(cfg=cfg, out=out)
     seconds: dict[str, float] = {}
     start = time.time()
+    # Only the GGUF's own cache folder is filled by importing; any other model.path must exist.
+    if cfg.model.gguf and Path(cfg.model.path).expanduser() == import_dir(cfg.model.gguf):
+        import_gguf(cfg.model.gguf, cfg.model.path, torch.float16)
+        seconds["gguf_import"] = time.time() - start
     state.model, state.tokenizer = load_model(cfg.model)
     seconds["load"] = time.time() - start
     input_size = folder_size_bytes(cfg.model.path)

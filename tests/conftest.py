@@ -63,3 +63,31 @@ def tiny_model_dir(tmp_path: Path):
             shutil.copy(f, folder / f.name)
         return folder
     return make
+
+
+def compose_config(overrides: list[str]):
+    """The config the CLI would compose for these overrides."""
+    from hydra import compose, initialize_config_dir
+
+    from shrink.cli import register_resolvers
+    from shrink.config import register_configs
+
+    register_configs()
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def run_shrink(overrides: list[str], out: Path) -> dict:
+    """Run a pipeline in-process exactly as `shrink OVERRIDES out=OUT` would; returns metrics."""
+    from shrink.pipeline import run_pipeline, write_recipe
+
+    cfg = compose_config(overrides + [f"out={out}"])
+    write_recipe(cfg, out)
+    return run_pipeline(cfg, out)
+
+
+def tiny_data_overrides(seq_len: int = 32, windows: int = 4) -> list[str]:
+    """docs-en with short windows so tiny-model pipelines take seconds."""
+    return ["data=docs_en", f"data.calib.path={DOCS / 'valid.jsonl.gz'}", "data.calib.num_samples=8",
+            f"data.calib.seq_len={seq_len}", f"data.eval.seq_len={seq_len}", f"data.eval.max_windows={windows}"]
