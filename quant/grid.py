@@ -37,6 +37,12 @@ def fit_grid(W: torch.Tensor, bits: int, sym: bool) -> Grid:
         zero = torch.full_like(scale, (maxq + 1) / 2)
     else:
         zero = torch.round(-xmin / scale)
+        # The standard (v1) GPTQ checkpoint stores z - 1 in an unsigned field, so z = 0
+        # (a group with no negative weight) cannot be written: readers would see maxq + 1.
+        # Such grids are stretched to z = 1, i.e. [-scale, (maxq - 1) * scale] still reaching xmax.
+        low = zero < 1
+        scale = torch.where(low, xmax / (maxq - 1), scale)
+        zero = torch.where(low, torch.ones_like(zero), zero)
     return Grid(scale.unsqueeze(1), zero.unsqueeze(1), maxq)
 
 

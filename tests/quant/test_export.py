@@ -141,7 +141,8 @@ def test_fp16_load_runs(tmp_path) -> None:
 def test_gpt2_conv1d_roundtrip(tmp_path) -> None:
     from transformers.pytorch_utils import Conv1D
 
-    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64,
+                                  bos_token_id=0, eos_token_id=0)
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(cfg).eval()
     names = _decoder_linears(model, "transformer.h.", (Conv1D,))
@@ -177,3 +178,24 @@ def test_act_order_requires_desc_act(tmp_path) -> None:
     replace_with_quant_linears(model, quantize_model(model, names, 4, 32, True, True), 4, 32)
     with pytest.raises(ValueError, match="desc_act"):
         save_gptq_model(model, tmp_path / "out", gptq_quantization_config(4, 32, True, False, False, True, 0.01))
+
+
+def test_sharded_save_reload(tmp_path) -> None:
+    model = _tiny_llama(tie=True)
+    names = _decoder_linears(model, "model.layers.", (nn.Linear,))
+    replace_with_quant_linears(model, quantize_model(model, names, 4, 32, True, False), 4, 32)
+    ids = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        ref = model(ids).logits
+    qcfg = gptq_quantization_config(4, 32, True, False, False, True, 0.01)
+    out = save_gptq_model(model, tmp_path / "sharded", qcfg, max_shard_size=40_000)
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").exists()
+    weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "lm_head.weight" not in weight_map  # tied: written once
+    loaded = load_quantized_model(out, dtype=torch.float32)
+    with torch.no_grad():
+        assert (loaded(ids).logits - ref).abs().max().item() < 1e-4
+    # overwrite goes through the same temp-and-rename path
+    save_gptq_model(model, out, qcfg, overwrite=True)
+    assert (out / "model.safetensors").exists() and not list(out.glob("model-*.safetensors"))

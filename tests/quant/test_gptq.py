@@ -237,3 +237,21 @@ def test_bad_shapes_and_values_raise():
         gptq_quantize(W, H, 4)
     with pytest.raises(ValueError, match="bits"):
         rtn_quantize(W, 1)
+
+
+def test_grids_never_have_zero_point_zero_so_v1_checkpoints_can_store_them() -> None:
+    """A group with no negative weight would get z = 0, which the v1 format (z - 1) cannot hold."""
+    from quant.grid import fit_grid, quantize
+    from quant.pack import pack_gptq, unpack_gptq
+
+    W = torch.rand(64, 32) + 0.1  # all positive
+    W[1] = -W[1]  # one all-negative row, one mixed row
+    W[2, :16] = -W[2, :16]
+    grid = fit_grid(W, 4, sym=False)
+    assert bool((grid.zero >= 1).all())
+    err = (quantize(W, grid) - W).abs().max(dim=1).values
+    assert bool((err <= grid.scale.squeeze(1) / 2 + 1e-6).all())  # still round-to-nearest within range
+    result = rtn_quantize(W, 4, group_size=-1)
+    packed = pack_gptq(result.codes, result.scale, result.zero, result.g_idx, 4)
+    codes, zero, _ = unpack_gptq(packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], 4)
+    assert torch.equal(codes, result.codes) and torch.equal(zero.float(), result.zero)

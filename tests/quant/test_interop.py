@@ -43,17 +43,17 @@ def _hf_load(folder, bits: int, backend: str | None):
 
 
 @pytest.mark.parametrize(
-    "bits,sym,act,backend,tol",
+    "bits,sym,act,backend,tol,tie",
     [
-        (4, True, False, None, 1e-2),  # auto -> TorchAtenLinear (bf16 int4 mm)
-        (4, False, True, "torch", 1e-3),
-        (3, False, True, None, 1e-3),
-        (2, False, False, None, 1e-3),
-        (8, True, True, None, 1e-3),
+        (4, True, False, None, 1e-2, False),  # auto -> TorchAtenLinear (bf16 int4 mm)
+        (4, False, True, "torch", 1e-3, True),
+        (3, False, True, None, 1e-3, False),
+        (2, False, False, None, 1e-3, True),
+        (8, True, True, None, 1e-3, False),
     ],
 )
-def test_from_pretrained_matches_our_loader(tmp_path, bits, sym, act, backend, tol) -> None:
-    model = _tiny_llama()
+def test_from_pretrained_matches_our_loader(tmp_path, bits, sym, act, backend, tol, tie) -> None:
+    model = _tiny_llama(tie)
     names = _decoder_linears(model, "model.layers.", (nn.Linear,))
     folder = _export(tmp_path, model, names, bits, 32, sym, act)
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -62,6 +62,8 @@ def test_from_pretrained_matches_our_loader(tmp_path, bits, sym, act, backend, t
     layer = hf.get_submodule(names[0])
     assert type(layer).__module__.startswith("gptqmodel"), type(layer)  # really quantized
     assert isinstance(hf.get_submodule("lm_head"), nn.Linear)
+    if tie:
+        assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
     with torch.no_grad():
         diff = (ours(ids).logits - hf(ids).logits).abs().max().item()
     print(f"bits={bits} sym={sym} act={act} kernel={type(layer).__name__}: max|ours-hf|={diff:.3g}")
