@@ -45,12 +45,11 @@ def hydra_main() -> None:
 
     @hydra.main(version_base="1.3", config_path=conf_dir, config_name="config")
     def _run(cfg: DictConfig) -> None:
-        from shrink.pipeline import run_pipeline, write_recipe
+        from shrink.pipeline import run_pipeline
 
         logging.getLogger().setLevel(cfg.log_level)
         out = Path(cfg.out) if cfg.out else Path(HydraConfig.get().runtime.output_dir)
         try:
-            write_recipe(cfg, out)
             metrics = run_pipeline(cfg, out)
         except ShrinkError as exc:
             print(f"shrink: error: {exc}", file=sys.stderr)

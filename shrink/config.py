@@ -73,7 +73,8 @@ class ShrinkConfig:
     out: Optional[str] = None  # artifact folder; default: the Hydra run directory
     resume: bool = False
     log_level: str = "INFO"
-    extra: dict[str, Any] = field(default_factory=dict)
+    # Written into recipe.yaml (input sha256, package versions); checked when a recipe is re-run.
+    fingerprints: dict[str, Any] = field(default_factory=dict)
 
 
 def register_configs() -> None:

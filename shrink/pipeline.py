@@ -24,8 +24,10 @@ from shrink import data as data_mod
 from shrink.errors import ShrinkError
 from shrink.evaluation import perplexity
 from shrink.gguf_import import import_dir, import_gguf
+from shrink.checkpoint import read_progress, remove_checkpoints, save_checkpoint, write_progress
 from shrink.metrics import peak_memory_bytes, size_metrics, sparsity_report
-from shrink.modeling import folder_size_bytes, load_model, resolve_device
+from shrink.recipe import check_fingerprints, config_digest, write_recipe
+from shrink.modeling import check_model_folder, folder_size_bytes, load_model, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -122,57 +124,93 @@ MODIFYING = {"distill", "prune", "quantize"}
 
 
 def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    """Run cfg.pipeline.stages on cfg.model, writing metrics.json (and model/) into out."""
     table = stage_table()
     stages = list(cfg.pipeline.stages)
     unknown = [s for s in stages if s not in table]
     if unknown:
         raise ShrinkError(f"pipeline.stages: unknown stage {unknown[0]!r} (known: {', '.join(table)})")
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "model").exists():
+    digest = config_digest(cfg)
+    progress = read_progress(out, digest, cfg.resume) or {"config_sha256": digest, "done": [], "seconds": {}}
+    if (out / "model").exists() and not any(step.endswith("-export") for step in progress["done"]):
         raise ShrinkError(f"out: {out / 'model'} already exists; choose another out")
-    torch.manual_seed(cfg.seed)
-    state = RunState(cfg=cfg, out=out)
-    seconds: dict[str, float] = {}
     start = time.time()
-    # Only the GGUF's own cache folder is filled by importing; any other model.path must exist.
-    if cfg.model.gguf and Path(cfg.model.path).expanduser() == import_dir(cfg.model.gguf):
-        import_gguf(cfg.model.gguf, cfg.model.path, torch.float16)
-        seconds["gguf_import"] = time.time() - start
-    state.model, state.tokenizer = load_model(cfg.model)
-    seconds["load"] = time.time() - start
-    input_size = folder_size_bytes(cfg.model.path)
-    if cfg.eval.baseline and "eval" in stages and MODIFYING & set(stages):
+    ensure_model(cfg, progress)
+    check_fingerprints(cfg)
+    write_recipe(cfg, out)
+    state = load_state(cfg, out, progress)
+    seconds = progress["seconds"]
+    if cfg.eval.baseline and "eval" in stages and MODIFYING & set(stages) and "baseline" not in progress["done"]:
         t = time.time()
-        ppl = state.evaluate("baseline")
-        state.metrics["baseline_ppl"] = {state.eval_name(): ppl}
+        state.metrics["baseline_ppl"] = {state.eval_name(): state.evaluate("baseline")}
         seconds["baseline_eval"] = time.time() - t
+        finish_step(state, progress, "baseline")
     for i, name in enumerate(stages, 1):
+        if f"{i}-{name}" in progress["done"]:
+            log.info("stage %d/%d: %s (done in an earlier run, skipped)", i, len(stages), name)
+            continue
         log.info("stage %d/%d: %s", i, len(stages), name)
         t = time.time()
         report = table[name](state)
         seconds[name] = time.time() - t
         state.metrics.setdefault("stages", {})[name] = report
-        if name in MODIFYING:
-            state.changed = True
-    if "baseline_ppl" not in state.metrics and "ppl" in state.metrics and not state.changed:
-        state.metrics["baseline_ppl"] = dict(state.metrics["ppl"])
-    exported = out / "model"
-    size = folder_size_bytes(exported) if exported.is_dir() else input_size
-    state.metrics.update(size_metrics(state.model, size))
-    state.metrics["sparsity"] = sparsity_report(state.model)["overall"]
-    state.metrics["seconds"] = seconds
-    state.metrics["seconds"]["total"] = time.time() - start
-    state.metrics["peak_memory_bytes"] = peak_memory_bytes()
-    write_json(out / "metrics.json", state.metrics)
+        if name in MODIFYING and i < len(stages):
+            progress["checkpoint"] = str(save_checkpoint(state, i, name))
+        finish_step(state, progress, f"{i}-{name}")
+    finalize_metrics(state, seconds, time.time() - start)
+    progress["finished"] = True
+    write_progress(out, progress)
+    remove_checkpoints(out)
     return state.metrics
+
+
+def load_state(cfg: DictConfig, out: Path, progress: dict[str, Any]) -> RunState:
+    """The model as the last finished stage left it (the input model for a fresh run)."""
+    state = RunState(cfg=cfg, out=out, metrics=progress.get("metrics", {}))
+    torch.manual_seed(cfg.seed)
+    t = time.time()
+    checkpoint = progress.get("checkpoint")
+    model_cfg = OmegaConf.merge(cfg.model, {"path": checkpoint}) if checkpoint else cfg.model
+    state.model, state.tokenizer = load_model(model_cfg)
+    if checkpoint:
+        log.info("resuming from %s", checkpoint)
+        state.changed = True
+        state.quantization_config = getattr(state.model.config, "quantization_config", None)
+    progress["seconds"]["load"] = time.time() - t
+    return state
+
+
+def ensure_model(cfg: DictConfig, progress: dict[str, Any]) -> None:
+    """Import the GGUF source if needed, then check the input model folder."""
+    t = time.time()
+    # Only the GGUF's own cache folder is filled by importing; any other model.path must exist.
+    if cfg.model.gguf and Path(cfg.model.path).expanduser() == import_dir(cfg.model.gguf):
+        import_gguf(cfg.model.gguf, cfg.model.path, torch.float16)
+        progress["seconds"]["gguf_import"] = time.time() - t
+    check_model_folder(cfg.model.path)
+
+
+def finish_step(state: RunState, progress: dict[str, Any], step: str) -> None:
+    progress["done"].append(step)
+    progress["metrics"] = state.metrics
+    write_progress(state.out, progress)
+
+
+def finalize_metrics(state: RunState, seconds: dict[str, float], elapsed: float) -> None:
+    metrics = state.metrics
+    if "baseline_ppl" not in metrics and "ppl" in metrics and not state.changed:
+        metrics["baseline_ppl"] = dict(metrics["ppl"])
+    exported = state.out / "model"
+    size = folder_size_bytes(exported) if exported.is_dir() else folder_size_bytes(state.cfg.model.path)
+    metrics.update(size_metrics(state.model, size))
+    metrics["sparsity"] = sparsity_report(state.model)["overall"]
+    metrics["seconds"] = {**seconds, "total": elapsed}
+    metrics["peak_memory_bytes"] = peak_memory_bytes()
+    write_json(state.out / "metrics.json", metrics)
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
     tmp.replace(path)
-
-
-def write_recipe(cfg: DictConfig, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

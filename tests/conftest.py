@@ -80,10 +80,9 @@ def compose_config(overrides: list[str]):
 
 def run_shrink(overrides: list[str], out: Path) -> dict:
     """Run a pipeline in-process exactly as `shrink OVERRIDES out=OUT` would; returns metrics."""
-    from shrink.pipeline import run_pipeline, write_recipe
+    from shrink.pipeline import run_pipeline
 
     cfg = compose_config(overrides + [f"out={out}"])
-    write_recipe(cfg, out)
     return run_pipeline(cfg, out)
 
 

@@ -1,0 +1,80 @@
+"""Reproducible recipes and resumable pipelines."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from shrink.errors import ShrinkError
+from tests.conftest import DOCS, ROOT, needs_shared, run_shrink, tiny_data_overrides
+
+pytestmark = needs_shared
+
+
+def prune_quantize(folder, extra=()) -> list[str]:
+    return ["pipeline=prune_quantize", f"model.path={folder}", *tiny_data_overrides(), "prune.pattern='2:4'",
+            "quant.group_size=32", "quant.act_order=true", *extra]
+
+
+def test_rerunning_recipe_yaml_reproduces_the_weights_byte_for_byte(tmp_path, tiny_model_dir) -> None:
+    first = tmp_path / "first"
+    run_shrink(prune_quantize(tiny_model_dir("llama")), first)
+    recipe = yaml.safe_load((first / "recipe.yaml").read_text())
+    assert recipe["defaults"] == ["shrink_schema", "_self_"]
+    fp = recipe["fingerprints"]
+    assert set(fp["inputs"]["model"]) >= {"config.json", "model.safetensors", "tokenizer.json"}
+    assert set(fp["inputs"]["data"]) == {"data.calib.path", "data.eval.path"}
+    assert fp["packages"]["torch"] and fp["seed"] == 0
+    second = tmp_path / "second"
+    result = subprocess.run([sys.executable, "-m", "shrink.cli", "--config-dir", str(first), "--config-name", "recipe",
+                             f"out={second}"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = (first / "model" / "model.safetensors").read_bytes()
+    assert a == (second / "model" / "model.safetensors").read_bytes()
+
+
+def test_a_recipe_refuses_changed_inputs(tmp_path, tiny_model_dir) -> None:
+    calib = tmp_path / "calib.jsonl.gz"
+    shutil.copy(DOCS / "valid.jsonl.gz", calib)
+    first = tmp_path / "first"
+    run_shrink(prune_quantize(tiny_model_dir("llama"), [f"data.calib.path={calib}"]), first)
+    shutil.copy(DOCS / "test.jsonl.gz", calib)  # the data changed under the recipe
+    result = subprocess.run([sys.executable, "-m", "shrink.cli", "--config-dir", str(first), "--config-name", "recipe",
+                             f"out={tmp_path / 'second'}"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 2 and "data.calib.path" in result.stderr and "sha256" in result.stderr
+
+
+def test_resume_skips_finished_stages_and_ends_where_an_uninterrupted_run_ends(tmp_path, tiny_model_dir,
+                                                                               monkeypatch) -> None:
+    folder = tiny_model_dir("llama")
+    reference = tmp_path / "reference"
+    run_shrink(prune_quantize(folder), reference)
+
+    out = tmp_path / "interrupted"
+    import quant.stage
+
+    def crash(state):
+        raise ShrinkError("simulated failure in the quantize stage")
+    monkeypatch.setattr(quant.stage, "quantize_stage", crash)
+    with pytest.raises(ShrinkError, match="simulated"):
+        run_shrink(prune_quantize(folder), out)
+    assert (out / "checkpoints").is_dir() and not (out / "model").exists()
+    with pytest.raises(ShrinkError, match="resume=true"):
+        run_shrink(prune_quantize(folder), out)
+    with pytest.raises(ShrinkError, match="settings differ"):
+        run_shrink(prune_quantize(folder, ["quant.bits=3", "resume=true"]), out)
+    monkeypatch.undo()
+
+    import prune.stage
+
+    monkeypatch.setattr(prune.stage, "prune_stage", lambda state: pytest.fail("prune ran again"))
+    metrics = run_shrink(prune_quantize(folder, ["resume=true"]), out)
+    assert (out / "model" / "model.safetensors").read_bytes() == \
+        (reference / "model" / "model.safetensors").read_bytes()
+    assert metrics["baseline_ppl"] and metrics["ppl"] and "prune" in metrics["stages"]
+    assert not (out / "checkpoints").exists()
+    with pytest.raises(ShrinkError, match="finished run"):
+        run_shrink(prune_quantize(folder), out)
