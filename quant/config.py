@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass
@@ -15,4 +16,6 @@ class QuantConfig:
     true_sequential: bool = True  # quantize attention before MLP inside a layer
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     block_size: int = 128  # lazy-update block of the column sweep
-    offload_activations: bool = False  # keep calibration activations on the CPU
+    # Keep calibration activations on the CPU: true | false | null (auto: when they would
+    # take more than half of the free device memory).
+    offload_activations: Optional[bool] = None

@@ -175,12 +175,28 @@ def relative_error(W0: torch.Tensor, W1: torch.Tensor, acc: Optional[HessianAccu
     return float(num / den)
 
 
+def activation_store(model: nn.Module, windows: torch.Tensor, device: torch.device,
+                     offload: Optional[bool]) -> torch.device:
+    """Where calibration activations live: on the device unless asked otherwise or they
+    would take more than half of its free memory (inputs + outputs of one layer)."""
+    if offload is not None or device.type != "cuda":
+        return torch.device("cpu") if offload else device
+    hidden = model.config.get_text_config().hidden_size
+    dtype_bytes = next(model.parameters()).element_size()
+    needed = 2 * windows.numel() * hidden * dtype_bytes
+    free, _ = torch.cuda.mem_get_info(device)
+    if needed > free / 2:
+        log.info("calibration activations (%.1f GiB) offloaded to the CPU", needed / 2**30)
+        return torch.device("cpu")
+    return device
+
+
 def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor: Compressor,
                    device: torch.device, true_sequential: bool = True, batch_size: int = 8,
-                   offload_activations: bool = False, label: str = "compress") -> list[dict[str, Any]]:
+                   offload_activations: Optional[bool] = None, label: str = "compress") -> list[dict[str, Any]]:
     """Compress every Linear of every decoder layer; returns a per-Linear report."""
     parent_name, layers = find_decoder_layers(model)
-    store = torch.device("cpu") if offload_activations else device
+    store = activation_store(model, windows, device, offload_activations) if windows is not None else device
     batches = capture_layer_inputs(model, windows, batch_size, device, store) if windows is not None else None
     report: list[dict[str, Any]] = []
     total = time.time()
