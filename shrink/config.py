@@ -52,6 +52,8 @@ class DataConfig:
 class EvalConfig:
     baseline: bool = True  # also evaluate the input model (baseline_ppl)
     batch_size: int = 4
+    # CUDA only: run 2:4-pruned Linears on semi-structured sparse kernels when evaluating.
+    sparse_kernels: bool = False
 
 
 @dataclass

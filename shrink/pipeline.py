@@ -7,6 +7,7 @@ model/ through a temporary folder so a failure never leaves a partial one.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -70,9 +71,15 @@ class RunState:
     def evaluate(self, label: str) -> float:
         windows = self.eval_windows()
         log.info("%s: perplexity on %s (%d windows of %d)", label, self.eval_name(), *windows.shape)
-        self.model.to(self.device)
+        model = self.model
+        if self.cfg.eval.sparse_kernels and label != "baseline":
+            from prune.semi_structured import to_semi_structured
+
+            model = copy.deepcopy(self.model).to(self.device)  # sparse weights cannot be exported
+            to_semi_structured(model)
+        model.to(self.device)
         try:
-            return perplexity(self.model, windows, self.cfg.eval.batch_size, self.device, label)
+            return perplexity(model, windows, self.cfg.eval.batch_size, self.device, label)
         finally:
             self.model.to("cpu")
 

@@ -321,3 +321,185 @@ def recipe_storages(stages: list[str], quant: Any, prune: Any, dtype: str) -> li
         elif stage == "distill":
             log.warning("plan: the distill stage changes the architecture; plan the student's config instead")
     return result
+
+
+def price_units(model: nn.Module, units: list[Unit], storage: Storage, dtype_bytes: int,
+                linears: set[str]) -> list[Unit]:
+    seen: set[int] = set()
+    priced = []
+    for unit in units:
+        weight = sum(price_module(model.get_submodule(m), m, storage, dtype_bytes, linears, seen)
+                     for m in unit.modules)
+        priced.append(Unit(unit.label, unit.modules, weight, unit.kv_bytes))
+    return priced
+
+
+def merge(label: str, units: list[Unit]) -> Unit:
+    return Unit(label, [m for u in units for m in u.modules], sum(u.weight_bytes for u in units),
+                sum(u.kv_bytes for u in units))
+
+
+# ---------------------------------------------------------------------------- placement
+def balance(sizes: list[int], parts: int) -> list[int]:
+    """Cut points of the contiguous split of `sizes` into `parts` runs (runs may be empty)
+    that minimizes the largest run sum: exact DP, O(parts x n^2), trivial for n ~ 100."""
+    n = len(sizes)
+    prefix = [0]
+    for s in sizes:
+        prefix.append(prefix[-1] + s)
+    best = [[math.inf] * (n + 1) for _ in range(parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = 0
+    for k in range(1, parts + 1):
+        for i in range(n + 1):
+            for j in range(i + 1):
+                cost = max(best[k - 1][j], prefix[i] - prefix[j])
+                if cost < best[k][i]:
+                    best[k][i], cut[k][i] = cost, j
+    bounds, i = [], n
+    for k in range(parts, 0, -1):
+        bounds.append(i)
+        i = cut[k][i]
+    return [0] + bounds[::-1]  # runs are sizes[bounds[d]:bounds[d + 1]]
+
+
+def place(units: list[Unit], target: Target) -> tuple[list[list[Unit]], list[Unit]]:
+    """(units per GPU, units offloaded to CPU). Balanced when everything fits; otherwise
+    GPUs are filled in order and the rest goes to the CPU (accelerate's offload)."""
+    usable = target.usable_bytes
+    too_big = [u for u in units if u.total > usable]
+    if too_big:
+        u = too_big[0]
+        raise ShrinkError(f"target: {u.label} alone needs {gib(u.total)} but one {target.name} has "
+                          f"{gib(usable)} usable ({target.gib:g} GiB, {target.reserve:.0%} reserve); "
+                          "nothing can be placed")
+    bounds = balance([u.total for u in units], target.count)
+    runs = [units[bounds[d]:bounds[d + 1]] for d in range(target.count)]
+    if max(sum(u.total for u in run) for run in runs) <= usable:
+        return runs, []
+    runs, rest, used = [[] for _ in range(target.count)], list(units), 0
+    for d in range(target.count):
+        used = 0
+        while rest and used + rest[0].total <= usable:
+            used += rest[0].total
+            runs[d].append(rest.pop(0))
+    return runs, rest
+
+
+def device_map(runs: list[list[Unit]], offloaded: list[Unit]) -> dict[str, Any]:
+    """transformers' device_map: module name -> GPU index (or "cpu")."""
+    result: dict[str, Any] = {}
+    for d, run in enumerate(runs):
+        result.update({m: d for u in run for m in u.modules})
+    result.update({m: "cpu" for u in offloaded for m in u.modules})
+    return result
+
+
+# ---------------------------------------------------------------------------- the plan
+def gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def make_plan(args: PlanArgs) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(plan, device_map) for the last stage of the recipe; raises before anything is written."""
+    from shrink.modeling import find_linears
+
+    config = load_config(args.model_path, args.trust_remote_code)
+    stages, quant, prune = load_recipe(args)
+    model = build_meta_model(config)
+    layers, kv_heads, head_dim = kv_geometry(config)
+    dtype_bytes = DTYPE_BYTES[args.dtype]
+    kv_per_layer = 2 * kv_heads * head_dim * args.context * args.batch * dtype_bytes
+    head, body, tail, layers_name = split_units(model)
+    for unit in body:
+        unit.kv_bytes = kv_per_layer
+    linears = {f"{u.label}.{name}" for u in body for name in find_linears(model.get_submodule(u.label))}
+    params = sum(p.numel() for p in model.parameters())
+    stage_reports, final_units = [], []
+    for storage in recipe_storages(stages, quant, prune, args.dtype):
+        units = price_units(model, head + body + tail, storage, dtype_bytes, linears)
+        units = [merge("embeddings", units[:len(head)]), *units[len(head):len(units) - len(tail)],
+                 merge("final norm + lm_head", units[len(units) - len(tail):])]
+        stage_reports.append(stage_report(storage, units, args.target))
+        final_units = units
+    runs, offloaded = place(final_units, args.target)
+    dmap = device_map(runs, offloaded)
+    plan = {
+        "model": {"path": str(args.model_path), "model_type": config.model_type,
+                  "architecture": type(model).__name__, "params": params, "layers": layers,
+                  "layers_module": layers_name, "kv_heads": kv_heads, "head_dim": head_dim,
+                  "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False))},
+        "target": {**asdict(args.target), "device_bytes": args.target.device_bytes,
+                   "usable_bytes": args.target.usable_bytes},
+        "workload": {"batch": args.batch, "context": args.context, "dtype": args.dtype,
+                     "kv_cache_bytes": kv_per_layer * layers, "kv_cache_bytes_per_layer": kv_per_layer},
+        "recipe": {"stages": stages, "source": str(args.recipe) if args.recipe else "conf/config.yaml",
+                   "overrides": args.overrides},
+        "stages": stage_reports,
+        "device_map_stage": stage_reports[-1]["name"],
+        "fits": not offloaded,
+        "devices": [device_report(d, run) for d, run in enumerate(runs)],
+        "offloaded_to_cpu": [m for u in offloaded for m in u.modules],
+    }
+    return plan, dmap
+
+
+def stage_report(storage: Storage, units: list[Unit], target: Target) -> dict[str, Any]:
+    weights = sum(u.weight_bytes for u in units)
+    kv = sum(u.kv_bytes for u in units)
+    bounds = balance([u.total for u in units], target.count)
+    per_device = [sum(u.total for u in units[bounds[d]:bounds[d + 1]]) for d in range(target.count)]
+    return {"name": storage.name, "description": storage.description, "weights_bytes": weights,
+            "embeddings_bytes": units[0].weight_bytes, "layers_bytes": weights - units[0].weight_bytes
+            - units[-1].weight_bytes, "head_bytes": units[-1].weight_bytes, "kv_cache_bytes": kv,
+            "total_bytes": weights + kv, "balanced_per_device_bytes": per_device,
+            "fits": max(per_device) <= target.usable_bytes}
+
+
+def device_report(d: int, run: list[Unit]) -> dict[str, Any]:
+    layer_ids = [int(u.label.rsplit(".", 1)[1]) for u in run if u.label.rsplit(".", 1)[-1].isdigit()]
+    return {"device": d, "layers": f"{layer_ids[0]}-{layer_ids[-1]}" if layer_ids else "",
+            "num_layers": len(layer_ids), "units": [u.label for u in run],
+            "weights_bytes": sum(u.weight_bytes for u in run), "kv_bytes": sum(u.kv_bytes for u in run),
+            "total_bytes": sum(u.total for u in run)}
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    m, t, w = plan["model"], plan["target"], plan["workload"]
+    lines = [f"{m['architecture']} ({m['params'] / 1e9:.2f}B params, {m['layers']} layers, "
+             f"{m['kv_heads']} KV heads x {m['head_dim']}) on {t['spec']}: "
+             f"{gib(t['usable_bytes'])} usable per GPU ({t['reserve']:.0%} reserve)",
+             f"KV cache: batch {w['batch']} x context {w['context']} ({w['dtype']}) = {gib(w['kv_cache_bytes'])}",
+             "", f"| stage | weights | KV cache | total | largest GPU | fits {t['spec']} |", "|---|---|---|---|---|---|"]
+    for s in plan["stages"]:
+        lines.append(f"| {s['description']} | {gib(s['weights_bytes'])} | {gib(s['kv_cache_bytes'])} | "
+                     f"{gib(s['total_bytes'])} | {gib(max(s['balanced_per_device_bytes']))} | "
+                     f"{'yes' if s['fits'] else 'no'} |")
+    lines += ["", f"device map ({plan['device_map_stage']}):", "", "| GPU | layers | holds | weights | KV | total |",
+              "|---|---|---|---|---|---|"]
+    for d in plan["devices"]:
+        extra = [u for u in d["units"] if not u.rsplit(".", 1)[-1].isdigit()]
+        lines.append(f"| {d['device']} | {d['layers'] or '-'} ({d['num_layers']}) | {', '.join(extra) or '-'} | "
+                     f"{gib(d['weights_bytes'])} | {gib(d['kv_bytes'])} | {gib(d['total_bytes'])} |")
+    if plan["offloaded_to_cpu"]:
+        lines += ["", f"does NOT fit: {len(plan['offloaded_to_cpu'])} modules offloaded to cpu"]
+    return "\n".join(lines)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def run_plan(argv: list[str]) -> dict[str, Any]:
+    """`shrink plan key=value...`: compute, then write plan.json + device_map.json into out."""
+    args = parse_plan_args(argv)
+    plan, dmap = make_plan(args)
+    plan["device_map_file"] = "device_map.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.out / "device_map.json", dmap)
+    write_json_atomic(args.out / "plan.json", plan)
+    print(format_plan(plan))
+    print(f"\nwrote {args.out / 'plan.json'} and {args.out / 'device_map.json'}")
+    return plan

@@ -83,3 +83,12 @@ def test_sparsegpt_beats_magnitude_by_far_on_the_shared_teacher(tmp_path) -> Non
     mag_increase = mag["ppl"]["docs-en-test"] - dense
     sgpt_increase = sgpt["ppl"]["docs-en-test"] - dense
     assert sgpt_increase <= 0.6 * mag_increase, (dense, mag_increase, sgpt_increase)
+
+
+def test_semi_structured_kernels_need_cuda_and_say_so(tmp_path, tiny_model_dir) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("checked on CUDA machines by benchmarks/sparse_matmul.py")
+    with pytest.raises(ShrinkError, match="eval.sparse_kernels.*CUDA"):
+        run_shrink(["pipeline=prune", f"model.path={tiny_model_dir('llama')}", *tiny_data_overrides(),
+                    "prune.pattern='2:4'", "eval.sparse_kernels=true", "eval.baseline=false"], tmp_path / "run")
+    assert not (tmp_path / "run" / "model").exists()

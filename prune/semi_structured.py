@@ -1,0 +1,47 @@
+"""Run 2:4-pruned Linears through PyTorch's semi-structured sparse tensors (CUDA only).
+
+`to_sparse_semi_structured` stores the kept half of the weights plus 2-bit metadata and
+dispatches to cuSPARSELt/CUTLASS sparse GEMMs on Ampere and newer GPUs. Only Linears whose
+weights already hold the 2:4 pattern (at least 2 zeros in every 4 consecutive inputs)
+are converted; others stay dense.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from shrink.errors import ShrinkError
+from shrink.modeling import find_decoder_layers
+
+log = logging.getLogger(__name__)
+
+
+def has_2of4(W: torch.Tensor) -> bool:
+    rows, cols = W.shape
+    return cols % 4 == 0 and bool(((W.reshape(rows, cols // 4, 4) == 0).sum(-1) >= 2).all())
+
+
+def to_semi_structured(model: nn.Module) -> int:
+    """Swap the weights of 2:4 Linears in the decoder layers for semi-structured sparse
+    tensors in place; returns how many were converted. The model must be on a CUDA GPU
+    in fp16 or bf16."""
+    if not torch.cuda.is_available():
+        raise ShrinkError("eval.sparse_kernels: semi-structured 2:4 kernels need a CUDA GPU")
+    from torch.sparse import to_sparse_semi_structured
+
+    _, layers = find_decoder_layers(model)
+    converted = 0
+    for layer in layers:
+        for module in layer.modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            W = module.weight.data
+            if W.device.type != "cuda" or W.dtype not in (torch.float16, torch.bfloat16):
+                raise ShrinkError("eval.sparse_kernels: the model must be on CUDA in float16/bfloat16")
+            if has_2of4(W):
+                module.weight = nn.Parameter(to_sparse_semi_structured(W), requires_grad=False)
+                converted += 1
+    log.info("%d Linears run on semi-structured 2:4 kernels", converted)
+    return converted
