@@ -54,10 +54,31 @@ def device_info() -> dict[str, Any]:
     return info
 
 
-def write_result(name: str, config: dict[str, Any], rows: list[dict[str, Any]]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    payload = {"benchmark": name, "git_sha": git_sha(), "device": device_info(),
-               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "config": config, "rows": rows}
-    path.write_text(json.dumps(payload, indent=2))
-    return path
+class Results:
+    """benchmarks/results/NAME.json, rewritten after every row so a crash loses nothing;
+    rows already present (same key fields) are skipped when the script is re-run."""
+
+    def __init__(self, name: str, config: dict[str, Any], key: tuple[str, ...]) -> None:
+        self.path = RESULTS / f"{name}.json"
+        self.name, self.config, self.key = name, config, key
+        old = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.rows: list[dict[str, Any]] = old.get("rows", []) if old.get("config") == config else []
+        self.shas = sorted(set(old.get("git_shas", []))) if self.rows else []
+
+    def has(self, **fields: Any) -> bool:
+        return any(all(r.get(k) == fields[k] for k in self.key) for r in self.rows)
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        print(row, flush=True)
+        self.save()
+
+    def save(self) -> Path:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        shas = sorted(set(self.shas) | {git_sha()})
+        payload = {"benchmark": self.name, "git_sha": git_sha(), "git_shas": shas, "device": device_info(),
+                   "date": time.strftime("%Y-%m-%d %H:%M:%S"), "config": self.config, "rows": self.rows}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload, indent=2))
+        tmp.replace(self.path)
+        return self.path

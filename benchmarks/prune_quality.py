@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from benchmarks.common import run, write_result
+from benchmarks.common import Results, run
 
 SETTINGS = [("unstructured", 0.5), ("2:4", 0.5), ("unstructured", 0.6), ("unstructured", 0.7)]
 METHODS = ["magnitude", "wanda", "sparsegpt"]
@@ -28,11 +28,15 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     base = ["model=llama_teacher", "data=docs_en", "eval.batch_size=8", "quant.bits=4", "quant.group_size=128"]
-    rows = []
+    results = Results("prune_quality", {"overrides": base, "calibration": "128 x 512 docs-en train, seed 0",
+                                        "eval": "docs-en test, 512-token windows"},
+                      key=("kind", "method", "pattern", "sparsity_target", "label"))
     for pattern, sparsity in SETTINGS[:1] if args.quick else SETTINGS:
         for method in METHODS:
+            if results.has(kind="prune", method=method, pattern=pattern, sparsity_target=sparsity, label=None):
+                continue
             m = run(base + ["pipeline=prune", f"prune.method={method}", f"prune.pattern='{pattern}'",
-                            f"prune.sparsity={sparsity}", f"eval.baseline={not rows}"])
+                            f"prune.sparsity={sparsity}", f"eval.baseline={not results.rows}"])
             report = m["stages"]["prune"]
             layers = 1 + max(r["layer"] for r in report["layers"])
             row = {"kind": "prune", "method": method, "pattern": pattern, "sparsity_target": sparsity,
@@ -41,17 +45,14 @@ def main() -> None:
                    "seconds_per_layer": m["seconds"]["prune"] / layers}
             if "baseline_ppl" in m:
                 row["baseline_ppl"] = m["baseline_ppl"]["docs-en-test"]
-            rows.append(row)
-            print(row, flush=True)
+            results.add(row)
     for pipeline, extra, label in [] if args.quick else COMBINED:
+        if results.has(kind="combined", method=None, pattern=None, sparsity_target=None, label=label):
+            continue
         m = run(base + [f"pipeline={pipeline}", "eval.baseline=false", "prune.sparsity=0.5"] + extra)
-        rows.append({"kind": "combined", "label": label, "pipeline": pipeline, "ppl": m["ppl"]["docs-en-test"],
+        results.add({"kind": "combined", "label": label, "pipeline": pipeline, "ppl": m["ppl"]["docs-en-test"],
                      "sparsity": m["sparsity"], "seconds": {k: v for k, v in m["seconds"].items()
-                                                             if k in ("prune", "quantize")}})
-        print(rows[-1], flush=True)
-    write_result("prune_quality", {"overrides": base, "calibration": "128 x 512 docs-en train, seed 0",
-                                   "eval": "docs-en test, 512-token windows"}, rows)
-
+                                                            if k in ("prune", "quantize")}})
 
 if __name__ == "__main__":
     main()

@@ -1,36 +1,234 @@
-"""The model card README.md written beside every exported model."""
+"""The model card README.md written beside every exported model.
+
+It makes the exported folder a ready-to-push Hugging Face repo: YAML metadata the Hub
+indexes (base_model, license, tags, quantization), the measured figures, how to load it,
+and the recipe that made it. Nothing here guesses silently: a license that cannot be
+found in the input's own card, config or GGUF header becomes `other` with a visible note.
+"""
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+import logging
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
 
+import yaml
 from omegaconf import OmegaConf
+
+from shrink.gguf_import import import_dir
 
 if TYPE_CHECKING:
     from shrink.pipeline import RunState
 
+log = logging.getLogger(__name__)
 
-def model_card(state: "RunState") -> str:
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_URL = re.compile(r"^https?://huggingface\.co/([\w.-]+/[\w.-]+)/?$")
+MIB = 1024**2
+
+
+# ---------------------------------------------------------------------------- provenance
+def read_front_matter(text: str) -> dict[str, Any]:
+    """The YAML block between leading '---' lines of a model card ({} when absent or broken)."""
+    m = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, re.S)
+    if not m:
+        return {}
+    try:
+        meta = yaml.safe_load(m.group(1))
+    except yaml.YAMLError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _input_card(folder: Path) -> dict[str, Any]:
+    card = folder / "README.md"
+    return read_front_matter(card.read_text(errors="replace")) if card.is_file() else {}
+
+
+def _input_config(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _gguf_fields(spec: Optional[str]) -> dict[str, Any]:
+    """general.* strings of the GGUF the model was imported from (license, source repo)."""
+    if not spec:
+        return {}
+    try:
+        import gguf
+
+        from shrink.gguf_import import resolve_gguf
+
+        reader = gguf.GGUFReader(str(resolve_gguf(spec)))
+        return {k: f.contents() for k, f in reader.fields.items()
+                if k.startswith("general.") and isinstance(f.contents(), str)}
+    except Exception as exc:  # provenance is best effort: a card must never fail an export
+        log.debug("no GGUF metadata for the card: %s", exc)
+        return {}
+
+
+def base_model_id(model_path: str, config: dict[str, Any], gguf: dict[str, Any]) -> tuple[str, bool]:
+    """(id, is_hub_id): a Hub id when one is known, else the local folder's name."""
+    candidates = [model_path, str(config.get("_name_or_path", ""))]
+    candidates += [gguf.get(k, "") for k in ("general.base_model.0.repo_url", "general.source.repo_url")]
+    for c in candidates:
+        url = HUB_URL.match(c)
+        if url:
+            return url.group(1), True
+        if HUB_ID.match(c) and not Path(c).expanduser().exists():
+            return c, True
+    return Path(model_path).name or "unknown", False
+
+
+def license_of(card: dict[str, Any], config: dict[str, Any], gguf: dict[str, Any]) -> dict[str, Any]:
+    """license (+ license_name/link) from the input card, its config, or its GGUF header."""
+    if card.get("license"):
+        return {k: card[k] for k in ("license", "license_name", "license_link") if card.get(k)}
+    for value in (config.get("license"), gguf.get("general.license")):
+        if isinstance(value, str) and value:
+            return {"license": value.lower()}
+    return {"license": "other", "license_name": "unknown"}
+
+
+# ---------------------------------------------------------------------------- figures
+def measured(state: "RunState") -> dict[str, Any]:
+    """params, weight bytes, bits/weight and sparsity of the model being exported.
+
+    The card is written before the weights (export is atomic), so size is the bytes of the
+    unique tensors that will be saved, which is the safetensors size up to its headers.
+    """
+    from shrink.metrics import sparsity_report
+    from shrink.modeling import count_parameters
+
+    m = state.metrics
+    if "size_bytes" in m and "params" in m:
+        return {k: m.get(k) for k in ("params", "size_bytes", "bits_per_weight", "sparsity")}
+    seen, size = set(), 0
+    for t in state.model.state_dict().values():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            size += t.numel() * t.element_size()
+    params = count_parameters(state.model)
+    try:
+        sparsity = sparsity_report(state.model)["overall"]
+    except Exception as exc:  # an architecture without discoverable layers still gets a card
+        log.debug("sparsity not measured for the card: %s", exc)
+        sparsity = None
+    return {"params": params, "size_bytes": size, "bits_per_weight": 8 * size / params if params else None,
+            "sparsity": sparsity}
+
+
+# ---------------------------------------------------------------------------- card
+def card_metadata(state: "RunState") -> dict[str, Any]:
     cfg = state.cfg
-    tags = ["shrink"] + [s for s in cfg.pipeline.stages if s in ("distill", "prune", "quantize")]
+    folder = Path(str(cfg.model.path)).expanduser()
+    # model.gguf is only the source when model.path is its import folder (as in the pipeline);
+    # a preset's gguf left beside an overridden model.path says nothing about that model.
+    spec = cfg.model.get("gguf")
+    from_gguf = bool(spec) and folder == import_dir(spec)
+    config, gguf = _input_config(folder), _gguf_fields(spec if from_gguf else None)
+    base, _ = base_model_id(str(cfg.model.path), config, gguf)
+    stages = list(cfg.pipeline.stages)
+    tags = ["shrink"]
+    meta: dict[str, Any] = {"base_model": base}
     q = state.quantization_config
     if q is not None:
-        tags += ["gptq", f"{q['bits']}-bit"]
-    meta = ["---", f"base_model: {json.dumps(str(cfg.model.path))}", "library_name: transformers",
-            "tags:"] + [f"- {t}" for t in tags] + ["---", ""]
-    lines = [f"# {state.model.config.model_type} compressed with shrink", "",
-             f"Pipeline: {' -> '.join(cfg.pipeline.stages)}", ""]
-    if state.metrics.get("ppl") or state.metrics.get("baseline_ppl"):
-        lines += ["| eval set | perplexity | baseline |", "|---|---|---|"]
-        for name, ppl in state.metrics.get("ppl", {}).items():
-            base = state.metrics.get("baseline_ppl", {}).get(name)
-            lines.append(f"| {name} | {ppl:.3f} | {'' if base is None else f'{base:.3f}'} |")
-        lines.append("")
-    lines += ["## Load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              "model = AutoModelForCausalLM.from_pretrained(\"PATH\")",
-              "tokenizer = AutoTokenizer.from_pretrained(\"PATH\")", "```", ""]
+        meta["base_model_relation"] = "quantized"
+        tags += ["gptq", f"{q['bits']}-bit", "quantized"]
+    if "prune" in stages:
+        tags += ["pruned", str(cfg.prune.method)] + (["sparse-2of4"] if cfg.prune.pattern == "2:4" else [])
+    if "distill" in stages:
+        tags += ["distilled"]
+    meta.update(license_of(_input_card(folder), config, gguf))
+    meta.update({"library_name": "transformers", "pipeline_tag": "text-generation", "tags": tags,
+                 "quantized_by": "shrink"})
     if q is not None:
-        lines += ["GPTQ checkpoints load in transformers with `optimum` and `gptqmodel` installed;",
-                  "without them, `from quant.export import load_quantized_model` (pure PyTorch) loads it.", ""]
-    lines += ["## Recipe", "", "```yaml", OmegaConf.to_yaml(cfg, resolve=True).rstrip(), "```", ""]
-    return "\n".join(meta + lines)
+        meta["quantization"] = {"method": str(cfg.quant.method), "format": q.get("format", "gptq"),
+                                "bits": q["bits"], "group_size": q["group_size"], "sym": q["sym"],
+                                "desc_act": q["desc_act"]}
+    return meta
+
+
+def summary(state: "RunState") -> str:
+    cfg, parts = state.cfg, []
+    for stage in cfg.pipeline.stages:
+        if stage == "distill":
+            parts.append(f"distilled ({cfg.distill.loss} loss)")
+        elif stage == "prune":
+            how = cfg.prune.pattern if cfg.prune.pattern != "unstructured" else f"{cfg.prune.sparsity:.0%} unstructured"
+            parts.append(f"pruned with {cfg.prune.method} ({how})")
+        elif stage == "quantize":
+            g = "per-channel" if cfg.quant.group_size == -1 else f"group size {cfg.quant.group_size}"
+            parts.append(f"quantized to {cfg.quant.bits} bits with {cfg.quant.method} ({g}, GPTQ format)")
+    return ", then ".join(parts) or "re-exported"
+
+
+def results_section(state: "RunState") -> list[str]:
+    lines = ["## Results", ""]
+    ppl, base = state.metrics.get("ppl", {}), state.metrics.get("baseline_ppl", {})
+    if ppl or base:
+        lines += ["| eval set | perplexity | baseline | change |", "|---|---|---|---|"]
+        for name in dict.fromkeys([*ppl, *base]):
+            p, b = ppl.get(name), base.get(name)
+            change = f"{(p / b - 1):+.1%}" if p is not None and b else ""
+            lines.append(f"| {name} | {'' if p is None else f'{p:.3f}'} | {'' if b is None else f'{b:.3f}'} | {change} |")
+        lines += ["", "Perplexity: exp(mean NLL) over non-overlapping windows (GPTQ/SparseGPT protocol).", ""]
+    m = measured(state)
+    fmt = {"params": lambda v: f"{v / 1e6:.1f}M", "size_bytes": lambda v: f"{v / MIB:.2f} MiB",
+           "bits_per_weight": lambda v: f"{v:.2f}", "sparsity": lambda v: f"{v:.1%}"}
+    cells = [fmt[k](m[k]) if m.get(k) is not None else "" for k in fmt]
+    lines += ["| parameters | weights size | bits per weight | sparsity |", "|---|---|---|---|",
+              "| " + " | ".join(cells) + " |", ""]
+    return lines
+
+
+def load_section(quantized: bool) -> list[str]:
+    lines = ["## How to load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+             'model = AutoModelForCausalLM.from_pretrained("REPO_ID_OR_PATH")',
+             'tokenizer = AutoTokenizer.from_pretrained("REPO_ID_OR_PATH")', "```", ""]
+    if quantized:
+        lines += ["This is a standard GPTQ checkpoint (`quantization_config` in config.json, `quantize_config.json`):",
+                  "transformers loads it with `pip install optimum gptqmodel`. Without them, shrink's pure-PyTorch",
+                  "loader reads it anywhere:", "", "```python", "from quant.export import load_quantized_model", "",
+                  'model = load_quantized_model("PATH")', "```", ""]
+    return lines
+
+
+def _arg(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def recipe_section(state: "RunState") -> list[str]:
+    cfg = state.cfg
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("out", "resume", "fingerprints"):
+        plain.pop(key, None)
+    keys = [f"pipeline={cfg.pipeline.name}", f"model.path={cfg.model.path}"]
+    if "quantize" in cfg.pipeline.stages:
+        keys += [f"quant.{k}={_arg(cfg.quant[k])}" for k in ("method", "bits", "group_size", "sym", "act_order")]
+    if "prune" in cfg.pipeline.stages:
+        keys += [f"prune.{k}={_arg(cfg.prune[k])}" for k in ("method", "sparsity", "pattern")]
+    return ["## Recipe", "", "Made with shrink by:", "", "```bash",
+            "shrink " + " ".join(keys), "```", "",
+            "The full resolved configuration (the run's `recipe.yaml` also records input hashes and versions):",
+            "", "```yaml", OmegaConf.to_yaml(OmegaConf.create(plain)).rstrip(), "```", ""]
+
+
+def model_card(state: "RunState") -> str:
+    """README.md for the exported folder: YAML front matter, results, loading, recipe."""
+    meta = card_metadata(state)
+    title = f"{meta['base_model']}, compressed with shrink"
+    lines = [f"# {title}", "", f"`{meta['base_model']}` {summary(state)}.", ""]
+    lines += results_section(state) + load_section(state.quantization_config is not None) + recipe_section(state)
+    lines += ["## License", ""]
+    if meta["license"] == "other" and meta.get("license_name") == "unknown":
+        lines += ["The base model's license could not be determined from its model card, config or GGUF "
+                  "header: set `license` in the metadata above to the base model's license before publishing.", ""]
+    else:
+        lines += [f"Same license as the base model: `{meta['license']}`.", ""]
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
+    return f"---\n{front}---\n\n" + "\n".join(lines)

@@ -75,7 +75,47 @@ def import_gguf_command(argv: list[str]) -> None:
     print(import_gguf(args.gguf, args.out, resolve_dtype(args.dtype)))
 
 
-SUBCOMMANDS = {"import-gguf": import_gguf_command}
+def report_command(argv: list[str]) -> None:
+    from shrink.report import write_report
+
+    parser = argparse.ArgumentParser(prog="shrink report",
+                                     description="Gather every run (metrics.json + recipe.yaml) under DIRs into "
+                                                 "report.md, report.csv and report.png.")
+    parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="sweep or run folders (searched recursively)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the report (default: the first DIR)")
+    args = parser.parse_args(argv)
+    out = write_report(args.dirs, args.out)
+    print(f"report: {out / 'report.md'} {out / 'report.csv'} {out / 'report.png'}")
+
+
+def publish_command(argv: list[str]) -> None:
+    from shrink.publish import publish
+
+    parser = argparse.ArgumentParser(prog="shrink publish",
+                                     description="Validate an exported model folder and upload it to the Hugging Face Hub.")
+    parser.add_argument("dir", type=Path, help="the exported model folder (a run's model/)")
+    parser.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
+    parser.add_argument("--dry-run", action="store_true", help="validate and list the files; no network access")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login)")
+    args = parser.parse_args(argv)
+    publish(args.dir, args.repo_id, dry_run=args.dry_run, private=args.private, token=args.token)
+
+
+def plan_command(argv: list[str]) -> None:
+    from shrink.plan import run_plan
+
+    parser = argparse.ArgumentParser(
+        prog="shrink plan",
+        description="Memory plan and device_map from a config alone: shrink plan model.path=DIR_OR_CONFIG "
+                    "target=4xA100-80GB [batch=1 context=2048 dtype=bfloat16 reserve=0.1 out=plan "
+                    "recipe=RUN/recipe.yaml pipeline=quantize quant.bits=4 quant.group_size=128 prune.pattern=2:4]")
+    parser.add_argument("settings", nargs="*", metavar="KEY=VALUE")
+    run_plan(parser.parse_args(argv).settings)
+
+
+SUBCOMMANDS = {"import-gguf": import_gguf_command, "report": report_command, "publish": publish_command,
+               "plan": plan_command}
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -171,7 +171,10 @@ def load_recipe(args: PlanArgs) -> tuple[list[str], Any, Any]:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
             cfg = compose(config_name=name, overrides=args.overrides)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise ShrinkError(f"plan: recipe: {str(exc).splitlines()[0]}") from None
+        # Hydra puts the reason (e.g. "could not be converted to Integer") in the cause.
+        text = f"{exc}\n{exc.__cause__ or ''}"
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        raise ShrinkError(f"plan: {': '.join(lines[:2])}") from None
     return list(cfg.pipeline.stages), cfg.quant, cfg.prune
 
 
@@ -243,7 +246,7 @@ def split_units(model: nn.Module) -> tuple[list[Unit], list[Unit], list[Unit], s
     return head, units, tail, layers_name
 
 
-def _owned_param_names(model: nn.Module):
+def _owned_param_names(model: nn.Module) -> Callable[[str], bool]:
     names = [n for n, _ in model.named_parameters()]  # deduplicated: a tied weight once
 
     def owns(prefix: str) -> bool:
@@ -305,7 +308,6 @@ def _linear_weight_bytes(module: nn.Module, p: torch.Tensor, storage: Storage, d
 def recipe_storages(stages: list[str], quant: Any, prune: Any, dtype: str) -> list[Storage]:
     """dense, then one Storage per model-changing stage of the recipe, cumulative."""
     result = [Storage("dense", f"{dtype} dense")]
-    semi = False
     for stage in stages:
         if stage == "prune":
             semi = prune.pattern == "2:4"
@@ -315,6 +317,8 @@ def recipe_storages(stages: list[str], quant: Any, prune: Any, dtype: str) -> li
         elif stage == "quantize":
             if quant.bits not in (2, 3, 4, 8):
                 raise ShrinkError(f"quant.bits: {quant.bits} is not supported (2 | 3 | 4 | 8)")
+            if quant.group_size != -1 and quant.group_size <= 0:
+                raise ShrinkError(f"quant.group_size: {quant.group_size} must be -1 (per channel) or positive")
             g = "per-channel" if quant.group_size == -1 else f"g{quant.group_size}"
             result.append(Storage("quantize", f"{quant.method} {quant.bits}-bit {g}", bits=quant.bits,
                                   group_size=quant.group_size))
@@ -377,7 +381,7 @@ def place(units: list[Unit], target: Target) -> tuple[list[list[Unit]], list[Uni
     runs = [units[bounds[d]:bounds[d + 1]] for d in range(target.count)]
     if max(sum(u.total for u in run) for run in runs) <= usable:
         return runs, []
-    runs, rest, used = [[] for _ in range(target.count)], list(units), 0
+    runs, rest = [[] for _ in range(target.count)], list(units)
     for d in range(target.count):
         used = 0
         while rest and used + rest[0].total <= usable:

@@ -1,0 +1,271 @@
+"""`shrink report DIR...`: one table and one plot for every run under some folders.
+
+A run folder is any folder holding both metrics.json and recipe.yaml, so this reads a
+Hydra multirun sweep (multirun/DATE/TIME/<job>/), a hand-made set of `out=` folders, or
+both. The settings shown are the recipe keys whose values differ between the runs (a
+single run shows its stage settings); a stage's keys are blanked for runs that did not
+run that stage, since e.g. quant.bits of a prune-only run is a default nobody chose.
+
+Outputs (written to temporary files, then renamed, so a failure leaves no partial report):
+report.md, report.csv, report.png (perplexity against size on disk; the Pareto front,
+runs that no other run beats on both, is marked and connected).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from shrink.errors import ShrinkError
+
+log = logging.getLogger(__name__)
+
+# Preferred column order; any other varying key follows alphabetically.
+SETTING_ORDER = ("pipeline.name", "model.path", "quant.method", "quant.bits", "quant.group_size", "quant.sym",
+                 "quant.act_order", "prune.method", "prune.sparsity", "prune.pattern", "prune.joint_quant",
+                 "distill.loss", "distill.steps")
+STAGE_OF_SECTION = {"quant": "quantize", "prune": "prune", "distill": "distill"}
+NOT_SETTINGS = ("defaults", "out", "resume", "log_level", "fingerprints", "hydra")
+MIB = 1024**2
+
+
+@dataclass
+class Run:
+    folder: Path
+    label: str
+    settings: dict[str, Any]
+    metrics: dict[str, Any]
+
+    def ppl(self, name: str) -> Optional[float]:
+        return self.metrics.get("ppl", {}).get(name)
+
+
+# ---------------------------------------------------------------------------- gathering
+def find_runs(dirs: list[Path]) -> list[Run]:
+    """Every run folder under dirs (recursively), each once, in natural order."""
+    runs: list[Run] = []
+    seen: set[Path] = set()
+    for root in dirs:
+        if not root.is_dir():
+            raise ShrinkError(f"report: {root} is not a folder")
+        found = [p.parent for p in root.rglob("metrics.json")
+                 if (p.parent / "recipe.yaml").is_file() and not _hidden(p.parent, root)]
+        for folder in sorted(found, key=lambda f: _natural(f.relative_to(root).as_posix())):
+            if folder.resolve() in seen:
+                continue
+            seen.add(folder.resolve())
+            label = folder.relative_to(root).as_posix() if folder != root else folder.name
+            runs.append(load_run(folder, label))
+    if not runs:
+        raise ShrinkError(f"report: no run folders (metrics.json + recipe.yaml) under {', '.join(map(str, dirs))}")
+    return runs
+
+
+def _hidden(folder: Path, root: Path) -> bool:
+    """Temporary and checkpoint folders (.model.xxx, .hydra) are not runs."""
+    return any(part.startswith(".") for part in folder.relative_to(root).parts)
+
+
+def _natural(text: str) -> list[Any]:
+    """'10' after '9': multirun job folders are numbers."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text) if t]
+
+
+def load_run(folder: Path, label: str) -> Run:
+    metrics = _read(folder / "metrics.json", json.loads)
+    recipe = _read(folder / "recipe.yaml", yaml.safe_load)
+    if not isinstance(metrics, dict) or not isinstance(recipe, dict):
+        raise ShrinkError(f"report: {folder} has a metrics.json or recipe.yaml that is not a mapping")
+    return Run(folder, label, flatten_settings(recipe), metrics)
+
+
+def _read(path: Path, parse) -> Any:
+    try:
+        return parse(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise ShrinkError(f"report: cannot read {path}: {str(exc).splitlines()[0]}") from None
+
+
+def flatten_settings(recipe: dict[str, Any]) -> dict[str, Any]:
+    stages = set(recipe.get("pipeline", {}).get("stages", []))
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = ",".join(map(str, value)) if isinstance(value, list) else value
+
+    for key, value in recipe.items():
+        if key in NOT_SETTINGS or (key in STAGE_OF_SECTION and STAGE_OF_SECTION[key] not in stages):
+            continue
+        walk(key, value)
+    return flat
+
+
+def setting_columns(runs: list[Run]) -> list[str]:
+    keys = {k for r in runs for k in r.settings}
+    varying = [k for k in keys if len({repr(r.settings.get(k)) for r in runs}) > 1]
+    if "pipeline.name" in varying and "pipeline.stages" in varying:
+        varying.remove("pipeline.stages")  # the name says it
+    if not varying:  # one run, or identical recipes: show what was run
+        varying = [k for k in SETTING_ORDER if k in keys and k != "model.path"]
+    rank = {k: i for i, k in enumerate(SETTING_ORDER)}
+    return sorted(varying, key=lambda k: (rank.get(k, len(rank)), k))
+
+
+def eval_sets(runs: list[Run]) -> list[str]:
+    names: list[str] = []
+    for r in runs:
+        names += [n for n in r.metrics.get("ppl", {}) if n not in names]
+    return names
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points that no other point matches or beats on both (size, ppl), smallest first."""
+    front = [i for i, (s, p) in enumerate(points)
+             if not any((s2 <= s and p2 <= p) and (s2 < s or p2 < p) for s2, p2 in points)]
+    return sorted(front, key=lambda i: points[i])
+
+
+# ---------------------------------------------------------------------------- table
+@dataclass
+class Table:
+    runs: list[Run]
+    settings: list[str]
+    evals: list[str]
+    baselines: dict[str, Optional[float]]  # eval set -> the common baseline, None if it differs
+    pareto: set[int]
+
+
+def build_table(runs: list[Run]) -> Table:
+    evals = eval_sets(runs)
+    baselines: dict[str, Optional[float]] = {}
+    for name in evals:
+        values = {r.metrics.get("baseline_ppl", {}).get(name) for r in runs} - {None}
+        baselines[name] = values.pop() if len(values) == 1 else None
+    pareto: set[int] = set()
+    if evals:
+        idx = [i for i, r in enumerate(runs) if r.ppl(evals[0]) is not None and "size_bytes" in r.metrics]
+        points = [(float(runs[i].metrics["size_bytes"]), float(runs[i].ppl(evals[0]))) for i in idx]
+        pareto = {idx[j] for j in pareto_front(points)}
+    return Table(runs, setting_columns(runs), evals, baselines, pareto)
+
+
+def total_seconds(metrics: dict[str, Any]) -> Optional[float]:
+    seconds = metrics.get("seconds") or {}
+    return seconds.get("total", sum(seconds.values()) if seconds else None)
+
+
+def csv_rows(table: Table) -> list[dict[str, Any]]:
+    rows = []
+    for i, r in enumerate(table.runs):
+        m = r.metrics
+        row: dict[str, Any] = {"run": r.label, "path": str(r.folder)}
+        row.update({k: r.settings.get(k, "") for k in table.settings})
+        for name in table.evals:
+            row[f"ppl:{name}"] = r.ppl(name)
+            row[f"baseline_ppl:{name}"] = m.get("baseline_ppl", {}).get(name)
+        row.update({"size_bytes": m.get("size_bytes"), "bits_per_weight": m.get("bits_per_weight"),
+                    "sparsity": m.get("sparsity"), "seconds": total_seconds(m), "pareto": i in table.pareto})
+        rows.append(row)
+    return rows
+
+
+def render_csv(table: Table) -> str:
+    rows = csv_rows(table)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+    return buf.getvalue()
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def render_markdown(table: Table, plot_name: str = "report.png") -> str:
+    head = ["run", *table.settings, *[f"ppl {n}" for n in table.evals],
+            "size (MiB)", "bits/weight", "sparsity", "time (s)", "Pareto"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, r in enumerate(table.runs):
+        m = r.metrics
+        size = m.get("size_bytes")
+        cells = [r.label, *[str(r.settings.get(k, "")) for k in table.settings],
+                 *[_fmt(r.ppl(n), ".3f") for n in table.evals], _fmt(size / MIB if size else None, ".2f"),
+                 _fmt(m.get("bits_per_weight"), ".2f"), _fmt(m.get("sparsity"), ".3f"),
+                 _fmt(total_seconds(m), ".1f"), "yes" if i in table.pareto else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [f"Baseline perplexity on {n}: {b:.3f}." for n, b in table.baselines.items() if b is not None]
+    if table.evals:
+        notes.append(f"Pareto: no other run has both lower perplexity on {table.evals[0]} and a smaller size.")
+    return "\n".join([f"# Sweep report ({len(table.runs)} runs)", "", *lines, "", *notes, "",
+                      f"![perplexity vs size]({plot_name})", ""])
+
+
+# ---------------------------------------------------------------------------- plot
+def short_label(run: Run, settings: list[str]) -> str:
+    parts = [f"{k.rsplit('.', 1)[-1]}={run.settings[k]}" for k in settings
+             if k in run.settings and k not in ("model.path", "pipeline.stages")]
+    return " ".join(parts) or run.label
+
+
+def render_plot(table: Table, path: Path) -> None:
+    """Perplexity against size, one panel per eval set; written without pyplot (no global backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = table.evals or ["(no perplexity)"]
+    fig = Figure(figsize=(6.5 * len(panels), 4.8), dpi=110)
+    FigureCanvasAgg(fig)
+    for k, name in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), k + 1)
+        idx = [i for i, r in enumerate(table.runs) if r.ppl(name) is not None and r.metrics.get("size_bytes")]
+        points = [(table.runs[i].metrics["size_bytes"] / MIB, table.runs[i].ppl(name)) for i in idx]
+        ax.scatter([p[0] for p in points], [p[1] for p in points], color="tab:gray", zorder=2, label="run")
+        for i, (x, y) in zip(idx, points):
+            ax.annotate(short_label(table.runs[i], table.settings), (x, y), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+        front = [points[j] for j in pareto_front(points)]
+        if front:
+            ax.plot([p[0] for p in front], [p[1] for p in front], "-o", color="tab:red", zorder=3,
+                    label="Pareto front")
+        base = table.baselines.get(name)
+        if base is not None:
+            ax.axhline(base, color="tab:blue", linestyle="--", linewidth=1, label=f"baseline {base:.2f}")
+        ax.set_xlabel("size on disk (MiB)")
+        ax.set_ylabel(f"perplexity ({name})")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+# ---------------------------------------------------------------------------- entry point
+def write_report(dirs: list[Path], out: Optional[Path] = None) -> Path:
+    """Gather, render everything to temporary files, then rename them into out."""
+    runs = find_runs(dirs)
+    table = build_table(runs)
+    out = out or dirs[0]
+    out.mkdir(parents=True, exist_ok=True)
+    temps: dict[str, Path] = {name: out / f".{name}.tmp" for name in ("report.md", "report.csv", "report.png")}
+    try:
+        temps["report.md"].write_text(render_markdown(table))
+        temps["report.csv"].write_text(render_csv(table))
+        render_plot(table, temps["report.png"])
+        for name, tmp in temps.items():
+            tmp.replace(out / name)
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+    log.info("report of %d runs: %s", len(runs), out / "report.md")
+    return out

@@ -1,0 +1,164 @@
+"""`shrink plan`: memory per recipe stage from a config alone, and a balanced device_map."""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+from shrink.errors import ShrinkError
+from shrink.plan import (balance, build_meta_model, gptq_bytes, kv_geometry, load_config, make_plan,
+                         parse_plan_args, parse_target, run_plan)
+from tests.conftest import ROOT, needs_shared, run_shrink, tiny_config, tiny_data_overrides
+
+CONFIGS = ROOT / "tests" / "fixtures" / "configs"
+LLAMA70 = CONFIGS / "llama-2-70b.json"
+
+
+def plan_for(*args: str):
+    return make_plan(parse_plan_args(list(args)))
+
+
+@pytest.mark.parametrize("name,billions", [("opt-175b", 175), ("bloom-176b", 176), ("llama-2-70b", 69)])
+def test_published_configs_build_on_meta_with_their_parameter_counts(name: str, billions: float) -> None:
+    model = build_meta_model(load_config(CONFIGS / f"{name}.json"))
+    params = sum(p.numel() for p in model.parameters())
+    assert params == pytest.approx(billions * 1e9, rel=0.01)
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_kv_cache_handles_gqa_mha_and_mqa() -> None:
+    plan, _ = plan_for(f"model.path={LLAMA70}", "target=1xH100-80GB", "batch=4", "context=4096")
+    assert plan["workload"]["kv_cache_bytes"] == 2 * 80 * 8 * 128 * 4096 * 4 * 2  # GQA: 8 KV heads
+    assert kv_geometry(load_config(CONFIGS / "bloom-176b.json")) == (70, 112, 128)  # MHA
+    assert kv_geometry(tiny_config("falcon")) == (2, 1, 16)  # multi_query: one KV head
+
+
+def test_gptq_bytes_of_one_linear() -> None:
+    qweight, qzeros, scales, g_idx = 4096 * 4096 // 2, 32 * 4096 // 2, 32 * 4096 * 2, 4096 * 4
+    assert gptq_bytes(4096, 4096, 4, 128) == qweight + qzeros + scales + g_idx
+    assert gptq_bytes(4096, 4096, 4, -1) == qweight + 4096 // 2 + 4096 * 2 + g_idx  # one group
+
+
+def test_stages_dense_2of4_and_gptq_are_priced_as_stored() -> None:
+    plan, _ = plan_for(f"model.path={LLAMA70}", "target=4xA100-80GB", "pipeline=prune_quantize",
+                       "prune.pattern=2:4", "quant.bits=4", "quant.group_size=128")
+    dense, pruned, quant = plan["stages"]
+    assert dense["weights_bytes"] == plan["model"]["params"] * 2  # bf16, untied head
+    assert pruned["embeddings_bytes"] == dense["embeddings_bytes"]  # only layer Linears are sparse
+    norms = 80 * 2 * 8192 * 2
+    assert (pruned["layers_bytes"] - norms) / (dense["layers_bytes"] - norms) == pytest.approx(9 / 16)
+    assert quant["head_bytes"] == dense["head_bytes"]  # lm_head stays fp16
+    bits = (quant["layers_bytes"] - norms) * 8 / ((dense["layers_bytes"] - norms) / 2)
+    assert bits == pytest.approx(4 + (16 + 4) / 128, abs=0.01)  # + fp16 scale and 4-bit zero per 128
+
+
+def test_balance_is_optimal_against_brute_force() -> None:
+    rng = random.Random(0)
+    for _ in range(30):
+        sizes = [rng.randint(1, 20) for _ in range(rng.randint(1, 8))]
+        parts = rng.randint(1, 4)
+        bounds = balance(sizes, parts)
+        got = max(sum(sizes[bounds[d]:bounds[d + 1]]) for d in range(parts))
+        best = min(max(sum(sizes[a:b]) for a, b in zip((0, *cuts), (*cuts, len(sizes))))
+                   for cuts in itertools.combinations_with_replacement(range(len(sizes) + 1), parts - 1))
+        assert got == best and bounds[0] == 0 and bounds[-1] == len(sizes)
+
+
+def test_llama70b_gptq4_on_4_gpus_is_balanced_non_uniformly_and_covers_the_model() -> None:
+    from accelerate.utils import check_device_map
+
+    plan, dmap = plan_for(f"model.path={LLAMA70}", "target=4xA100-80GB", "pipeline=quantize", "quant.bits=4")
+    assert plan["fits"] and plan["device_map_stage"] == "quantize"
+    layers = [d["num_layers"] for d in plan["devices"]]
+    assert sum(layers) == 80 and layers[0] < max(layers) and layers[-1] < max(layers)  # embeddings / head
+    assert dmap["model.embed_tokens"] == 0 and dmap["lm_head"] == 3 and dmap["model.norm"] == 3
+    assert sorted(dmap[f"model.layers.{i}"] for i in range(80)) == [d for d in range(4) for _ in range(layers[d])]
+    totals = [d["total_bytes"] for d in plan["devices"]]
+    assert max(totals) - min(totals) < 2 * (totals[1] / layers[1])  # within about a layer of each other
+    check_device_map(build_meta_model(load_config(LLAMA70)), dmap)
+
+
+def test_llama70b_fits_one_h100_only_after_quantization() -> None:
+    plan, dmap = plan_for(f"model.path={LLAMA70}", "target=1xH100-80GB", "pipeline=quantize", "quant.bits=4")
+    assert [s["fits"] for s in plan["stages"]] == [False, True]
+    assert set(dmap.values()) == {0}
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "bloom", "gpt2", "falcon", "gpt_neox"])
+def test_device_map_of_every_family_loads_in_transformers(tmp_path: Path, family: str) -> None:
+    """Names must be the model's own modules: transformers loads with the map (GPUs -> cpu here)."""
+    from accelerate.utils import check_device_map
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(family)).eval()
+    model.save_pretrained(tmp_path / "m")
+    run_plan([f"model.path={tmp_path / 'm'}", "target=2xT4-16GB", f"out={tmp_path / 'plan'}"])
+    dmap = json.loads((tmp_path / "plan" / "device_map.json").read_text())
+    assert set(dmap.values()) <= {0, 1}
+    check_device_map(model, dmap)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", device_map={k: "cpu" for k in dmap})
+    ids = torch.randint(0, 100, (1, 8))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+@needs_shared
+def test_quantized_bytes_match_a_real_gptq_export(tmp_path: Path, tiny_model_dir) -> None:
+    folder = tiny_model_dir("llama")
+    run_shrink(["pipeline=quantize", f"model.path={folder}", *tiny_data_overrides(), "quant.method=rtn",
+                "quant.bits=4", "quant.group_size=32"], tmp_path / "run")
+    plan, _ = plan_for(f"model.path={folder}", "target=1xT4-16GB", "dtype=float32", "pipeline=quantize",
+                       "quant.bits=4", "quant.group_size=32")
+    with safe_open(str(tmp_path / "run" / "model" / "model.safetensors"), framework="pt") as f:
+        stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+    assert plan["stages"][-1]["weights_bytes"] == stored
+
+
+@pytest.mark.parametrize("args,match", [
+    (["target=4xA100"], "target"),
+    (["target=0xA100-80GB"], "target"),
+    (["target=1xA100-80GB", "batch=two"], "batch"),
+    (["target=1xA100-80GB", "quant.bits=four"], "quant.bits"),
+    (["target=1xA100-80GB", "colour=red"], "colour"),
+    (["target=1xA100-80GB", "dtype=int3"], "dtype"),
+])
+def test_bad_arguments_name_the_key(args: list[str], match: str) -> None:
+    with pytest.raises(ShrinkError, match=match):
+        plan_for(f"model.path={LLAMA70}", *args)
+
+
+def test_missing_config_and_target_that_fits_nothing_write_nothing(tmp_path: Path) -> None:
+    with pytest.raises(ShrinkError, match="model.path"):
+        run_plan([f"model.path={tmp_path / 'none.json'}", "target=1xA100-80GB", f"out={tmp_path / 'a'}"])
+    with pytest.raises(ShrinkError, match="embeddings alone needs"):
+        run_plan([f"model.path={CONFIGS / 'bloom-176b.json'}", "target=8xT4-4GB", f"out={tmp_path / 'b'}"])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_target_parsing() -> None:
+    t = parse_target("8xA100-40GB", reserve=0.2)
+    assert (t.count, t.name, t.gib) == (8, "A100", 40.0)
+    assert t.usable_bytes == int(40 * 1024**3 * 0.8)
+    assert parse_target("2xRTX-4090-24GB").name == "RTX-4090"
+
+
+def test_cli_writes_plan_and_device_map(tmp_path: Path) -> None:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    cmd = [sys.executable, "-m", "shrink.cli", "plan", f"model.path={LLAMA70}", "target=4xA100-80GB",
+           "pipeline=quantize", f"out={tmp_path}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "| GPU | layers |" in result.stdout
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["target"]["count"] == 4 and (tmp_path / "device_map.json").is_file()
+    bad = subprocess.run(cmd[:-2] + ["target=1xA100-1GB", f"out={tmp_path / 'x'}"], capture_output=True,
+                         text=True, cwd=ROOT, env=env, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("shrink: error: target:")

@@ -1,0 +1,129 @@
+"""`shrink report`: a real Hydra multirun gathered into Markdown, CSV and a Pareto plot."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shrink import report as report_mod
+from shrink.errors import ShrinkError
+from shrink.report import build_table, find_runs, pareto_front, write_report
+from tests.conftest import DOCS, ROOT, TOKENIZER, needs_shared, tiny_model
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def shrink(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", "shrink.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """`shrink -m` over quant.bits=2,4 on a tiny model: Hydra's own multirun layout."""
+    if not TOKENIZER.is_dir():
+        pytest.skip("../shared is not present")
+    root = tmp_path_factory.mktemp("sweep")
+    model = root / "tiny"
+    tiny_model("llama").save_pretrained(model)
+    for f in TOKENIZER.iterdir():
+        shutil.copy(f, model / f.name)
+    result = shrink("-m", "pipeline=quantize", f"model.path={model}", "data=docs_en",
+                    f"data.calib.path={DOCS / 'valid.jsonl.gz'}", "data.calib.num_samples=8", "data.calib.seq_len=32",
+                    "data.eval.seq_len=32", "data.eval.max_windows=4", "quant.method=rtn", "quant.bits=2,4",
+                    "quant.group_size=32", f"hydra.sweep.dir={root / 'multirun'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root / "multirun"
+
+
+@needs_shared
+def test_report_of_a_multirun_sweep(sweep: Path, tmp_path: Path) -> None:
+    result = shrink("report", str(sweep), "--out", str(tmp_path / "r"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    md = (tmp_path / "r" / "report.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| run"))
+    assert "quant.bits" in header and "ppl docs-en-test" in header and "size (MiB)" in header
+    assert "quant.method" not in header  # the same in every run: not a varying setting
+    rows = list(csv.DictReader((tmp_path / "r" / "report.csv").open()))
+    assert [r["run"] for r in rows] == ["0", "1"] and [r["quant.bits"] for r in rows] == ["2", "4"]
+    for row in rows:
+        metrics = json.loads((sweep / row["run"] / "metrics.json").read_text())
+        assert float(row["ppl:docs-en-test"]) == pytest.approx(metrics["ppl"]["docs-en-test"])
+        assert int(row["size_bytes"]) == metrics["size_bytes"]
+        assert float(row["seconds"]) == pytest.approx(metrics["seconds"]["total"])
+    png = (tmp_path / "r" / "report.png").read_bytes()
+    assert png.startswith(PNG) and len(png) > 10_000
+    assert not list((tmp_path / "r").glob(".*"))  # no temporary files left
+
+
+@needs_shared
+def test_default_out_is_the_first_dir(sweep: Path) -> None:
+    write_report([sweep])
+    assert {"report.md", "report.csv", "report.png"} <= {p.name for p in sweep.iterdir()}
+    assert len(find_runs([sweep])) == 2  # the report itself is not a run
+
+
+def fake_run(folder: Path, ppl: float, size: int, **recipe) -> Path:
+    folder.mkdir(parents=True)
+    stages = recipe.pop("stages", ["quantize", "eval", "export"])
+    plain = {"pipeline": {"name": "x", "stages": stages}, "quant": {"method": "gptq", "bits": 4},
+             "prune": {"method": "sparsegpt", "sparsity": 0.5}, "out": str(folder), "fingerprints": {"a": 1}}
+    for key, value in recipe.items():
+        section, _, name = key.partition("__")
+        plain[section][name] = value
+    (folder / "recipe.yaml").write_text(yaml.safe_dump({"defaults": ["shrink_schema", "_self_"], **plain}))
+    metrics = {"ppl": {"test": ppl}, "baseline_ppl": {"test": 10.0}, "size_bytes": size, "bits_per_weight": 4.0,
+               "sparsity": 0.0, "seconds": {"quantize": 1.0, "total": 2.0}}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+def test_pareto_front_is_the_non_dominated_points() -> None:
+    points = [(1.0, 30.0), (2.0, 20.0), (3.0, 25.0), (4.0, 10.0), (2.0, 21.0)]
+    assert pareto_front(points) == [0, 1, 3]
+
+
+def test_rows_show_varying_settings_in_natural_order(tmp_path: Path) -> None:
+    for job, bits in [(10, 2), (2, 3), (1, 4)]:
+        fake_run(tmp_path / str(job), ppl=20.0 - bits, size=bits * 100, quant__bits=bits)
+    fake_run(tmp_path / "prune_only", ppl=30.0, size=1000, stages=["prune", "eval"], quant__bits=8)
+    table = build_table(find_runs([tmp_path]))
+    assert [r.label for r in table.runs] == ["1", "2", "10", "prune_only"]
+    assert "quant.bits" in table.settings and "out" not in table.settings
+    assert "fingerprints.a" not in table.settings
+    assert table.runs[-1].settings.get("quant.bits") is None  # not a quantize run: blank, not a default
+    assert {table.runs[i].label for i in table.pareto} == {"1", "2", "10"}  # prune_only is beaten
+
+
+def test_no_runs_and_broken_metrics_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ShrinkError, match="no run folders"):
+        write_report([tmp_path])
+    with pytest.raises(ShrinkError, match="is not a folder"):
+        write_report([tmp_path / "missing"])
+    run = fake_run(tmp_path / "0", ppl=1.0, size=1)
+    (run / "metrics.json").write_text("{not json")
+    with pytest.raises(ShrinkError, match=r"0/metrics.json"):
+        write_report([tmp_path])
+    assert not list(tmp_path.glob("report.*")) and not list(tmp_path.glob(".report*"))
+
+
+def test_a_failing_plot_leaves_the_previous_report_untouched(tmp_path: Path, monkeypatch) -> None:
+    fake_run(tmp_path / "runs" / "0", ppl=5.0, size=100)
+    out = write_report([tmp_path / "runs"], tmp_path / "r")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(table, path):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(report_mod, "render_plot", broken)
+    fake_run(tmp_path / "runs" / "1", ppl=4.0, size=200)
+    with pytest.raises(RuntimeError):
+        write_report([tmp_path / "runs"], out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
