@@ -70,23 +70,69 @@ def prune_quality(p: dict[str, Any]) -> str:
     return text + footer(p)
 
 
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def plans(paths: list[Path]) -> str:
+    """Deployment plans (shrink plan) for one model on several targets."""
+    loaded = [json.loads(p.read_text()) for p in paths]
+    first = loaded[0]
+    w = first["workload"]
+    text = (f"{first['model']['architecture']} ({first['model']['params'] / 1e9:.1f}B parameters, from "
+            f"`{first['model']['path']}`), batch {w['batch']}, context {w['context']}, {w['dtype']} "
+            f"(KV cache {gib(w['kv_cache_bytes'])}), {first['target']['reserve']:.0%} of each GPU reserved.\n\n")
+    rows = []
+    for i, stage in enumerate(first["stages"]):
+        cells = [stage["description"], gib(stage["weights_bytes"]), gib(stage["total_bytes"])]
+        for plan in loaded:
+            st = plan["stages"][i]
+            cells.append(("fits" if st["fits"] else "does not fit") + f", largest GPU {gib(max(st['balanced_per_device_bytes']))}")
+        rows.append(cells)
+    text += md(["stage", "weights", "weights + KV"] + [p["target"]["spec"] for p in loaded], rows)
+    for plan in loaded:
+        if plan["target"]["count"] > 1:
+            text += f"\n\nDevice map on {plan['target']['spec']} ({plan['device_map_stage']} stage):\n\n"
+            text += md(["GPU", "layers", "also holds", "total"],
+                       [[d["device"], f"{d['layers']} ({d['num_layers']})",
+                         ", ".join(u for u in d["units"] if not u.startswith(plan["model"]["layers_module"] + ".")) or "-",
+                         gib(d["total_bytes"])] for d in plan["devices"]])
+    return text
+
+
+def sweep_report(report_md: Path) -> str:
+    """The table written by `shrink report` for the demo sweep, its picture path fixed for README.md."""
+    body = report_md.read_text().split("\n", 2)[2].strip()
+    rel = report_md.parent.relative_to(ROOT)
+    return body.replace("](report.png)", f"]({rel}/report.png)")
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "quant_quality": quant_quality,
     "prune_quality": prune_quality,
 }
 
 
+def splice(text: str, name: str, block: str) -> str:
+    """Replace what stands between the BEGIN/END markers of `name` (possibly nothing)."""
+    pattern = re.compile(rf"(<!-- BEGIN table:{name} -->\n)(?:.*?\n)?(<!-- END table:{name} -->)", re.S)
+    return pattern.sub(lambda m: m.group(1) + block + "\n" + m.group(2), text)
+
+
 def render_all(readme: Path = ROOT / "README.md") -> None:
     text = readme.read_text()
     for name, render in RENDERERS.items():
         path = RESULTS / f"{name}.json"
-        if not path.is_file():
-            continue
-        block = render(json.loads(path.read_text()))
-        pattern = re.compile(rf"(<!-- BEGIN table:{name} -->\n).*?(\n<!-- END table:{name} -->)", re.S)
-        text = pattern.sub(lambda m: m.group(1) + block + m.group(2), text)
+        if path.is_file():
+            text = splice(text, name, render(json.loads(path.read_text())))
+    if (RESULTS / "sweep_report" / "report.md").is_file():
+        text = splice(text, "sweep", sweep_report(RESULTS / "sweep_report" / "report.md"))
+    groups: dict[str, list[Path]] = {}
+    for path in sorted(RESULTS.glob("plan_*/plan.json"), key=lambda p: ("4x" in str(p), str(p))):
+        groups.setdefault(json.loads(path.read_text())["model"]["path"], []).append(path)
+    if groups:
+        text = splice(text, "plan", "\n\n".join(plans(paths) for paths in groups.values()))
     readme.write_text(text)
-
 
 if __name__ == "__main__":
     render_all()

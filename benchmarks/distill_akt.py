@@ -1,0 +1,133 @@
+"""AKT against LM-only training and logit KD, for a pretrained and a layer-skip student,
+plus the progressive (layer-by-layer) schedule. Teacher: ../shared/models/llama-teacher
+(8 layers, hidden 384, 6/2 heads); data: docs-en train; every arm sees the same token
+budget (steps x batch x seq_len) and the same windows in the same order (seed 0).
+Perplexity by the protocol (docs-en test, 512-token windows; --windows caps their number).
+Writes benchmarks/results/distill_akt.json.
+
+    python -m benchmarks.distill_akt              # CPU-sized (~20 min on 2 cores)
+    python -m benchmarks.distill_akt --full       # the GPU-sized comparison
+    python -m benchmarks.distill_akt --table      # Markdown table of the JSON
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from typing import Any
+
+import torch
+
+from benchmarks.common import RESULTS, Results, run
+from benchmarks.tables import footer, md
+
+SHARED = "${oc.env:SHRINK_SHARED,'../shared'}"
+INITS = {
+    "pretrained": ["distill.student.init=pretrained", f"distill.student.path={SHARED}/models/llama-student"],
+    "skip": ["distill.student.init=skip", "distill.student.num_layers=4"],
+}
+ARMS = [  # (init, loss, schedule)
+    ("pretrained", "lm", "joint"), ("pretrained", "logits", "joint"), ("pretrained", "akt", "joint"),
+    ("skip", "lm", "joint"), ("skip", "logits", "joint"), ("skip", "akt", "joint"),
+    ("pretrained", "akt", "progressive"),
+]
+BUDGETS = {  # steps, batch, seq_len, eval windows, progressive steps per layer
+    "cpu": dict(steps=40, batch_size=8, seq_len=256, windows=64, progressive_steps=10),
+    "full": dict(steps=2000, batch_size=16, seq_len=512, windows=None, progressive_steps=500),
+    "smoke": dict(steps=2, batch_size=2, seq_len=64, windows=2, progressive_steps=1),
+}
+LR = {"pretrained": 1e-4, "skip": 5e-4}
+# The transfer set. Both shared models were trained (to the edge of overfitting) on docs-en
+# train, so the default is docs-en valid: text neither model has seen, never the test split.
+SPLITS = ("valid", "train")
+
+
+def overrides(init: str, loss: str, schedule: str, b: dict[str, Any], weights: dict[str, float],
+              split: str = "valid") -> list[str]:
+    windows = "null" if b["windows"] is None else b["windows"]
+    return ["pipeline=distill", "model=llama_teacher", "data=docs_en", "eval.baseline=false", "eval.batch_size=8",
+            f"distill.train_path={SHARED}/data/docs-en/{split}.jsonl.gz",
+            f"data.eval.max_windows={windows}", "data.eval.seq_len=512", "seed=0", *INITS[init],
+            f"distill.loss={loss}", f"distill.schedule={schedule}", f"distill.steps={b['steps']}",
+            f"distill.progressive_steps={b['progressive_steps']}", f"distill.batch_size={b['batch_size']}",
+            f"distill.seq_len={b['seq_len']}", f"distill.lr={LR[init]}", f"distill.warmup={max(1, b['steps'] // 10)}",
+            "distill.checkpoint_every=0", "distill.log_every=5",
+            f"distill.eval_init={loss == 'lm' and schedule == 'joint'}",  # once per init
+            *[f"distill.weights.{k}={v}" for k, v in weights.items()]]
+
+
+def run_arm(init: str, loss: str, schedule: str, b: dict[str, Any], weights: dict[str, float],
+            split: str) -> dict[str, Any]:
+    t = time.time()
+    m = run(overrides(init, loss, schedule, b, weights, split))
+    report = m["stages"]["distill"]
+    return {"init": init, "loss": loss, "schedule": schedule, "ppl": m["ppl"]["docs-en-test"],
+            "init_ppl": report.get("init_ppl"), "steps": report["steps"], "tokens": report["tokens"],
+            "seconds_train": report["seconds"], "tokens_per_s": report["tokens_per_s"],
+            "seconds_total": time.time() - t, "params": report["student"]["params"],
+            "phases": report["phases"], "final": report["final"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
+    parser.add_argument("--full", action="store_true", help="same as --budget full")
+    parser.add_argument("--table", action="store_true", help="print the Markdown table of the results JSON")
+    parser.add_argument("--akt-weight", type=float, default=1.0)
+    parser.add_argument("--arms", default="all", help="comma-separated arm indices (default: all)")
+    parser.add_argument("--name", default="distill_akt")
+    parser.add_argument("--train", choices=SPLITS, default="valid", help="docs-en split to distill on")
+    parser.add_argument("--lr", action="append", default=[], metavar="INIT=LR", help="e.g. skip=1e-3")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 is far faster on a machine shared with other jobs)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.table:
+        print(render_table(json.loads((RESULTS / f"{args.name}.json").read_text())))
+        return
+    logging.basicConfig(level=logging.WARNING)
+    b = BUDGETS["full" if args.full else args.budget]
+    weights = {"lm": 1.0, "logit": 1.0, "akt": args.akt_weight}
+    LR.update({k: float(v) for k, v in (item.split("=") for item in args.lr)})
+    arms = ARMS if args.arms == "all" else [ARMS[int(i)] for i in args.arms.split(",")]
+    config = {"budget": "full" if args.full else args.budget, **b, "lr": LR, "weights": weights,
+              "train_split": args.train, "temperature": 1.0, "relation_heads": 8,
+              "threads": torch.get_num_threads(), "tokens_per_arm": b["steps"] * b["batch_size"] * b["seq_len"]}
+    results = Results(args.name, config, key=("init", "loss", "schedule"))  # re-running skips finished arms
+    windows = "null" if b["windows"] is None else b["windows"]
+    if not results.has(init="teacher", loss="-", schedule="-"):
+        teacher = run(["pipeline=eval", "model=llama_teacher", "data=docs_en", "eval.batch_size=8",
+                       f"data.eval.max_windows={windows}"])
+        results.add({"init": "teacher", "loss": "-", "schedule": "-", "ppl": teacher["ppl"]["docs-en-test"],
+                     "params": teacher["params"]})
+    for init, loss, schedule in arms:
+        if not results.has(init=init, loss=loss, schedule=schedule):
+            results.add(run_arm(init, loss, schedule, b, weights, args.train))
+    print(results.save())
+
+
+LOSS_LABEL = {"lm": "LM only", "logits": "logit KD", "akt": "AKT (Q/K/V) + logit KD"}
+
+
+def render_table(p: dict[str, Any]) -> str:
+    """The results JSON as a Markdown table (one row per arm)."""
+    c = p["config"]
+    init_ppl = {r["init"]: r["init_ppl"] for r in p["rows"] if r.get("init_ppl") is not None}
+    rows = []
+    for r in p["rows"]:
+        if r["init"] == "teacher":
+            rows.append(["teacher (8 layers, 384)", "-", "-", r["ppl"], None, None, None, None])
+            continue
+        label = LOSS_LABEL[r["loss"]] + (" progressive" if r["schedule"] == "progressive" else "")
+        rows.append([f"student init={r['init']}", label, init_ppl.get(r["init"]), r["ppl"], r["steps"], r["tokens"],
+                     f"{r['seconds_train']:.0f}", f"{r['tokens_per_s']:.0f}"])
+    head = (f"Budget per arm (joint): {c['steps']} steps x {c['batch_size']} x {c['seq_len']} tokens "
+            f"= {c['tokens_per_arm']:,} tokens; test windows: {c['windows'] or 'all'} x 512.\n\n")
+    return head + md(["model", "training", "ppl at init", "test ppl", "steps", "tokens", "train s", "tokens/s"],
+                     rows) + footer(p)
+
+
+if __name__ == "__main__":
+    main()
