@@ -65,8 +65,17 @@ def prune_quality(p: dict[str, Any]) -> str:
     text += md(["setting", "magnitude", "Wanda", "SparseGPT", "achieved sparsity", "SparseGPT s/layer"], rows)
     combined = [r for r in p["rows"] if r["kind"] == "combined"]
     if combined:
+        alone = []
+        sg = by.get(("unstructured", 0.5), {}).get("sparsegpt")
+        if sg:
+            alone.append(["SparseGPT 50% alone", sg["ppl"], f"{sg['sparsity']:.4f}"])
+        quant = RESULTS / "quant_quality.json"
+        gptq = [r for r in json.loads(quant.read_text())["rows"] if (r["method"], r["act_order"], r["bits"],
+                r["group_size"]) == ("gptq", False, 4, 128)] if quant.is_file() else []
+        if gptq:
+            alone.append(["GPTQ 4-bit g128 alone (quant_quality.json)", gptq[0]["ppl"], ""])
         text += "\n\n" + md(["prune + quantize", "ppl", "zeros in decoder Linears"],
-                            [[r["label"], r["ppl"], f"{r['sparsity']:.4f}"] for r in combined])
+                            alone + [[r["label"], r["ppl"], f"{r['sparsity']:.4f}"] for r in combined])
     return text + footer(p)
 
 

@@ -1,13 +1,167 @@
-"""The `distill` pipeline stage (AKT); being written."""
+"""The `distill` and `pretrain` pipeline stages.
+
+`distill` receives the TEACHER in state.model, builds the student (distill.student.init),
+trains it against the teacher (distill.loss, layer_map, schedule) and leaves the STUDENT
+in state.model (CPU, eval mode) for the stages after it. `pretrain` trains the student
+with the LM loss alone (no teacher forward: the teacher only lends its config and
+tokenizer), which is how Yuan 1.0 built its students (pipeline=pretrain, init=scratch).
+
+Under torchrun (distill.launch) rank 0 runs the pipeline and calls these stages; the other
+ranks join only the training, through `run_training` with the same config.
+"""
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+from omegaconf import OmegaConf
+
+from distill.capture import attention_shape
+from distill.data import WindowSampler
+from distill.distributed import DistContext, local_device
+from distill.layer_map import parse_layer_map
+from distill.plan import TrainPlan, make_plan
+from distill.student import Student, build_student, shape_report
+from distill.teacher import TopKCache, prepare_teacher, teacher_vocab_check
+from distill.trainer import RunFiles, Trainer, TrainResult
+from shrink import data as data_mod
 from shrink.errors import ShrinkError
+from shrink.evaluation import perplexity
+from shrink.modeling import find_decoder_layers, resolve_device, resolve_dtype
+from shrink.recipe import config_digest
 
 if TYPE_CHECKING:
     from shrink.pipeline import RunState
 
+log = logging.getLogger(__name__)
+
 
 def distill_stage(state: "RunState") -> dict[str, Any]:
-    raise ShrinkError("pipeline: the distill stage is not available in this version")
+    return train_stage(state, pretrain=False)
+
+
+def pretrain_stage(state: "RunState") -> dict[str, Any]:
+    return train_stage(state, pretrain=True)
+
+
+def train_stage(state: "RunState", pretrain: bool) -> dict[str, Any]:
+    """Build and train the student; replace the teacher by it in `state`."""
+    announce_to_workers(state, "pretrain" if pretrain else "distill")
+    student, report, _ = run_training(state, pretrain, evaluate_init=state.cfg.distill.eval_init)
+    state.model = student.model.to(resolve_dtype(state.cfg.model.dtype))
+    state.tokenizer = student.tokenizer
+    state.changed = True
+    return report
+
+
+def announce_to_workers(state: "RunState", stage: str) -> None:
+    """Rank 0 tells the waiting workers of distill.launch to join this stage's training."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    if state.changed:
+        raise ShrinkError("distill under torchrun must be the first stage that changes the model "
+                          "(the other ranks load the teacher from model.path)")
+    from distill.launch import send
+
+    send(stage)
+
+
+def effective_config(cfg: Any, pretrain: bool) -> Any:
+    """cfg.distill, with pretraining's fixed choices (LM loss only, one joint phase)."""
+    d = cfg.distill
+    return OmegaConf.merge(d, {"loss": "lm", "schedule": "joint"}) if pretrain else d
+
+
+def run_training(state: "RunState", pretrain: bool, evaluate_init: bool = False) -> tuple[Student, dict, TrainResult]:
+    """Everything but the hand-over: checks, student init, teacher placement, training."""
+    cfg = state.cfg
+    d = effective_config(cfg, pretrain)
+    device = local_device(resolve_device(d.device or cfg.model.device))
+    ctx = DistContext.current(device)
+    student = build_student(d.student, state.model, state.tokenizer, state.calibration, cfg.seed,
+                            cfg.model.trust_remote_code)
+    n_student = len(find_decoder_layers(student.model)[1])
+    n_teacher = len(find_decoder_layers(state.model)[1])
+    pairs = [] if pretrain else parse_layer_map(d.layer_map, n_student, n_teacher)
+    plan = make_plan(d, pairs, student.model)
+    check_relation_heads(plan, state.model, student.model, d.relation_heads)
+    train_path = d.train_path or cfg.data.calib.path
+    stream = data_mod.token_stream(train_path, student.tokenizer, cfg.data.text_field, cfg.data.cache_dir,
+                                   key="distill.train_path")
+    sampler = WindowSampler(stream, d.seq_len, cfg.seed)
+    check_batch(d)
+    report: dict[str, Any] = {"student": student.report, "teacher": shape_report(state.model),
+                              "loss": d.loss, "schedule": d.schedule, "layer_map": [list(p) for p in pairs],
+                              "phases": [{"name": p.name, "steps": p.steps} for p in plan.phases],
+                              "world_size": ctx.world}
+    if evaluate_init and ctx.main:
+        report["init_ppl"] = evaluate(state, student, device)
+    teacher, teacher_device, topk = None, device, None
+    if needs_teacher(plan, d):
+        teacher, teacher_device = prepare_teacher(state.model, d.teacher, cfg.model, device)
+        topk = topk_cache(d, cfg, teacher, teacher_device, sampler, plan, ctx) if d.teacher.topk_logits > 0 else None
+    trainer = Trainer(student.model, teacher, teacher_device, sampler, plan, d, device, ctx, topk,
+                      vocab=None if teacher is None else teacher_vocab_check(teacher, student.model))
+    files = RunFiles(checkpoint=state.out / "checkpoints" / ("pretrain-train" if pretrain else "distill-train"),
+                     tensorboard=state.out / "tensorboard" if d.tensorboard else None,
+                     resume=bool(cfg.resume), settings_digest=config_digest(cfg))
+    result = trainer.run(files)
+    student.model = trainer.student
+    report.update(train_report(result))
+    return student, report, result
+
+
+def needs_teacher(plan: TrainPlan, d: Any) -> bool:
+    return any(p.objective.akt or p.objective.logit for p in plan.phases)
+
+
+def topk_cache(d: Any, cfg: Any, teacher: Any, device: torch.device, sampler: WindowSampler, plan: TrainPlan,
+               ctx: DistContext) -> TopKCache:
+    root = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else data_mod.default_cache_dir()
+    folder = TopKCache.folder_for(root, cfg.model.path, str(d.teacher.dtype or cfg.model.dtype),
+                                  sampler.windows.flatten(), d.seq_len, cfg.seed, d.teacher.topk_logits)
+    cache = TopKCache(folder, d.teacher.topk_logits)
+    num_samples = plan.total_steps * d.grad_accum * ctx.world * d.batch_size
+    cache.build(teacher, device, sampler, num_samples, d.batch_size, ctx)
+    return cache
+
+
+def check_relation_heads(plan: TrainPlan, teacher: Any, student: Any, heads: int) -> None:
+    """Every Q/K/V width of both models must split into `heads` relation heads (before training)."""
+    if not any(p.objective.akt for p in plan.phases):
+        return
+    for who, model in (("teacher", teacher), ("student", student)):
+        shape = attention_shape(model.config)
+        for what, width in (("Q", shape.q_width), ("K/V", shape.kv_width)):
+            if heads <= 0 or width % heads:
+                raise ShrinkError(f"distill.relation_heads={heads} does not divide the {who}'s {what} width {width}")
+
+
+def check_batch(d: Any) -> None:
+    for key in ("batch_size", "grad_accum"):
+        if getattr(d, key) < 1:
+            raise ShrinkError(f"distill.{key} must be >= 1, got {getattr(d, key)}")
+
+
+def evaluate(state: "RunState", student: Student, device: torch.device) -> float:
+    windows = state.eval_windows()
+    student.model.to(device)
+    try:
+        return perplexity(student.model, windows, state.cfg.eval.batch_size, device, "student init")
+    finally:
+        student.model.to("cpu")
+
+
+def train_report(result: TrainResult) -> dict[str, Any]:
+    report = {"steps": result.steps, "tokens": result.tokens, "seconds": result.seconds,
+              "tokens_per_s": result.tokens_per_s, "history": result.history,
+              "final": result.history[-1] if result.history else {}}
+    if result.resumed_from is not None:
+        report["resumed_from"] = result.resumed_from
+    if result.weights_digests:
+        report["weights_digests"] = result.weights_digests
+    return report

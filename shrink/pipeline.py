@@ -119,15 +119,16 @@ def export_stage(state: RunState) -> dict[str, Any]:
 
 
 def stage_table() -> dict[str, Callable[[RunState], dict[str, Any]]]:
-    from distill.stage import distill_stage
+    from distill.stage import distill_stage, pretrain_stage
     from prune.stage import prune_stage
     from quant.stage import quantize_stage
 
     return {"distill": distill_stage, "prune": prune_stage, "quantize": quantize_stage,
+            "pretrain": pretrain_stage,
             "eval": eval_stage, "export": export_stage}
 
 
-MODIFYING = {"distill", "prune", "quantize"}
+MODIFYING = {"distill", "pretrain", "prune", "quantize"}
 
 
 def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:

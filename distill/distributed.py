@@ -1,0 +1,105 @@
+"""The multi-process side of training: FSDP2 sharding of the student under torchrun.
+
+Every rank holds a full teacher (or its own device_map slice) and reads its own samples;
+the student's parameters, gradients and optimizer state are sharded with
+`torch.distributed.fsdp.fully_shard` (one unit per decoder layer, plus the root for the
+embeddings, final norm and head). On CPU the gloo backend runs the same code, which is
+how CI tests it.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from shrink.modeling import find_decoder_layers
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world: int = 1
+    mesh: Any = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.world > 1
+
+    @classmethod
+    def current(cls, device: torch.device) -> "DistContext":
+        """The process group torchrun set up (see distill.launch), or a single process."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return cls()
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        return cls(dist.get_rank(), dist.get_world_size(), mesh)
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Average over ranks (for logging; gradients are averaged by FSDP)."""
+        if self.sharded:
+            values = values.clone()
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+            values /= self.world
+        return values
+
+    def barrier(self) -> None:
+        if self.sharded:
+            dist.barrier()
+
+    def gather_strings(self, text: str) -> list[str]:
+        if not self.sharded:
+            return [text]
+        out: list[Optional[str]] = [None] * self.world
+        dist.all_gather_object(out, text)
+        return [str(t) for t in out]
+
+
+def local_device(device: torch.device) -> torch.device:
+    """One GPU per rank under torchrun (LOCAL_RANK); the CPU stays the CPU."""
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def shard(model: nn.Module, ctx: DistContext) -> Optional[nn.Module]:
+    """Shard `model` in place with FSDP2; returns an unsharded CPU copy to receive the result."""
+    if not ctx.sharded:
+        return None
+    from torch.distributed.fsdp import fully_shard
+
+    shell = copy.deepcopy(model).to("cpu")
+    _, layers = find_decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer, mesh=ctx.mesh)
+    fully_shard(model, mesh=ctx.mesh)
+    return shell
+
+
+def full_state(model: nn.Module, ctx: DistContext, everywhere: bool = False) -> dict[str, torch.Tensor]:
+    """The unsharded state dict on the CPU: on rank 0 only, or on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not everywhere or not ctx.sharded)
+    state = get_model_state_dict(model, options=options)
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over names and exact bytes: equal digests mean bit-identical weights."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,97 @@
+"""Multi-process distillation: `torchrun --nproc_per_node N -m distill.launch OVERRIDES`.
+
+OVERRIDES are those of the `shrink` command (out= is required). Rank 0 runs the whole
+pipeline exactly as `shrink` would and writes every artifact; the other ranks wait for
+rank 0 to reach a distill/pretrain stage, join its training (the student sharded with
+FSDP2 across all ranks), and exit when rank 0's pipeline is over. The backend is NCCL on
+GPUs (one per rank, LOCAL_RANK) and gloo on CPUs.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from shrink.errors import ShrinkError
+
+log = logging.getLogger("shrink")
+
+DONE = "done"
+
+
+def send(message: str) -> None:
+    """Rank 0 -> workers: the name of a stage to join, or DONE."""
+    dist.broadcast_object_list([message], src=0)
+
+
+def receive() -> str:
+    box: list[Optional[str]] = [None]
+    dist.broadcast_object_list(box, src=0)
+    return str(box[0])
+
+
+def compose(overrides: list[str]) -> Any:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from shrink.cli import register_resolvers
+    from shrink.config import register_configs
+
+    register_configs()
+    register_resolvers()
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def worker(cfg: Any, out: Path) -> None:
+    """Join every training rank 0 announces, until it says DONE."""
+    from distill.stage import run_training
+    from shrink.modeling import load_model
+    from shrink.pipeline import RunState
+
+    while (stage := receive()) != DONE:
+        torch.manual_seed(cfg.seed)
+        model, tokenizer = load_model(cfg.model)
+        state = RunState(cfg=cfg, out=out, model=model, tokenizer=tokenizer)
+        run_training(state, pretrain=stage == "pretrain")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    overrides = sys.argv[1:] if argv is None else argv
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=6))
+    rank = dist.get_rank()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] - %(message)s")
+    status = 0
+    try:
+        cfg = compose(overrides)
+        if not cfg.out:
+            raise ShrinkError("out: distill.launch needs out=FOLDER")
+        if rank == 0:
+            from shrink.pipeline import run_pipeline
+
+            # On an error rank 0 exits without DONE: torchrun then stops the workers, which
+            # may be inside a collective of the training.
+            metrics = run_pipeline(cfg, Path(cfg.out))
+            send(DONE)
+            for name, ppl in metrics.get("ppl", {}).items():
+                print(f"ppl[{name}] = {ppl:.3f}")
+            print(f"out: {cfg.out}")
+        else:
+            worker(cfg, Path(cfg.out))
+    except ShrinkError as exc:
+        print(f"shrink: error: {exc}", file=sys.stderr)
+        status = 2
+    if status == 0:
+        dist.destroy_process_group()
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()

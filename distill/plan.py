@@ -1,0 +1,117 @@
+"""From the distill config to a training plan: loss terms, weights and the phases.
+
+- joint (AKT, Yuan 1.0): one phase of `steps` in which every mapped layer pair is guided
+  at once: Loss = w_lm LM + w_logit KD + sum_l w_l AKT_l, all parameters trained.
+- progressive (layer-by-layer knowledge transfer, MobileBERT-style): one phase of
+  `progressive_steps` per mapped pair in order, each with that pair's AKT term only and
+  only the parameters between the previous mapped layer's Q/K/V and this one's trainable
+  (plus the embeddings in the first), then the joint phase. It costs (pairs x
+  progressive_steps) more steps, which is the cost the comparison measures.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from torch import nn
+
+from distill.capture import find_qkv
+from distill.layer_map import layer_weights
+from shrink.errors import ShrinkError
+from shrink.modeling import find_decoder_layers
+
+TERMS = ("akt", "logits", "lm")
+SCHEDULES = ("joint", "progressive")
+
+
+@dataclass
+class Objective:
+    lm: float = 0.0
+    logit: float = 0.0
+    akt: dict[int, float] = field(default_factory=dict)  # student layer -> w_l
+
+
+@dataclass
+class Phase:
+    name: str
+    steps: int
+    objective: Objective
+    trainable: Optional[frozenset[str]] = None  # parameter names trained (None: all)
+
+
+@dataclass
+class TrainPlan:
+    pairs: dict[int, int]  # student layer -> teacher layer
+    phases: list[Phase]
+
+    @property
+    def total_steps(self) -> int:
+        return sum(p.steps for p in self.phases)
+
+    def phase_at(self, step: int) -> tuple[int, int]:
+        """(phase index, step within the phase) of a global step."""
+        for i, phase in enumerate(self.phases):
+            if step < phase.steps:
+                return i, step
+            step -= phase.steps
+        raise IndexError(step)
+
+
+def parse_loss(loss: str) -> set[str]:
+    """'akt' means Yuan's AKT + logit KD; otherwise '+'-joined terms from TERMS."""
+    terms = {"akt", "logits"} if loss == "akt" else {t.strip() for t in str(loss).split("+")}
+    unknown = terms - set(TERMS)
+    if unknown or not terms:
+        raise ShrinkError(f"distill.loss: {loss!r}: unknown term {sorted(unknown)[0] if unknown else ''!r} "
+                          "(akt | logits | lm, joined with '+', e.g. akt+logits+lm)")
+    return terms
+
+
+def joint_objective(d: Any, pairs: list[tuple[int, int]]) -> Objective:
+    terms = parse_loss(d.loss)
+    w = d.weights
+    akt = dict(zip([s for s, _ in pairs], layer_weights(pairs, w.akt, w.layers))) if "akt" in terms else {}
+    objective = Objective(lm=w.lm if "lm" in terms else 0.0, logit=w.logit if "logits" in terms else 0.0,
+                          akt={s: v for s, v in akt.items() if v > 0})
+    if not (objective.lm or objective.logit or objective.akt):
+        raise ShrinkError(f"distill.weights: every term of distill.loss={d.loss!r} has weight 0")
+    return objective
+
+
+def make_plan(d: Any, pairs: list[tuple[int, int]], student: nn.Module) -> TrainPlan:
+    if d.schedule not in SCHEDULES:
+        raise ShrinkError(f"distill.schedule: unknown schedule {d.schedule!r} ({' | '.join(SCHEDULES)})")
+    if d.steps < 0 or (d.progressive_steps or 0) < 0:
+        raise ShrinkError("distill.steps and distill.progressive_steps must be >= 0")
+    joint = joint_objective(d, pairs)
+    phases = [Phase("joint", d.steps, joint)]
+    if d.schedule == "progressive":
+        if not joint.akt:
+            raise ShrinkError("distill.schedule=progressive transfers layer by layer: distill.loss must include akt")
+        per_layer = d.progressive_steps if d.progressive_steps is not None else d.steps
+        layers = sorted(joint.akt)
+        phases = [Phase(f"layer{s}", per_layer, Objective(akt={s: joint.akt[s]}),
+                        trainable_between(student, layers[i - 1] if i else None, s))
+                  for i, s in enumerate(layers)] + phases
+    return TrainPlan(dict(pairs), [p for p in phases if p.steps > 0])
+
+
+def trainable_between(student: nn.Module, previous: Optional[int], layer: int) -> frozenset[str]:
+    """Parameters that move layer `layer`'s Q/K/V but not `previous`'s: the previous layer's
+    attention output and MLP, the layers in between, and this layer (the embeddings too
+    when there is no previous mapped layer)."""
+    prefix, blocks = find_decoder_layers(student)
+    names = set()
+    for name, _ in student.named_parameters():
+        if not name.startswith(prefix + "."):
+            if previous is None:
+                names.add(name)
+            continue
+        index, rest = name[len(prefix) + 1:].split(".", 1)
+        first = previous if previous is not None else 0
+        if first <= int(index) <= layer:
+            names.add(name)
+    if previous is not None:
+        frozen = find_qkv(blocks[previous], student.config).names
+        names -= {n for n in names if any(n.startswith(f"{prefix}.{previous}.{q}.") for q in frozen)}
+    return frozenset(names)

@@ -1,0 +1,202 @@
+"""Student initialization: skip (keep teacher layers), width (Minitron pruning, distill/width.py),
+pretrained (a separate smaller model) and scratch (random, of a chosen shape).
+
+Every student leaves here in fp32 on the CPU, with a tokenizer identical to the teacher's
+(checked by fingerprint), since logits and token-by-token relations only compare when
+both models read the very same token ids.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from distill.capture import attention_shape
+from distill.config import StudentConfig
+from distill.layer_map import evenly_spaced
+from shrink.config import ModelConfig
+from shrink.data import tokenizer_fingerprint
+from shrink.errors import ShrinkError
+from shrink.modeling import count_parameters, find_decoder_layers, load_model
+
+log = logging.getLogger(__name__)
+
+INITS = ("skip", "width", "pretrained", "scratch")
+
+
+@dataclass
+class Student:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def build_student(s: StudentConfig, teacher: PreTrainedModel, teacher_tok: PreTrainedTokenizerBase,
+                  calibration: Callable[[], torch.Tensor], seed: int = 0,
+                  trust_remote_code: bool = False) -> Student:
+    """The initialized student (fp32, CPU, train mode off) and the tokenizer it reads."""
+    if s.init not in INITS:
+        raise ShrinkError(f"distill.student.init: unknown init {s.init!r} ({' | '.join(INITS)})")
+    n_teacher = len(find_decoder_layers(teacher)[1])
+    report: dict[str, Any] = {"init": s.init}
+    tokenizer = teacher_tok
+    if s.init == "pretrained":
+        model, tokenizer, report["vocab"] = pretrained_student(s, teacher, teacher_tok, trust_remote_code)
+        report["path"] = s.path
+    elif s.init == "scratch":
+        torch.manual_seed(seed)  # every rank of a distributed run builds the same student
+        config = student_config(teacher.config, s, list(range(s.num_layers or n_teacher)))
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    else:
+        layers = kept_layers(s, n_teacher)
+        report["teacher_layers"] = layers
+        if s.init == "skip":
+            model = skip_student(teacher, layers)
+        else:
+            from distill.width import width_student
+
+            model, report["width"] = width_student(teacher, s, layers, calibration()[: s.calib_samples])
+    model = model.float().eval()
+    report.update(shape_report(model))
+    log.info("student (%s): %s", s.init, report)
+    return Student(model, tokenizer, report)
+
+
+def kept_layers(s: StudentConfig, n_teacher: int) -> list[int]:
+    if s.layers is None:
+        return evenly_spaced(s.num_layers or n_teacher, n_teacher)
+    layers = [int(i) for i in s.layers]
+    bad = [i for i in layers if not 0 <= i < n_teacher]
+    if bad:
+        raise ShrinkError(f"distill.student.layers: teacher layer {bad[0]} does not exist "
+                          f"(the teacher has {n_teacher} layers, 0..{n_teacher - 1})")
+    if s.num_layers is not None and s.num_layers != len(layers):
+        raise ShrinkError(f"distill.student.layers lists {len(layers)} layers but num_layers={s.num_layers}")
+    return layers
+
+
+def shape_report(model: PreTrainedModel) -> dict[str, Any]:
+    shape = attention_shape(model.config)
+    return {"layers": len(find_decoder_layers(model)[1]), "hidden_size": model.config.hidden_size,
+            "num_heads": shape.num_heads, "num_kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim,
+            "params": count_parameters(model)}
+
+
+def depth_config(config: PretrainedConfig, layers: list[int]) -> PretrainedConfig:
+    """The config with only `layers` (teacher indices) kept; per-layer lists are sliced too."""
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = len(layers)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in layers]
+    return config
+
+
+def skip_student(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
+    """Keep teacher layers `layers` (PKD / DistilBERT); embeddings, norms and head are copied."""
+    prefix, _ = find_decoder_layers(teacher)
+    student = AutoModelForCausalLM.from_config(depth_config(teacher.config, layers), dtype=torch.float32)
+    source = teacher.state_dict()
+    state = {}
+    for name in student.state_dict():
+        teacher_name = name
+        if name.startswith(prefix + "."):
+            index, rest = name[len(prefix) + 1:].split(".", 1)
+            teacher_name = f"{prefix}.{layers[int(index)]}.{rest}"
+        state[name] = source[teacher_name]
+    student.load_state_dict(state, strict=True)
+    return student
+
+
+def scaled(value: int, hidden: int, teacher_hidden: int, multiple: int) -> int:
+    return max(multiple, math.ceil(value * hidden / teacher_hidden / multiple) * multiple)
+
+
+def student_config(teacher_config: PretrainedConfig, s: StudentConfig, layers: list[int]) -> PretrainedConfig:
+    """The teacher's config with the student's depth, width, heads and MLP size.
+
+    Unset sizes follow the hidden size: heads keep the teacher's head_dim, the MLP keeps
+    the teacher's expansion ratio. Attributes a family lacks are left alone.
+    """
+    config = depth_config(teacher_config, layers)
+    t_shape = attention_shape(teacher_config)
+    hidden = s.hidden_size or teacher_config.hidden_size
+    heads = s.num_heads or max(1, hidden // t_shape.head_dim)
+    kv = s.num_kv_heads or (t_shape.num_kv_heads if heads % t_shape.num_kv_heads == 0 else heads)
+    if heads % kv:
+        raise ShrinkError(f"distill.student.num_heads={heads} is not a multiple of num_kv_heads={kv}")
+    config.hidden_size = hidden
+    config.num_attention_heads = heads
+    if hasattr(config, "num_key_value_heads"):
+        config.num_key_value_heads = kv
+    elif kv != heads:
+        raise ShrinkError(f"distill.student.num_kv_heads: {config.model_type} has no grouped-query attention")
+    if getattr(config, "head_dim", None) is not None:
+        config.head_dim = t_shape.head_dim  # explicit head_dim: heads * head_dim may differ from hidden
+    elif hidden % heads:
+        raise ShrinkError(f"distill.student.hidden_size={hidden} is not a multiple of num_heads={heads}")
+    if getattr(config, "intermediate_size", None) is not None:
+        config.intermediate_size = s.intermediate_size or scaled(
+            teacher_config.intermediate_size, hidden, teacher_config.hidden_size, 32)
+    elif s.intermediate_size is not None:
+        raise ShrinkError(f"distill.student.intermediate_size: {config.model_type} has no intermediate_size")
+    return config
+
+
+def pretrained_student(s: StudentConfig, teacher: PreTrainedModel, teacher_tok: PreTrainedTokenizerBase,
+                       trust_remote_code: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
+    if not s.path:
+        raise ShrinkError("distill.student.path: init=pretrained needs the student's model folder")
+    model, tokenizer = load_model(ModelConfig(path=str(Path(s.path).expanduser()), dtype="float32",
+                                              trust_remote_code=trust_remote_code))
+    if tokenizer_fingerprint(tokenizer) == tokenizer_fingerprint(teacher_tok):
+        return model, teacher_tok, {"mapped": False}
+    if not s.vocab_map:
+        raise ShrinkError(
+            f"distill.student.path: the student's tokenizer ({len(tokenizer)} tokens) differs from the "
+            f"teacher's ({len(teacher_tok)} tokens); distillation compares the same token ids. Use a student "
+            "with the teacher's tokenizer, or set distill.student.vocab_map=true to map its embeddings "
+            "onto the teacher's vocabulary by token string")
+    shared = map_vocabulary(model, tokenizer, teacher_tok, teacher.get_input_embeddings().weight.shape[0])
+    log.info("student vocabulary mapped onto the teacher's: %d of %d tokens shared", shared, len(teacher_tok))
+    return model, teacher_tok, {"mapped": True, "shared_tokens": shared, "teacher_tokens": len(teacher_tok)}
+
+
+@torch.no_grad()
+def map_vocabulary(model: PreTrainedModel, student_tok: PreTrainedTokenizerBase,
+                   teacher_tok: PreTrainedTokenizerBase, rows: int) -> int:
+    """Re-index the student's embedding (and untied head) to the teacher's token ids.
+
+    A teacher token the student also knows (same string) gets the student's row; any
+    other gets the mean row. Returns the number of shared tokens.
+    """
+    s_vocab = student_tok.get_vocab()
+    pairs = [(tid, s_vocab[tok]) for tok, tid in teacher_tok.get_vocab().items() if tok in s_vocab and tid < rows]
+    t_idx = torch.tensor([t for t, _ in pairs], dtype=torch.long)
+    s_idx = torch.tensor([s for _, s in pairs], dtype=torch.long)
+
+    def remap(old: torch.Tensor) -> torch.Tensor:
+        new = old.mean(0, keepdim=True).expand(rows, *old.shape[1:]).clone()
+        new[t_idx] = old[s_idx]
+        return new
+
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    new_in = remap(model.get_input_embeddings().weight.data)
+    new_out = None if head is None or tied else remap(head.weight.data)
+    new_bias = None if head is None or getattr(head, "bias", None) is None else remap(head.bias.data)
+    model.resize_token_embeddings(rows)
+    model.get_input_embeddings().weight.data.copy_(new_in)
+    head = model.get_output_embeddings()
+    if new_out is not None:
+        head.weight.data.copy_(new_out)
+    if new_bias is not None:
+        head.bias.data.copy_(new_bias)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.config, key, getattr(teacher_tok, key, None))
+    return len(pairs)

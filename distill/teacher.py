@@ -1,0 +1,127 @@
+"""The teacher: eval mode, no gradients, in its own dtype and device; for large teachers a
+device_map across GPUs or an 8/4-bit bitsandbytes load, and an offline cache of its
+top-k logits so the logit term needs no teacher forward at training time.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from distill.config import TeacherConfig
+from distill.data import WindowSampler
+from distill.distributed import DistContext
+from shrink.errors import ShrinkError
+from shrink.modeling import check_model_folder, resolve_device, resolve_dtype
+from shrink.progress import Progress
+
+log = logging.getLogger(__name__)
+
+
+def prepare_teacher(model: PreTrainedModel, t: TeacherConfig, model_cfg: Any,
+                    default_device: torch.device) -> tuple[PreTrainedModel, torch.device]:
+    """The frozen teacher and the device its inputs go to.
+
+    With device_map or 8/4-bit, the teacher is loaded again from model.path (accelerate
+    places it; bitsandbytes quantizes while loading); otherwise the loaded model is moved.
+    """
+    dtype = resolve_dtype(t.dtype or model_cfg.dtype)
+    if t.device_map or t.load_in_8bit or t.load_in_4bit:
+        model = load_sharded_teacher(model_cfg, t, dtype)
+        device = model.get_input_embeddings().weight.device
+    else:
+        device = resolve_device(t.device) if t.device else default_device
+        model = model.to(device=device, dtype=dtype)
+    model.eval().requires_grad_(False)
+    return model, device
+
+
+def load_sharded_teacher(model_cfg: Any, t: TeacherConfig, dtype: torch.dtype) -> PreTrainedModel:
+    if not torch.cuda.is_available():
+        raise ShrinkError("distill.teacher: device_map and load_in_8bit/4bit need CUDA GPUs")
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": t.device_map or "auto", "use_safetensors": True,
+                              "trust_remote_code": model_cfg.trust_remote_code}
+    if t.load_in_8bit or t.load_in_4bit:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ShrinkError("distill.teacher.load_in_8bit/4bit: needs the bitsandbytes package")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=t.load_in_8bit, load_in_4bit=t.load_in_4bit,
+                                                           bnb_4bit_compute_dtype=dtype)
+    folder = check_model_folder(model_cfg.path)
+    log.info("teacher: loading %s with %s", folder, {k: str(v) for k, v in kwargs.items()})
+    return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+
+
+class TopKCache:
+    """Teacher top-k logits of samples 0..n-1 (the sampler's order), in shards on disk.
+
+    Shard j holds samples [j * S, (j + 1) * S): values fp16 [S, T, k], indices int32.
+    The folder name hashes the teacher's files, the token stream, seq_len, seed and k, so
+    another teacher or corpus never reads a stale cache.
+    """
+
+    def __init__(self, folder: Path, k: int, shard: int = 256) -> None:
+        self.folder, self.k, self.shard = folder, k, shard
+
+    @staticmethod
+    def folder_for(root: Path, teacher_path: str, dtype: str, stream: torch.Tensor, seq_len: int, seed: int,
+                   k: int) -> Path:
+        files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                       for p in Path(teacher_path).expanduser().iterdir() if p.suffix in (".safetensors", ".json"))
+        digest = hashlib.sha256(json.dumps([files, dtype, seq_len, seed, k]).encode())
+        digest.update(stream.numpy().tobytes())
+        return root / "distill-topk" / digest.hexdigest()[:32]
+
+    def shard_path(self, j: int) -> Path:
+        return self.folder / f"shard-{j:06d}.safetensors"
+
+    @torch.no_grad()
+    def build(self, teacher: PreTrainedModel, device: torch.device, sampler: WindowSampler, num_samples: int,
+              batch_size: int, ctx: DistContext) -> None:
+        """Compute the missing shards (rank 0; the others wait)."""
+        shards = range((num_samples + self.shard - 1) // self.shard)
+        missing = [j for j in shards if not self.shard_path(j).is_file()]
+        if ctx.main and missing:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            progress = Progress("teacher top-k cache", len(missing) * self.shard, unit="tok")
+            for j in missing:
+                values, indices = [], []
+                for start in range(j * self.shard, (j + 1) * self.shard, batch_size):
+                    ids = sampler.samples(start, min(batch_size, (j + 1) * self.shard - start))
+                    top = teacher(input_ids=ids.to(device), use_cache=False).logits.float().topk(self.k, dim=-1)
+                    values.append(top.values.half().cpu())
+                    indices.append(top.indices.int().cpu())
+                    progress.update(ids.shape[0], ids.numel())
+                tmp = self.shard_path(j).with_suffix(".tmp")
+                save_file({"values": torch.cat(values), "indices": torch.cat(indices)}, tmp)
+                tmp.replace(self.shard_path(j))
+        ctx.barrier()
+
+    def get(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, indices) of samples start .. start + count - 1."""
+        values, indices = [], []
+        k = start
+        while k < start + count:
+            j, offset = divmod(k, self.shard)
+            n = min(start + count - k, self.shard - offset)
+            with safe_open(str(self.shard_path(j)), framework="pt") as f:
+                values.append(f.get_slice("values")[offset:offset + n])
+                indices.append(f.get_slice("indices")[offset:offset + n])
+            k += n
+        return torch.cat(values), torch.cat(indices)
+
+
+def teacher_vocab_check(teacher: PreTrainedModel, student: PreTrainedModel) -> Optional[int]:
+    """The common vocabulary width when the embedding sizes differ (same tokenizer, padded rows)."""
+    t_rows = teacher.get_output_embeddings().weight.shape[0]
+    s_rows = student.get_output_embeddings().weight.shape[0]
+    return None if t_rows == s_rows else min(t_rows, s_rows)

@@ -1,0 +1,250 @@
+"""The training engine: teacher-guided steps over a TrainPlan, with gradient accumulation,
+bf16 autocast on GPUs, FSDP2 under torchrun, checkpoints that resume bit-exactly on CPU,
+TensorBoard scalars and progress lines with tokens/s.
+
+One micro-step: the student's forward (hooks record its Q/K/V), the teacher's forward
+under no_grad when the phase needs it (hooks record its Q/K/V), then
+    loss = w_lm LM + w_logit KD(T) + sum_l w_l AKT_l
+computed in fp32 outside autocast, divided by grad_accum and backpropagated.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from distill.capture import QKVCapture
+from distill.checkpoint import check_resumable, latest_checkpoint, load_train_state, save_train_state
+from distill.data import WindowSampler, sample_start
+from distill.distributed import DistContext, full_state, shard, state_digest
+from distill.losses import lm_loss, logit_kd_loss, qkv_relation_loss, topk_kd_loss
+from distill.plan import Objective, TrainPlan
+from distill.teacher import TopKCache
+from shrink.errors import ShrinkError
+from shrink.progress import Progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunFiles:
+    """Where a run keeps its training checkpoint and TensorBoard logs (None: nowhere)."""
+
+    checkpoint: Optional[Path] = None
+    tensorboard: Optional[Path] = None
+    resume: bool = False
+    settings_digest: str = ""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: Optional[int] = None
+    stopped_at: Optional[int] = None
+    weights_digests: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def lr_at(step: int, steps: int, d: Any) -> float:
+    """Linear warmup to d.lr, then cosine decay to d.lr * d.min_lr_ratio, within one phase."""
+    warmup = min(d.warmup, max(steps - 1, 0))
+    if step < warmup:
+        return d.lr * (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(steps - warmup, 1)
+    return d.lr * (d.min_lr_ratio + (1 - d.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ShrinkError(f"distill.precision: unknown precision {precision!r} (auto | bf16 | fp32)")
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def make_optimizer(model: nn.Module, d: Any) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on vectors (norms, biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": d.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=d.lr, betas=(0.9, 0.95))
+
+
+def tensorboard_writer(folder: Optional[Path], step: int) -> Any:
+    if folder is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ShrinkError("distill.tensorboard=true needs the tensorboard package (pip install tensorboard)") from exc
+    return SummaryWriter(str(folder), purge_step=step)
+
+
+class Trainer:
+    def __init__(self, student: PreTrainedModel, teacher: Optional[PreTrainedModel], teacher_device: torch.device,
+                 sampler: WindowSampler, plan: TrainPlan, d: Any, device: torch.device,
+                 ctx: Optional[DistContext] = None, topk: Optional[TopKCache] = None,
+                 vocab: Optional[int] = None) -> None:
+        self.student, self.teacher, self.teacher_device = student, teacher, teacher_device
+        self.sampler, self.plan, self.d, self.device = sampler, plan, d, device
+        self.ctx = ctx or DistContext()
+        self.topk, self.vocab = topk, vocab
+        self.bf16 = use_bf16(d.precision, device)
+        needs_teacher = any(p.objective.akt or (p.objective.logit and topk is None) for p in plan.phases)
+        if needs_teacher and teacher is None:
+            raise ShrinkError("distill: the loss needs the teacher, but none was given")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def micro_loss(self, ids: torch.Tensor, start: int, objective: Objective, s_cap: QKVCapture,
+                   t_cap: Optional[QKVCapture]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with self.autocast():
+            logits = self.student(input_ids=ids, use_cache=False).logits
+        terms: dict[str, torch.Tensor] = {}
+        if objective.lm:
+            terms["lm"] = lm_loss(logits, ids)
+        teacher_logits = None
+        if objective.akt or (objective.logit and self.topk is None):
+            with torch.no_grad():
+                teacher_logits = self.teacher(input_ids=ids.to(self.teacher_device), use_cache=False).logits
+        if objective.logit:
+            v = self.vocab or logits.shape[-1]
+            if self.topk is not None:
+                values, indices = self.topk.get(start, ids.shape[0])
+                terms["logit"] = topk_kd_loss(logits[..., :v], values.to(self.device), indices.to(self.device),
+                                              self.d.temperature)
+            else:
+                terms["logit"] = logit_kd_loss(logits[..., :v], teacher_logits[..., :v].to(self.device),
+                                               self.d.temperature)
+        for s in objective.akt:
+            t_qkv = [a.to(self.device) for a in t_cap.pop(self.plan.pairs[s])]
+            terms[f"akt.{s}"] = qkv_relation_loss(t_qkv, s_cap.pop(s), self.d.relation_heads,
+                                                  self.d.causal_relations)
+        s_cap.clear()
+        if t_cap is not None:
+            t_cap.clear()
+        weights = {"lm": objective.lm, "logit": objective.logit, **{f"akt.{s}": w for s, w in objective.akt.items()}}
+        total = sum(weights[name] * value for name, value in terms.items())
+        return total, terms
+
+    def set_trainable(self, names: Optional[frozenset[str]]) -> None:
+        for name, p in self.student.named_parameters():
+            p.requires_grad_(names is None or name in names)
+
+    @contextlib.contextmanager
+    def captures(self) -> Iterator[tuple[QKVCapture, Optional[QKVCapture]]]:
+        s_layers = sorted({s for p in self.plan.phases for s in p.objective.akt})
+        with QKVCapture(self.student, s_layers) as s_cap:
+            if self.teacher is None:
+                yield s_cap, None
+                return
+            with QKVCapture(self.teacher, [self.plan.pairs[s] for s in s_layers]) as t_cap:
+                yield s_cap, t_cap
+
+    def step(self, step: int, objective: Objective, optimizer: torch.optim.Optimizer, lr: float,
+             s_cap: QKVCapture, t_cap: Optional[QKVCapture]) -> dict[str, float]:
+        d = self.d
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sums: dict[str, float] = {}
+        for micro in range(d.grad_accum):
+            start = sample_start(step, micro, self.ctx.rank, d.grad_accum, self.ctx.world, d.batch_size)
+            ids = self.sampler.samples(start, d.batch_size).to(self.device)
+            total, terms = self.micro_loss(ids, start, objective, s_cap, t_cap)
+            (total / d.grad_accum).backward()
+            for name, value in {"loss": total, **terms}.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach()) / d.grad_accum
+        if d.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_([p for p in self.student.parameters() if p.grad is not None],
+                                                  d.grad_clip)
+            sums["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        names = sorted(sums)
+        averaged = self.ctx.mean(torch.tensor([sums[n] for n in names], dtype=torch.float64))
+        return dict(zip(names, averaged.tolist()))
+
+    def run(self, files: RunFiles, stop_at: Optional[int] = None) -> TrainResult:
+        """Train to the plan's end (or through step `stop_at`, leaving a checkpoint)."""
+        d, plan = self.d, self.plan
+        self.student.to(self.device).train()
+        self.set_trainable(None)
+        shell = shard(self.student, self.ctx)
+        optimizer = make_optimizer(self.student, d)
+        start, history, resumed, spent = self.restore(files, optimizer)
+        writer = tensorboard_writer(files.tensorboard, start) if self.ctx.main else None
+        end = plan.total_steps if stop_at is None else min(stop_at, plan.total_steps)
+        tokens_per_step = d.batch_size * d.grad_accum * self.ctx.world * self.sampler.seq_len
+        progress = Progress("distill" if not resumed else f"distill (resumed at step {start})", end - start, "tok")
+        t0 = time.time()
+        phase_index = -1
+        with self.captures() as (s_cap, t_cap):
+            for step in range(start, end):
+                index, in_phase = plan.phase_at(step)
+                phase = plan.phases[index]
+                if index != phase_index:
+                    first = step - in_phase
+                    log.info("distill phase %s: steps %d..%d", phase.name, first, first + phase.steps)
+                    self.set_trainable(phase.trainable)
+                    phase_index = index
+                lr = lr_at(in_phase, phase.steps, d)
+                record = self.step(step, phase.objective, optimizer, lr, s_cap, t_cap)
+                progress.update(1, tokens_per_step, extra=f"{phase.name} loss {record['loss']:.4f} lr {lr:.2e}")
+                done = step + 1
+                if done % d.log_every == 0 or done == plan.total_steps:
+                    history.append({"step": done, "lr": lr, **record})
+                    if writer is not None:
+                        for name, value in record.items():
+                            writer.add_scalar(f"distill/{name}", value, done)
+                        writer.add_scalar("distill/lr", lr, done)
+                if files.checkpoint and ((d.checkpoint_every and done % d.checkpoint_every == 0) or done == stop_at):
+                    meta = {"step": done, "history": history, "seconds": spent + time.time() - t0,
+                            "settings": files.settings_digest}
+                    save_train_state(files.checkpoint, self.student, optimizer, meta, self.ctx)
+        if writer is not None:
+            writer.close()
+        self.set_trainable(None)
+        seconds = spent + time.time() - t0
+        result = TrainResult(steps=end, tokens=end * tokens_per_step, seconds=seconds, history=history,
+                             resumed_from=start if resumed else None,
+                             stopped_at=end if end < plan.total_steps else None)
+        self.finish(shell, result)
+        return result
+
+    def restore(self, files: RunFiles, optimizer: torch.optim.Optimizer) -> tuple[int, list, bool, float]:
+        """(first step, history, resumed?, seconds already spent) from a checkpoint if resuming."""
+        folder = latest_checkpoint(files.checkpoint) if files.resume and files.checkpoint else None
+        if folder is None:
+            return 0, [], False, 0.0
+        check_resumable(folder, files.settings_digest)
+        meta = load_train_state(folder, self.student, optimizer)
+        log.info("distill: resuming from step %d (%s)", meta["step"], folder)
+        return meta["step"], meta["history"], True, meta["seconds"]
+
+    def finish(self, shell: Optional[nn.Module], result: TrainResult) -> None:
+        """Leave the plain (unsharded) student in self.student, in eval mode, on the CPU.
+
+        Sharded runs gather the full weights on every rank and record each rank's digest,
+        so a report shows that the replicas agree bit for bit.
+        """
+        if shell is not None:
+            state = full_state(self.student, self.ctx, everywhere=True)
+            result.weights_digests = self.ctx.gather_strings(state_digest(state))
+            shell.load_state_dict(state)
+            self.student = shell
+        self.student.to("cpu").eval()
