@@ -116,9 +116,16 @@ def sweep_report(report_md: Path) -> str:
     return body.replace("](report.png)", f"]({rel}/report.png)")
 
 
+def distill_akt(p: dict[str, Any]) -> str:
+    from benchmarks.distill_akt import render_table
+
+    return render_table(p)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "quant_quality": quant_quality,
     "prune_quality": prune_quality,
+    "distill_akt": distill_akt,
 }
 
 
