@@ -90,3 +90,14 @@ def tiny_data_overrides(seq_len: int = 32, windows: int = 4) -> list[str]:
     """docs-en with short windows so tiny-model pipelines take seconds."""
     return ["data=docs_en", f"data.calib.path={DOCS / 'valid.jsonl.gz'}", "data.calib.num_samples=8",
             f"data.calib.seq_len={seq_len}", f"data.eval.seq_len={seq_len}", f"data.eval.max_windows={windows}"]
+
+
+def correlated_layer(seed: int, dtype: torch.dtype, rows: int, cols: int, n: int):
+    """Weights W [rows, cols], H = 2/n X^T X and inputs X with correlated, offset features
+    (where second-order updates matter), generated in fp64 then cast to dtype."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=g, dtype=torch.float64) / cols**0.5
+    scales = torch.rand(cols, generator=g, dtype=torch.float64) * 2 + 0.1
+    X = (torch.randn(n, cols, generator=g, dtype=torch.float64) + 0.5) @ mix * scales
+    W = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    return W.to(dtype), (2 / n * X.T @ X).to(dtype), X.to(dtype)

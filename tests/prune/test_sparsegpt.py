@@ -9,16 +9,13 @@ from prune.sparsegpt import sparsegpt_prune
 from quant.gptq import gptq_quantize, rtn_quantize
 from quant.grid import dequantize_codes, fit_grid, quantize_codes
 
+from tests.conftest import correlated_layer
+
 ROWS, COLS, N = 20, 96, 400
 
 
 def layer(seed: int = 0, dtype: torch.dtype = torch.float64, rows: int = ROWS, cols: int = COLS):
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(cols, cols, generator=g, dtype=torch.float64) / cols**0.5
-    scales = torch.rand(cols, generator=g, dtype=torch.float64) * 2 + 0.1
-    X = (torch.randn(N, cols, generator=g, dtype=torch.float64) + 0.5) @ mix * scales
-    W = torch.randn(rows, cols, generator=g, dtype=torch.float64)
-    return W.to(dtype), (2 / N * X.T @ X).to(dtype), X.to(dtype)
+    return correlated_layer(seed, dtype, rows, cols, N)
 
 
 def ref_sparsegpt(W, H, sparsity, n=0, m=0, block=128, damp=0.01, bits=None, group_size=-1,

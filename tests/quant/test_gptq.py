@@ -8,18 +8,13 @@ from quant.gptq import QuantResult, gptq_quantize, rtn_quantize
 from quant.grid import dequantize_codes, fit_grid, quantize_codes
 from shrink.hessian import HessianError
 
+from tests.conftest import correlated_layer
+
 ROWS, COLS, N = 24, 96, 400
 
 
 def layer(seed: int = 0, dtype: torch.dtype = torch.float64, rows: int = ROWS, cols: int = COLS):
-    """Weights and inputs with correlated features (where GPTQ's updates matter)."""
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(cols, cols, generator=g, dtype=torch.float64) / cols**0.5
-    scales = torch.rand(cols, generator=g, dtype=torch.float64) * 2 + 0.1
-    X = (torch.randn(N, cols, generator=g, dtype=torch.float64) + 0.5) @ mix * scales
-    W = torch.randn(rows, cols, generator=g, dtype=torch.float64)
-    H = 2 / N * X.T @ X
-    return W.to(dtype), H.to(dtype), X.to(dtype)
+    return correlated_layer(seed, dtype, rows, cols, N)
 
 
 def ref_hinv(H: torch.Tensor, damp: float) -> torch.Tensor:
