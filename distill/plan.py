@@ -22,6 +22,7 @@ from shrink.modeling import find_decoder_layers
 
 TERMS = ("akt", "logits", "lm")
 SCHEDULES = ("joint", "progressive")
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -67,6 +68,23 @@ def parse_loss(loss: str) -> set[str]:
     return terms
 
 
+def check_distill_config(d: Any) -> None:
+    """The checks that need no model: run before anything is loaded or written."""
+    from distill.student import INITS
+
+    if d.student.init not in INITS:
+        raise ShrinkError(f"distill.student.init: unknown init {d.student.init!r} ({' | '.join(INITS)})")
+    parse_loss(d.loss)
+    if d.schedule not in SCHEDULES:
+        raise ShrinkError(f"distill.schedule: unknown schedule {d.schedule!r} ({' | '.join(SCHEDULES)})")
+    if d.steps < 0 or (d.progressive_steps or 0) < 0:
+        raise ShrinkError("distill.steps and distill.progressive_steps must be >= 0")
+    if d.precision not in PRECISIONS:
+        raise ShrinkError(f"distill.precision: unknown precision {d.precision!r} ({' | '.join(PRECISIONS)})")
+    if d.seq_len <= 1 or d.batch_size <= 0 or d.grad_accum <= 0:
+        raise ShrinkError("distill.seq_len must be > 1, distill.batch_size and distill.grad_accum > 0")
+
+
 def joint_objective(d: Any, pairs: list[tuple[int, int]]) -> Objective:
     terms = parse_loss(d.loss)
     w = d.weights
@@ -79,10 +97,7 @@ def joint_objective(d: Any, pairs: list[tuple[int, int]]) -> Objective:
 
 
 def make_plan(d: Any, pairs: list[tuple[int, int]], student: nn.Module) -> TrainPlan:
-    if d.schedule not in SCHEDULES:
-        raise ShrinkError(f"distill.schedule: unknown schedule {d.schedule!r} ({' | '.join(SCHEDULES)})")
-    if d.steps < 0 or (d.progressive_steps or 0) < 0:
-        raise ShrinkError("distill.steps and distill.progressive_steps must be >= 0")
+    check_distill_config(d)
     joint = joint_objective(d, pairs)
     phases = [Phase("joint", d.steps, joint)]
     if d.schedule == "progressive":

@@ -52,7 +52,6 @@ def train_stage(state: "RunState", pretrain: bool) -> dict[str, Any]:
     student, report, _ = run_training(state, pretrain, evaluate_init=state.cfg.distill.eval_init)
     state.model = student.model.to(resolve_dtype(state.cfg.model.dtype))
     state.tokenizer = student.tokenizer
-    state.changed = True
     return report
 
 

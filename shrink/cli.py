@@ -42,6 +42,11 @@ def hydra_main() -> None:
 
     # An absolute path: Hydra would otherwise read "../conf" as a Python module path.
     conf_dir = str(Path(__file__).resolve().parent.parent / "conf")
+    try:
+        check_jobs(sys.argv[1:], conf_dir)
+    except ShrinkError as exc:
+        print(f"shrink: error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
     @hydra.main(version_base="1.3", config_path=conf_dir, config_name="config")
     def _run(cfg: DictConfig) -> None:
@@ -60,6 +65,41 @@ def hydra_main() -> None:
         print(f"out: {out}")
 
     _run()
+
+
+def check_jobs(argv: list[str], conf_dir: str) -> None:
+    """Compose and check every job Hydra is about to run (each of a -m sweep) before Hydra
+    creates any folder: a value of the wrong type or an unknown method in the last value
+    of a sweep must neither cost the runs before it nor leave a sweep folder behind.
+    Composition is Hydra's own (its parser, sweep expansion and compose API)."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from shrink.pipeline import check_config
+
+    args = get_args_parser().parse_args(argv)
+    if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.experimental_rerun:
+        return  # Hydra only prints something
+    primary = str(Path(args.config_path).resolve()) if args.config_path else conf_dir
+    extra = []
+    if args.config_dir:  # searched first, as Hydra does (e.g. a run folder holding recipe.yaml)
+        primary, extra = str(Path(args.config_dir).resolve()), [f"hydra.searchpath=[file://{primary}]"]
+    try:
+        parsed = OverridesParser.create().parse_overrides(args.overrides)
+        jobs = ([job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+                if args.multirun else [list(args.overrides)])
+        with initialize_config_dir(config_dir=primary, version_base="1.3"):
+            for job in jobs:
+                check_config(compose(config_name=args.config_name or "config", overrides=extra + job))
+    except (HydraException, OmegaConfBaseException) as exc:
+        lines = [str(exc)] + ([str(exc.__cause__)] if exc.__cause__ else [])
+        message = "; ".join(line.strip() for text in lines for line in text.splitlines()
+                            if line.strip() and not line.strip().startswith(("full_key", "reference_type", "object_type")))
+        raise ShrinkError(message) from exc
 
 
 def import_gguf_command(argv: list[str]) -> None:

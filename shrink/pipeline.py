@@ -2,7 +2,7 @@
 artifacts of ../shared/CONTRACT.md into `out`: metrics.json, recipe.yaml, model/.
 
 A stage is a function `(RunState) -> dict`; its dict lands in metrics.json under the
-stage's name. Stages that change the model set `state.changed`; export then writes
+stage's name. After a stage of MODIFYING, `state.changed` is set; export then writes
 model/ through a temporary folder so a failure never leaves a partial one.
 """
 from __future__ import annotations
@@ -118,14 +118,44 @@ def export_stage(state: RunState) -> dict[str, Any]:
     return {"path": str(target)}
 
 
-def stage_table() -> dict[str, Callable[[RunState], dict[str, Any]]]:
-    from distill.stage import distill_stage, pretrain_stage
-    from prune.stage import prune_stage
-    from quant.stage import quantize_stage
+@dataclass(frozen=True)
+class Stage:
+    run: Callable[[RunState], dict[str, Any]]
+    # Checks the stage's config section without a model: runs before anything is written.
+    check: Optional[Callable[[DictConfig], None]] = None
 
-    return {"distill": distill_stage, "prune": prune_stage, "quantize": quantize_stage,
-            "pretrain": pretrain_stage,
-            "eval": eval_stage, "export": export_stage}
+
+def stage_table() -> dict[str, Stage]:
+    from distill.plan import check_distill_config
+    from distill.stage import distill_stage, pretrain_stage
+    from prune.stage import check_prune_config, prune_stage
+    from quant.stage import check_quant_config, quantize_stage
+
+    def check_prune(cfg: DictConfig) -> None:
+        check_prune_config(cfg.prune)
+        if cfg.prune.joint_quant:
+            check_quant_config(cfg.quant)
+
+    def check_distill(cfg: DictConfig) -> None:
+        check_distill_config(cfg.distill)
+
+    return {"distill": Stage(distill_stage, check_distill), "prune": Stage(prune_stage, check_prune),
+            "quantize": Stage(quantize_stage, lambda cfg: check_quant_config(cfg.quant)),
+            "pretrain": Stage(pretrain_stage, check_distill),
+            "eval": Stage(eval_stage), "export": Stage(export_stage)}
+
+
+def check_config(cfg: DictConfig) -> list[str]:
+    """The pipeline's stages, after checking every stage's settings (ShrinkError if bad)."""
+    table = stage_table()
+    stages = list(cfg.pipeline.stages)
+    unknown = [s for s in stages if s not in table]
+    if unknown:
+        raise ShrinkError(f"pipeline.stages: unknown stage {unknown[0]!r} (known: {', '.join(table)})")
+    for name in dict.fromkeys(stages):
+        if table[name].check is not None:
+            table[name].check(cfg)
+    return stages
 
 
 MODIFYING = {"distill", "pretrain", "prune", "quantize"}
@@ -133,11 +163,8 @@ MODIFYING = {"distill", "pretrain", "prune", "quantize"}
 
 def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """Run cfg.pipeline.stages on cfg.model, writing metrics.json (and model/) into out."""
+    stages = check_config(cfg)
     table = stage_table()
-    stages = list(cfg.pipeline.stages)
-    unknown = [s for s in stages if s not in table]
-    if unknown:
-        raise ShrinkError(f"pipeline.stages: unknown stage {unknown[0]!r} (known: {', '.join(table)})")
     out.mkdir(parents=True, exist_ok=True)
     digest = config_digest(cfg)
     progress = read_progress(out, digest, cfg.resume) or {"config_sha256": digest, "done": [], "seconds": {}}
@@ -160,11 +187,13 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
             continue
         log.info("stage %d/%d: %s", i, len(stages), name)
         t = time.time()
-        report = table[name](state)
+        report = table[name].run(state)
         seconds[name] = time.time() - t
         state.metrics.setdefault("stages", {})[name] = report
-        if name in MODIFYING and i < len(stages):
-            progress["checkpoint"] = str(save_checkpoint(state, i, name))
+        if name in MODIFYING:
+            state.changed = True
+            if i < len(stages):
+                progress["checkpoint"] = str(save_checkpoint(state, i, name))
         finish_step(state, progress, f"{i}-{name}")
     finalize_metrics(state, seconds, time.time() - start)
     progress["finished"] = True

@@ -33,6 +33,7 @@ def test_every_linear_is_exactly_as_sparse_as_asked(tmp_path, tiny_model_dir, me
             n, m = map(int, pattern.split(":"))
             assert nm_pattern_holds(W, n, m), name
     assert metrics["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert "baseline_ppl" not in metrics  # not measured (eval.baseline=false), and the model changed
 
 
 def test_layer_sparsity_overrides(tmp_path, tiny_model_dir) -> None:

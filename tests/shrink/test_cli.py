@@ -66,6 +66,24 @@ def test_bad_inputs_exit_nonzero_with_one_line_and_no_model_folder(tmp_path, tin
     assert result.returncode != 0 and "quant.nbits" in result.stderr
 
 
+def test_every_job_of_a_sweep_is_checked_before_anything_is_written(tmp_path) -> None:
+    """A bad value anywhere in a sweep (wrong type, unknown method, unsupported bits, unknown
+    stage) fails the whole command at once: no job runs and no sweep folder is created."""
+    sweep = tmp_path / "sweep"
+    cases = {
+        "quant.bits": ["quant.bits=4,four"],
+        "prune.method": ["pipeline=prune", "prune.method=sparsegpt,magnitude,obc"],
+        "quant.bits: 5": ["pipeline=quantize", "quant.bits=4,5"],
+        "unknown stage 'compile'": ["pipeline.stages=[eval],[eval,compile]"],
+    }
+    for expected, args in cases.items():
+        result = shrink("-m", *args, f"hydra.sweep.dir={sweep}")
+        assert result.returncode == 2, result.stderr
+        error_lines = [line for line in result.stderr.splitlines() if line.startswith("shrink: error:")]
+        assert len(error_lines) == 1 and expected in error_lines[0], result.stderr
+        assert not sweep.exists()
+
+
 @needs_shared
 def test_tokenizer_vocab_larger_than_embedding_is_refused(tmp_path) -> None:
     import transformers
