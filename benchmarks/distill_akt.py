@@ -37,6 +37,7 @@ ARMS = [  # (init, loss, schedule)
 ]
 BUDGETS = {  # steps, batch, seq_len, eval windows, progressive steps per layer
     "cpu": dict(steps=40, batch_size=8, seq_len=256, windows=64, progressive_steps=10),
+    "cpu4x": dict(steps=160, batch_size=8, seq_len=256, windows=64, progressive_steps=40),
     "full": dict(steps=2000, batch_size=16, seq_len=512, windows=None, progressive_steps=500),
     "smoke": dict(steps=2, batch_size=2, seq_len=64, windows=2, progressive_steps=1),
 }
@@ -46,24 +47,28 @@ LR = {"pretrained": 1e-4, "skip": 3e-4}  # chosen on the LM-only arm of each ini
 SPLITS = ("valid", "train")
 
 
+DEFAULT_OPTS = {"split": "valid", "relation_heads": 8, "layer_map": "uniform"}
+
+
 def overrides(init: str, loss: str, schedule: str, b: dict[str, Any], weights: dict[str, float],
-              split: str = "valid", relation_heads: int = 8) -> list[str]:
+              opts: dict[str, Any] = DEFAULT_OPTS) -> list[str]:
     windows = "null" if b["windows"] is None else b["windows"]
     return ["pipeline=distill", "model=llama_teacher", "data=docs_en", "eval.baseline=false", "eval.batch_size=8",
-            f"distill.train_path={SHARED}/data/docs-en/{split}.jsonl.gz",
+            f"distill.train_path={SHARED}/data/docs-en/{opts['split']}.jsonl.gz",
             f"data.eval.max_windows={windows}", "data.eval.seq_len=512", "seed=0", *INITS[init],
             f"distill.loss={loss}", f"distill.schedule={schedule}", f"distill.steps={b['steps']}",
             f"distill.progressive_steps={b['progressive_steps']}", f"distill.batch_size={b['batch_size']}",
             f"distill.seq_len={b['seq_len']}", f"distill.lr={LR[init]}", f"distill.warmup={max(1, b['steps'] // 10)}",
-            "distill.checkpoint_every=0", "distill.log_every=5", f"distill.relation_heads={relation_heads}",
+            "distill.checkpoint_every=0", "distill.log_every=5", f"distill.relation_heads={opts['relation_heads']}",
+            f"distill.layer_map={opts['layer_map']}",
             f"distill.eval_init={loss == 'lm' and schedule == 'joint'}",  # once per init
             *[f"distill.weights.{k}={v}" for k, v in weights.items()]]
 
 
 def run_arm(init: str, loss: str, schedule: str, b: dict[str, Any], weights: dict[str, float],
-            split: str = "valid", relation_heads: int = 8) -> dict[str, Any]:
+            opts: dict[str, Any] = DEFAULT_OPTS) -> dict[str, Any]:
     t = time.time()
-    m = run(overrides(init, loss, schedule, b, weights, split, relation_heads))
+    m = run(overrides(init, loss, schedule, b, weights, opts))
     report = m["stages"]["distill"]
     return {"init": init, "loss": loss, "schedule": schedule, "ppl": m["ppl"]["docs-en-test"],
             "init_ppl": report.get("init_ppl"), "steps": report["steps"], "tokens": report["tokens"],
@@ -79,6 +84,7 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="print the Markdown table of the results JSON")
     parser.add_argument("--akt-weight", type=float, default=1.0)
     parser.add_argument("--relation-heads", type=int, default=8)
+    parser.add_argument("--layer-map", default="uniform", help="distill.layer_map of the AKT arms")
     parser.add_argument("--arms", default="all", help="comma-separated arm indices (default: all)")
     parser.add_argument("--name", default="distill_akt")
     parser.add_argument("--train", choices=SPLITS, default="valid", help="docs-en split to distill on")
@@ -98,6 +104,7 @@ def main() -> None:
     arms = ARMS if args.arms == "all" else [ARMS[int(i)] for i in args.arms.split(",")]
     config = {"budget": "full" if args.full else args.budget, **b, "lr": LR, "weights": weights,
               "train_split": args.train, "temperature": 1.0, "relation_heads": args.relation_heads,
+              **({"layer_map": args.layer_map} if args.layer_map != "uniform" else {}),
               "threads": torch.get_num_threads(), "tokens_per_arm": b["steps"] * b["batch_size"] * b["seq_len"]}
     results = Results(args.name, config, key=("init", "loss", "schedule"))  # re-running skips finished arms
     windows = "null" if b["windows"] is None else b["windows"]
@@ -108,7 +115,8 @@ def main() -> None:
                      "params": teacher["params"]})
     for init, loss, schedule in arms:
         if not results.has(init=init, loss=loss, schedule=schedule):
-            results.add(run_arm(init, loss, schedule, b, weights, args.train, args.relation_heads))
+            opts = {"split": args.train, "relation_heads": args.relation_heads, "layer_map": args.layer_map}
+            results.add(run_arm(init, loss, schedule, b, weights, opts))
     print(results.save())
 
 
@@ -131,6 +139,21 @@ def render_table(p: dict[str, Any]) -> str:
             f"= {c['tokens_per_arm']:,} tokens; test windows: {c['windows'] or 'all'} x 512.\n\n")
     return head + md(["model", "training", "ppl at init", "test ppl", "steps", "tokens", "train s", "tokens/s"],
                      rows) + footer(p)
+
+
+def render_variants(payloads: list[dict[str, Any]]) -> str:
+    """Every arm of the other runs (--akt-weight, --layer-map, --budget), one row each."""
+    rows = []
+    for p in payloads:
+        c = p["config"]
+        for r in p["rows"]:
+            if r["init"] == "teacher":
+                continue
+            akt = f"weight {c['weights']['akt']}, map {c.get('layer_map', 'uniform')}" if r["loss"] == "akt" else "-"
+            rows.append([p["benchmark"], f"{c['tokens_per_arm']:,}", f"init={r['init']}", LOSS_LABEL[r["loss"]], akt,
+                         r["ppl"], f"{r['tokens_per_s']:.0f}"])
+    return md(["results file", "tokens per arm", "student", "training", "AKT settings", "test ppl", "tokens/s"],
+              rows)
 
 
 if __name__ == "__main__":

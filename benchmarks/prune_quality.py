@@ -4,6 +4,8 @@ docs-en test. Writes benchmarks/results/prune_quality.json.
 
     python benchmarks/prune_quality.py           # ~30 min on 2 CPU cores
     python benchmarks/prune_quality.py --quick   # 50% unstructured only
+    python -m benchmarks.prune_quality --ablation  # SparseGPT 50% settings, docs-en valid
+    python -m benchmarks.prune_quality --timing    # seconds per layer, prune stage only (quiet machine)
 """
 from __future__ import annotations
 
@@ -21,13 +23,51 @@ COMBINED = [  # (pipeline, extra overrides, label)
     ("prune", ["prune.method=sparsegpt", "prune.joint_quant=true"], "SparseGPT 50% + 4-bit g128 joint sweep"),
 ]
 
+# SparseGPT 50% under other settings, against the same dense and magnitude models. Measured on
+# docs-en valid so that the test split is never used to choose a setting.
+ABLATION = [("dense", ["pipeline=eval"]), ("magnitude", ["prune.method=magnitude"]),
+            ("sparsegpt (defaults)", []), ("true_sequential", ["prune.true_sequential=true"]),
+            ("damp 0.1", ["prune.damp=0.1"]), ("block 64", ["prune.block_size=64"]),
+            ("block 1024 (whole rows)", ["prune.block_size=1024"]),
+            ("512 x 512 calibration", ["data.calib.num_samples=512"])]
+VALID = ["data.eval.path=${oc.env:SHRINK_SHARED,'../shared'}/data/docs-en/valid.jsonl.gz", "data.eval.name=docs-en-valid"]
+
+
+def ablation(base: list[str]) -> None:
+    results = Results("prune_ablation", {"overrides": base + VALID, "calibration": "128 x 512 docs-en train, seed 0",
+                                         "eval": "docs-en valid, 512-token windows"}, key=("label",))
+    for label, extra in ABLATION:
+        if not results.has(label=label):
+            m = run(base + VALID + ["pipeline=prune", "prune.sparsity=0.5", "eval.baseline=false", *extra])
+            results.add({"label": label, "overrides": extra, "ppl": m["ppl"]["docs-en-valid"],
+                         "sparsity": m["sparsity"], "seconds": m["seconds"].get("prune")})
+
+
+def timing(base: list[str]) -> None:
+    """The prune stage alone, one method after the other, so no other job skews the seconds."""
+    results = Results("prune_timing", {"overrides": base, "calibration": "128 x 512 docs-en train, seed 0",
+                                       "stages": ["prune"]}, key=("method", "pattern"))
+    for pattern, _, methods in SETTINGS[:2]:
+        for method in methods:
+            if not results.has(method=method, pattern=pattern):
+                m = run(base + ["pipeline=prune", "pipeline.stages=[prune]", f"prune.method={method}",
+                                f"prune.pattern='{pattern}'", "prune.sparsity=0.5"])
+                layers = 1 + max(r["layer"] for r in m["stages"]["prune"]["layers"])
+                results.add({"method": method, "pattern": pattern, "seconds_prune": m["seconds"]["prune"],
+                             "seconds_per_layer": m["seconds"]["prune"] / layers})
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--ablation", action="store_true", help="SparseGPT 50%% settings (prune_ablation.json)")
+    parser.add_argument("--timing", action="store_true", help="seconds per layer alone (prune_timing.json)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     base = ["model=llama_teacher", "data=docs_en", "eval.batch_size=8", "quant.bits=4", "quant.group_size=128"]
+    if args.ablation or args.timing:
+        (ablation if args.ablation else timing)(base)
+        return
     results = Results("prune_quality", {"overrides": base, "calibration": "128 x 512 docs-en train, seed 0",
                                         "eval": "docs-en test, 512-token windows"},
                       key=("kind", "method", "pattern", "sparsity_target", "label"))

@@ -60,9 +60,17 @@ def prune_quality(p: dict[str, Any]) -> str:
         label = f"{pattern}" if pattern != "unstructured" else f"{int(s * 100)}% unstructured"
         sg = cell.get("sparsegpt")
         rows.append([label] + [cell[m]["ppl"] if m in cell else None for m in ("magnitude", "wanda", "sparsegpt")]
-                    + [sg and f"{sg['sparsity']:.4f}", sg and f"{sg['seconds_per_layer']:.1f}"])
+                    + [sg and f"{sg['sparsity']:.4f}"])
     text = f"Dense baseline: {base:.3f}\n\n" if base else ""
-    text += md(["setting", "magnitude", "Wanda", "SparseGPT", "achieved sparsity", "SparseGPT s/layer"], rows)
+    text += md(["setting", "magnitude", "Wanda", "SparseGPT", "achieved sparsity"], rows)
+    timing = RESULTS / "prune_timing.json"
+    if timing.is_file():  # measured alone: the quality runs above shared the CPU with other jobs
+        t = json.loads(timing.read_text())
+        text += ("\n\nSeconds per decoder layer, prune stage alone (calibration forward, Hessians, mask, "
+                 "updates; `--timing`):\n\n" + md(["method", "unstructured 50%", "2:4"], [
+                     [m] + [next((f"{r['seconds_per_layer']:.2f}" for r in t["rows"]
+                                  if (r["method"], r["pattern"]) == (m, pat)), None) for pat in ("unstructured", "2:4")]
+                     for m in ("magnitude", "wanda", "sparsegpt")]) + footer(t))
     combined = [r for r in p["rows"] if r["kind"] == "combined"]
     if combined:
         alone = []
@@ -77,6 +85,17 @@ def prune_quality(p: dict[str, Any]) -> str:
         text += "\n\n" + md(["prune + quantize", "ppl", "zeros in decoder Linears"],
                             alone + [[r["label"], r["ppl"], f"{r['sparsity']:.4f}"] for r in combined])
     return text + footer(p)
+
+
+def prune_ablation(p: dict[str, Any]) -> str:
+    """SparseGPT 50% settings: increase over dense as a fraction of magnitude's."""
+    by = {r["label"]: r for r in p["rows"]}
+    dense, mag = by.get("dense"), by.get("magnitude")
+    rows = []
+    for r in p["rows"]:
+        ratio = (r["ppl"] - dense["ppl"]) / (mag["ppl"] - dense["ppl"]) if dense and mag and r is not dense else None
+        rows.append([r["label"], " ".join(r["overrides"]) or "-", r["ppl"], ratio and f"{ratio:.2f}"])
+    return md(["setting", "overrides", "docs-en valid ppl", "increase / magnitude's"], rows) + footer(p)
 
 
 def gib(n: float) -> str:
@@ -125,6 +144,7 @@ def distill_akt(p: dict[str, Any]) -> str:
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "quant_quality": quant_quality,
     "prune_quality": prune_quality,
+    "prune_ablation": prune_ablation,
     "distill_akt": distill_akt,
 }
 
@@ -141,6 +161,11 @@ def render_all(readme: Path = ROOT / "README.md") -> None:
         path = RESULTS / f"{name}.json"
         if path.is_file():
             text = splice(text, name, render(json.loads(path.read_text())))
+    variants = sorted(RESULTS.glob("distill_akt_*.json"))
+    if variants:
+        from benchmarks.distill_akt import render_variants
+
+        text = splice(text, "distill_variants", render_variants([json.loads(p.read_text()) for p in variants]))
     if (RESULTS / "sweep_report" / "report.md").is_file():
         text = splice(text, "sweep", sweep_report(RESULTS / "sweep_report" / "report.md"))
     groups: dict[str, list[Path]] = {}

@@ -18,7 +18,7 @@ def test_every_arm_composes_with_the_same_budget_and_seed() -> None:
 
 @needs_shared
 def test_one_arm_at_smoke_size_and_the_table() -> None:
-    row = run_arm("skip", "akt", "progressive", BUDGETS["smoke"], WEIGHTS, "valid")
+    row = run_arm("skip", "akt", "progressive", BUDGETS["smoke"], WEIGHTS)
     assert row["steps"] == 4 * 1 + 2 and row["tokens"] == row["steps"] * 2 * 64 and row["ppl"] > 1
     assert [p["name"] for p in row["phases"]] == ["layer0", "layer1", "layer2", "layer3", "joint"]
     payload = {"config": {**BUDGETS["smoke"], "tokens_per_arm": 256}, "date": "today", "git_sha": "0" * 40,

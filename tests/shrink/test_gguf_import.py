@@ -23,17 +23,23 @@ def test_bad_specs_are_clear(tmp_path) -> None:
 
 
 @has_wheel
-def test_default_job_imports_once_and_evaluates(tmp_path, monkeypatch) -> None:
-    """`shrink` with no model override: import into the cache, then evaluate on Shakespeare."""
+def test_default_job_imports_once_then_quantizes_and_exports(tmp_path, monkeypatch) -> None:
+    """`shrink` with no overrides (short calibration and eval here): import the GGUF into the
+    cache once, GPTQ 4-bit g128 on Shakespeare, evaluate before and after, export."""
     monkeypatch.setenv("SHRINK_CACHE", str(tmp_path / "cache"))
     folder = import_dir(SPEC)
     assert folder == tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct.Q4_1"
-    metrics = run_shrink(["pipeline=eval", "data.eval.max_windows=2"], tmp_path / "run")
+    out = tmp_path / "run"
+    metrics = run_shrink(["data.calib.num_samples=4", "data.calib.seq_len=128", "data.eval.max_windows=2"], out)
     config = json.loads((folder / "config.json").read_text())
     assert config["num_hidden_layers"] == 30 and config["hidden_size"] == 576
     assert "quantization_config" not in config
     assert abs(metrics["params"] - 134.5e6) < 0.5e6
-    assert 5 < metrics["ppl"]["shakespeare"] < 200  # a real pretrained model, not random (~8000+)
+    base, ppl = metrics["baseline_ppl"]["shakespeare"], metrics["ppl"]["shakespeare"]
+    assert 5 < base < 200  # a real pretrained model, not random (~8000+)
+    assert 0.9 * base < ppl < 1.5 * base and ppl != base  # 4-bit changes the model a little
+    exported = json.loads((out / "model" / "config.json").read_text())["quantization_config"]
+    assert (exported["quant_method"], exported["bits"], exported["group_size"]) == ("gptq", 4, 128)
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     assert import_gguf(SPEC, folder) == folder  # cached: not imported again
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
