@@ -63,7 +63,7 @@ def sparsegpt_prune(
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     if quant_bits is not None:
-        check_quant_args(cols, quant_bits, quant_group_size)
+        check_quant_args(quant_bits, quant_group_size)
     choose: MaskRule | None = None
     every = 0
     if prune_n:

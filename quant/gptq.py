@@ -6,7 +6,9 @@ yet quantized, using the damped inverse Hessian of the layer inputs.
 
 Options, as in the reference implementation / AutoGPTQ:
 * group_size -1: one grid per output row, fitted once on the whole (updated-free) W.
-  group_size g > 0: one grid per row and per g input columns.
+  group_size g > 0: one grid per row and per g input columns; when g does not divide
+  in_features the last group is shorter (ceil(in / g) groups), as the GPTQ checkpoint
+  format allows (gptqmodel's torch/triton kernels read it; Marlin/ExLlama need g | in).
 * act_order (desc_act): sweep the columns by descending diag(H) so the most
   influential inputs are quantized first, while the most freedom is left to fix them.
 * groups are fitted lazily when the sweep reaches them (on the weights as updated so
@@ -45,13 +47,11 @@ class QuantResult:
     damp_fraction: float  # damping actually used (0.0 for RTN)
 
 
-def check_quant_args(cols: int, bits: int, group_size: int, static_groups: bool = False) -> None:
+def check_quant_args(bits: int, group_size: int, static_groups: bool = False) -> None:
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     if group_size != -1 and group_size <= 0:
         raise ValueError(f"group_size must be -1 (one grid per row) or positive, got {group_size}")
-    if group_size > 0 and cols % group_size:
-        raise ValueError(f"group_size {group_size} must divide in_features {cols}")
     if static_groups and group_size <= 0:
         raise ValueError("static_groups requires group_size > 0")
 
@@ -79,9 +79,10 @@ class GroupQuantizer:
             self.g_idx[perm] = sweep_pos // size  # groups follow the sweep order
         col_group = self.g_idx if perm is None else self.g_idx[perm]
         self.col_group: list[int] = col_group.tolist()  # host copy: no device sync per column
-        self.grids: list[Grid | None] = [None] * (cols // size)
+        n_groups = -(-cols // size)  # ceil: a shorter last group when size does not divide cols
+        self.grids: list[Grid | None] = [None] * n_groups
         if not self.refit_every:
-            for g in range(cols // size):
+            for g in range(n_groups):
                 self.grids[g] = fit_grid(W_fit[:, g * size : (g + 1) * size], bits, sym)
         self.codes = torch.zeros(rows, cols, dtype=torch.int32, device=W_fit.device)  # sweep order
 
@@ -127,7 +128,7 @@ def gptq_quantize(
     on W's device (fp64 if W is fp64).
     """
     W, H, dead = prepare_layer(W, H, mask)
-    check_quant_args(W.shape[1], bits, group_size, static_groups)
+    check_quant_args(bits, group_size, static_groups)
     mask = mask.to(W.device) if mask is not None else None
     W_fit = W.masked_fill(mask, 0) if mask is not None else W
     perm = None
@@ -157,7 +158,7 @@ def rtn_quantize(
     """
     if W.ndim != 2:
         raise ValueError(f"W must be 2-D [out, in], got shape {tuple(W.shape)}")
-    check_quant_args(W.shape[1], bits, group_size)
+    check_quant_args(bits, group_size)
     if mask is not None and (mask.dtype != torch.bool or mask.shape != W.shape):
         raise ValueError(f"mask must be a bool tensor of shape {tuple(W.shape)}")
     W = W.to(torch.float32)

@@ -43,19 +43,21 @@ def _hf_load(folder, bits: int, backend: str | None):
 
 
 @pytest.mark.parametrize(
-    "bits,sym,act,backend,tol,tie",
+    "bits,sym,act,backend,tol,tie,gs",
     [
-        (4, True, False, None, 1e-2, False),  # auto -> TorchAtenLinear (bf16 int4 mm)
-        (4, False, True, "torch", 1e-3, True),
-        (3, False, True, None, 1e-3, False),
-        (2, False, False, None, 1e-3, True),
-        (8, True, True, None, 1e-3, False),
+        (4, True, False, None, 1e-2, False, 32),  # auto -> TorchAtenLinear (bf16 int4 mm)
+        (4, False, True, "torch", 1e-3, True, 32),
+        (3, False, True, None, 1e-3, False, 32),
+        (2, False, False, None, 1e-3, True, 32),
+        (8, True, True, None, 1e-3, False, 32),
+        # hidden 160, MLP 320, group 128: every input dimension ends with a shorter group
+        (4, False, False, "torch", 1e-3, False, 128),
     ],
 )
-def test_from_pretrained_matches_our_loader(tmp_path, bits, sym, act, backend, tol, tie) -> None:
-    model = _tiny_llama(tie)
+def test_from_pretrained_matches_our_loader(tmp_path, bits, sym, act, backend, tol, tie, gs) -> None:
+    model = _tiny_llama(tie, hidden=160, heads=5, kv_heads=1) if gs == 128 else _tiny_llama(tie)
     names = _decoder_linears(model, "model.layers.", (nn.Linear,))
-    folder = _export(tmp_path, model, names, bits, 32, sym, act)
+    folder = _export(tmp_path, model, names, bits, gs, sym, act)
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     ours = load_quantized_model(folder, dtype=torch.float32)
     hf = _hf_load(folder, bits, backend)
