@@ -181,7 +181,6 @@ def test_dead_columns_and_half_precision():
         (dict(sparsity=0.5, prune_n=2, prune_m=5), "divide"),
         (dict(sparsity=0.5, block_size=0), "block_size"),
         (dict(sparsity=0.5, quant_bits=5), "bits"),
-        (dict(sparsity=0.5, quant_bits=4, quant_group_size=7), "divide"),
     ],
 )
 def test_bad_arguments_raise(args, match):

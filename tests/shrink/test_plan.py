@@ -159,6 +159,6 @@ def test_cli_writes_plan_and_device_map(tmp_path: Path) -> None:
     assert "| GPU | layers |" in result.stdout
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["target"]["count"] == 4 and (tmp_path / "device_map.json").is_file()
-    bad = subprocess.run(cmd[:-2] + ["target=1xA100-1GB", f"out={tmp_path / 'x'}"], capture_output=True,
+    bad = subprocess.run(cmd[:-2] + ["pipeline=eval", "target=1xA100-1GB", f"out={tmp_path / 'x'}"], capture_output=True,
                          text=True, cwd=ROOT, env=env, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("shrink: error: target:")
