@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
 from torch import nn
 
 from distill.capture import find_qkv
@@ -112,21 +113,35 @@ def make_plan(d: Any, pairs: list[tuple[int, int]], student: nn.Module) -> Train
 
 
 def trainable_between(student: nn.Module, previous: Optional[int], layer: int) -> frozenset[str]:
-    """Parameters that move layer `layer`'s Q/K/V but not `previous`'s: the previous layer's
-    attention output and MLP, the layers in between, and this layer (the embeddings too
-    when there is no previous mapped layer)."""
+    """Exactly the parameters that move layer `layer`'s Q/K/V but not `previous`'s: those of
+    the modules a forward pass runs after `previous`'s Q/K/V projections (from the start
+    when there is none) up to and including `layer`'s. So the final norm, the LM head and
+    `layer`'s attention output and MLP stay frozen: they get no gradient from the phase's
+    loss, and a frozen parameter cannot drift through optimizer momentum or weight decay."""
     prefix, blocks = find_decoder_layers(student)
-    names = set()
-    for name, _ in student.named_parameters():
-        if not name.startswith(prefix + "."):
-            if previous is None:
-                names.add(name)
-            continue
-        index, rest = name[len(prefix) + 1:].split(".", 1)
-        first = previous if previous is not None else 0
-        if first <= int(index) <= layer:
-            names.add(name)
-    if previous is not None:
-        frozen = find_qkv(blocks[previous], student.config).names
-        names -= {n for n in names if any(n.startswith(f"{prefix}.{previous}.{q}.") for q in frozen)}
-    return frozenset(names)
+    order = execution_order(student)
+
+    def last_qkv(i: int) -> int:
+        names = {f"{prefix}.{i}.{n}" for n in find_qkv(blocks[i], student.config).names}
+        return max(k for k, name in enumerate(order) if name in names)
+
+    first = last_qkv(previous) + 1 if previous is not None else 0
+    modules = set(order[first:last_qkv(layer) + 1])
+    return frozenset(name for name, _ in student.named_parameters() if name.rpartition(".")[0] in modules)
+
+
+def execution_order(model: nn.Module) -> list[str]:
+    """Names of the modules that own parameters, in the order one forward pass first runs them."""
+    order: dict[str, None] = {}
+    owners = [(name, m) for name, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
+    handles = [m.register_forward_pre_hook(lambda _m, _a, name=name: order.setdefault(name)) for name, m in owners]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return list(order)
+
+

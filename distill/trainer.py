@@ -138,6 +138,12 @@ class Trainer:
             t_cap.clear()
         weights = {"lm": objective.lm, "logit": objective.logit, **{f"akt.{s}": w for s, w in objective.akt.items()}}
         total = sum(weights[name] * value for name, value in terms.items())
+        if self.ctx.sharded and not (objective.lm or objective.logit):
+            # FSDP2 re-gathers a layer's freed parameters for backward, and reduces its gradients,
+            # from hooks on module outputs. With a loss on Q/K/V alone (progressive phases) the
+            # outputs never reach the loss, so tie them to it with weight 0: same gradients,
+            # every hook fires.
+            total = total + 0.0 * logits.float().sum()
         return total, terms
 
     def set_trainable(self, names: Optional[frozenset[str]]) -> None:

@@ -71,10 +71,16 @@ def test_progressive_phases_train_one_layer_pair_at_a_time(teacher) -> None:
     second = t.plan.phases[1].trainable
     assert "model.layers.0.mlp.down_proj.weight" in second and "model.layers.1.self_attn.q_proj.weight" in second
     assert "model.layers.0.self_attn.q_proj.weight" not in second and "model.embed_tokens.weight" not in second
+    first = t.plan.phases[0].trainable  # what can move layer 0's Q/K/V, nothing after it
+    assert {"model.embed_tokens.weight", "model.layers.0.input_layernorm.weight",
+            "model.layers.0.self_attn.v_proj.weight"} <= first
+    assert not {"model.norm.weight", "model.layers.0.self_attn.o_proj.weight",
+                "model.layers.0.mlp.up_proj.weight"} & first
     before = weights(t.student)
     t.run(RunFiles(), stop_at=2)  # the first phase only: embeddings and layer 0
     after = weights(t.student)
-    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("model.layers.1."))
+    assert all(torch.equal(before[k], after[k]) for k in before
+               if k.startswith(("model.layers.1.", "model.layers.0.mlp.", "model.norm.")))
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(before[q], after[q])
     assert all(p.requires_grad for p in t.student.parameters())  # unfrozen afterwards
