@@ -104,6 +104,8 @@ def main() -> None:
     arms = ARMS if args.arms == "all" else [ARMS[int(i)] for i in args.arms.split(",")]
     config = {"budget": "full" if args.full else args.budget, **b, "lr": LR, "weights": weights,
               "train_split": args.train, "temperature": 1.0, "relation_heads": args.relation_heads,
+              # recorded only when not the default, so the JSON of earlier runs still matches
+              # and re-running skips their measured arms
               **({"layer_map": args.layer_map} if args.layer_map != "uniform" else {}),
               "threads": torch.get_num_threads(), "tokens_per_arm": b["steps"] * b["batch_size"] * b["seq_len"]}
     results = Results(args.name, config, key=("init", "loss", "schedule"))  # re-running skips finished arms

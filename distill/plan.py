@@ -71,10 +71,9 @@ def parse_loss(loss: str) -> set[str]:
 
 def check_distill_config(d: Any) -> None:
     """The checks that need no model: run before anything is loaded or written."""
-    from distill.student import INITS
+    from distill.student import check_init
 
-    if d.student.init not in INITS:
-        raise ShrinkError(f"distill.student.init: unknown init {d.student.init!r} ({' | '.join(INITS)})")
+    check_init(d.student)
     parse_loss(d.loss)
     if d.schedule not in SCHEDULES:
         raise ShrinkError(f"distill.schedule: unknown schedule {d.schedule!r} ({' | '.join(SCHEDULES)})")
@@ -106,20 +105,21 @@ def make_plan(d: Any, pairs: list[tuple[int, int]], student: nn.Module) -> Train
             raise ShrinkError("distill.schedule=progressive transfers layer by layer: distill.loss must include akt")
         per_layer = d.progressive_steps if d.progressive_steps is not None else d.steps
         layers = sorted(joint.akt)
+        order = execution_order(student)
         phases = [Phase(f"layer{s}", per_layer, Objective(akt={s: joint.akt[s]}),
-                        trainable_between(student, layers[i - 1] if i else None, s))
+                        trainable_between(student, order, layers[i - 1] if i else None, s))
                   for i, s in enumerate(layers)] + phases
     return TrainPlan(dict(pairs), [p for p in phases if p.steps > 0])
 
 
-def trainable_between(student: nn.Module, previous: Optional[int], layer: int) -> frozenset[str]:
+def trainable_between(student: nn.Module, order: list[str], previous: Optional[int], layer: int) -> frozenset[str]:
     """Exactly the parameters that move layer `layer`'s Q/K/V but not `previous`'s: those of
-    the modules a forward pass runs after `previous`'s Q/K/V projections (from the start
-    when there is none) up to and including `layer`'s. So the final norm, the LM head and
-    `layer`'s attention output and MLP stay frozen: they get no gradient from the phase's
-    loss, and a frozen parameter cannot drift through optimizer momentum or weight decay."""
+    the modules a forward pass runs (`order`, from execution_order) after `previous`'s Q/K/V
+    projections (from the start when there is none) up to and including `layer`'s. So the
+    final norm, the LM head and `layer`'s attention output and MLP stay frozen: they get no
+    gradient from the phase's loss, and a frozen parameter cannot drift through optimizer
+    momentum or weight decay."""
     prefix, blocks = find_decoder_layers(student)
-    order = execution_order(student)
 
     def last_qkv(i: int) -> int:
         names = {f"{prefix}.{i}.{n}" for n in find_qkv(blocks[i], student.config).names}

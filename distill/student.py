@@ -37,12 +37,16 @@ class Student:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+def check_init(s: StudentConfig) -> None:
+    if s.init not in INITS:
+        raise ShrinkError(f"distill.student.init: unknown init {s.init!r} ({' | '.join(INITS)})")
+
+
 def build_student(s: StudentConfig, teacher: PreTrainedModel, teacher_tok: PreTrainedTokenizerBase,
                   calibration: Callable[[], torch.Tensor], seed: int = 0,
                   trust_remote_code: bool = False) -> Student:
     """The initialized student (fp32, CPU, train mode off) and the tokenizer it reads."""
-    if s.init not in INITS:
-        raise ShrinkError(f"distill.student.init: unknown init {s.init!r} ({' | '.join(INITS)})")
+    check_init(s)
     n_teacher = len(find_decoder_layers(teacher)[1])
     report: dict[str, Any] = {"init": s.init}
     tokenizer = teacher_tok

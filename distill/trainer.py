@@ -143,7 +143,7 @@ class Trainer:
             # from hooks on module outputs. With a loss on Q/K/V alone (progressive phases) the
             # outputs never reach the loss, so tie them to it with weight 0: same gradients,
             # every hook fires.
-            total = total + 0.0 * logits.float().sum()
+            total = total + 0.0 * logits.sum(dtype=torch.float32)
         return total, terms
 
     def set_trainable(self, names: Optional[frozenset[str]]) -> None:

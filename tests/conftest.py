@@ -53,15 +53,19 @@ def tiny_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
     return transformers.AutoModelForCausalLM.from_config(tiny_config(family)).eval()
 
 
+def save_with_tokenizer(model: transformers.PreTrainedModel, folder: Path, tokenizer: Path = TOKENIZER) -> Path:
+    """Save `model` into `folder` together with a tokenizer's files (the shared one by default)."""
+    model.save_pretrained(folder)
+    for f in tokenizer.iterdir():
+        shutil.copy(f, folder / f.name)
+    return folder
+
+
 @pytest.fixture
 def tiny_model_dir(tmp_path: Path):
     """Factory: save a tiny random model of a family with the shared tokenizer, return its folder."""
     def make(family: str = "llama", name: str | None = None) -> Path:
-        folder = tmp_path / (name or family)
-        tiny_model(family).save_pretrained(folder)
-        for f in TOKENIZER.iterdir():
-            shutil.copy(f, folder / f.name)
-        return folder
+        return save_with_tokenizer(tiny_model(family), tmp_path / (name or family))
     return make
 
 

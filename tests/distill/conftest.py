@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distill.helpers import save_with_tokenizer, tiny_llama
+from tests.conftest import save_with_tokenizer
+from tests.distill.helpers import tiny_llama
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
 """Tiny teachers and students for the distillation tests (seconds on a CPU)."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +9,7 @@ import transformers
 from omegaconf import OmegaConf
 
 from distill.config import DistillConfig
-from tests.conftest import DOCS, TOKENIZER, VOCAB, tiny_data_overrides
+from tests.conftest import DOCS, VOCAB, tiny_data_overrides
 
 H = 64
 
@@ -22,13 +21,6 @@ def tiny_llama(layers: int = 4, hidden: int = H, heads: int = 4, kv: int = 2, se
                                       num_attention_heads=heads, num_key_value_heads=kv, head_dim=16,
                                       vocab_size=vocab, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
     return transformers.AutoModelForCausalLM.from_config(config).eval()
-
-
-def save_with_tokenizer(model: transformers.PreTrainedModel, folder: Path, tokenizer: Path = TOKENIZER) -> Path:
-    model.save_pretrained(folder)
-    for f in tokenizer.iterdir():
-        shutil.copy(f, folder / f.name)
-    return folder
 
 
 def settings(**overrides: Any) -> Any:

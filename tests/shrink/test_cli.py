@@ -88,14 +88,11 @@ def test_every_job_of_a_sweep_is_checked_before_anything_is_written(tmp_path) ->
 def test_tokenizer_vocab_larger_than_embedding_is_refused(tmp_path) -> None:
     import transformers
 
-    from tests.conftest import TOKENIZER, tiny_config
+    from tests.conftest import save_with_tokenizer, tiny_config
 
-    folder = tmp_path / "small-vocab"
     config = tiny_config("llama")
     config.vocab_size = 1000
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    for f in TOKENIZER.iterdir():
-        (folder / f.name).write_bytes(f.read_bytes())
+    folder = save_with_tokenizer(transformers.AutoModelForCausalLM.from_config(config), tmp_path / "small-vocab")
     result = shrink("pipeline=eval", f"model.path={folder}", f"data.eval.path={DOCS / 'test.jsonl.gz'}",
                     f"out={tmp_path / 'out'}")
     assert result.returncode == 2 and "tokenizer/vocab mismatch" in result.stderr

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from shrink.card import base_model_id, license_of, read_front_matter
 from shrink.errors import ShrinkError
 from shrink.publish import check_folder, publish
-from tests.conftest import ROOT, TOKENIZER, compose_config, run_shrink, tiny_data_overrides, tiny_model
+from tests.conftest import (ROOT, TOKENIZER, compose_config, run_shrink, save_with_tokenizer, tiny_data_overrides,
+                            tiny_model)
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +25,7 @@ def exported(tmp_path_factory) -> Path:
     if not TOKENIZER.is_dir():
         pytest.skip("../shared is not present")
     root = tmp_path_factory.mktemp("publish")
-    model = root / "tiny-base"
-    tiny_model("llama").save_pretrained(model)
-    for f in TOKENIZER.iterdir():
-        shutil.copy(f, model / f.name)
+    model = save_with_tokenizer(tiny_model("llama"), root / "tiny-base")
     (model / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
     run_shrink(["pipeline=quantize", f"model.path={model}", *tiny_data_overrides(), "quant.method=rtn",
                 "quant.bits=4", "quant.group_size=32"], root / "run")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import yaml
 from shrink import report as report_mod
 from shrink.errors import ShrinkError
 from shrink.report import build_table, find_runs, pareto_front, write_report
-from tests.conftest import DOCS, ROOT, TOKENIZER, needs_shared, tiny_model
+from tests.conftest import DOCS, ROOT, TOKENIZER, needs_shared, save_with_tokenizer, tiny_model
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -32,10 +31,7 @@ def sweep(tmp_path_factory) -> Path:
     if not TOKENIZER.is_dir():
         pytest.skip("../shared is not present")
     root = tmp_path_factory.mktemp("sweep")
-    model = root / "tiny"
-    tiny_model("llama").save_pretrained(model)
-    for f in TOKENIZER.iterdir():
-        shutil.copy(f, model / f.name)
+    model = save_with_tokenizer(tiny_model("llama"), root / "tiny")
     result = shrink("-m", "pipeline=quantize", f"model.path={model}", "data=docs_en",
                     f"data.calib.path={DOCS / 'valid.jsonl.gz'}", "data.calib.num_samples=8", "data.calib.seq_len=32",
                     "data.eval.seq_len=32", "data.eval.max_windows=4", "quant.method=rtn", "quant.bits=2,4",
