@@ -161,6 +161,10 @@ def render_all(readme: Path = ROOT / "README.md") -> None:
         path = RESULTS / f"{name}.json"
         if path.is_file():
             text = splice(text, name, render(json.loads(path.read_text())))
+    if (RESULTS / "default_job.json").is_file():
+        from benchmarks.default_job import render
+
+        text = splice(text, "default_job", render(json.loads((RESULTS / "default_job.json").read_text())))
     variants = sorted(RESULTS.glob("distill_akt_*.json"))
     if variants:
         from benchmarks.distill_akt import render_variants
