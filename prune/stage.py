@@ -93,8 +93,10 @@ def prune_stage(state: "RunState") -> dict[str, Any]:
         return stats
 
     windows = None if p.method == "magnitude" else state.calibration()
+    # Wanda reads only activation norms: no [cols, cols] Hessian for it
     report = compress_model(state.model, windows, compressor, state.device, p.true_sequential,
-                            offload_activations=q.offload_activations, label=f"{p.method} {p.pattern}")
+                            offload_activations=q.offload_activations, label=f"{p.method} {p.pattern}",
+                            full_hessian=p.method != "wanda")
     if p.joint_quant:
         from quant.stage import check_quant_config, install_quantized
 

@@ -144,15 +144,16 @@ def input_groups(layer: nn.Module, batch: LayerBatch, device: torch.device) -> l
 
 
 def accumulate(layer: nn.Module, groups: list[list[str]], batches: list[LayerBatch],
-               device: torch.device) -> dict[str, HessianAccumulator]:
-    """One Hessian per input group, shared by the Linears of the group."""
+               device: torch.device, full: bool = True) -> dict[str, HessianAccumulator]:
+    """One Hessian per input group, shared by the Linears of the group (only its
+    diagonal unless `full`)."""
     linears = find_linears(layer)
     hessians: dict[str, HessianAccumulator] = {}
     handles = []
     for group in groups:
         first = linears[group[0]]
         columns = weight_matrix(first).shape[1]
-        acc = HessianAccumulator(columns, device)
+        acc = HessianAccumulator(columns, device, full)
         for name in group:
             hessians[name] = acc
         handles.append(first.register_forward_hook(lambda _m, inp, _o, acc=acc: acc.add(inp[0])))
@@ -165,13 +166,17 @@ def accumulate(layer: nn.Module, groups: list[list[str]], batches: list[LayerBat
 
 
 def relative_error(W0: torch.Tensor, W1: torch.Tensor, acc: Optional[HessianAccumulator]) -> float:
-    """||(W0-W1) X^T||^2 / ||W0 X^T||^2 = tr(D H D^T) / tr(W H W^T); weight-space if no H."""
-    D = (W0 - W1).float()
+    """||(W0-W1) X^T||^2 / ||W0 X^T||^2 = tr(D H D^T) / tr(W H W^T); with only diag(H)
+    kept, the same with H replaced by its diagonal (Wanda's own error model); in weight
+    space if there is no data at all."""
+    D, W = (W0 - W1).float(), W0.float()
     if acc is None:
-        return float((D * D).sum() / (W0.float() ** 2).sum().clamp_min(1e-30))
-    H = acc.H
-    num = (D @ H * D).sum()
-    den = (W0.float() @ H * W0.float()).sum().clamp_min(1e-30)
+        return float((D * D).sum() / (W * W).sum().clamp_min(1e-30))
+    if acc.H is None:
+        h = acc.diagonal()
+        return float((D * D * h).sum() / (W * W * h).sum().clamp_min(1e-30))
+    num = (D @ acc.H * D).sum()
+    den = (W @ acc.H * W).sum().clamp_min(1e-30)
     return float(num / den)
 
 
@@ -193,8 +198,10 @@ def activation_store(model: nn.Module, windows: torch.Tensor, device: torch.devi
 
 def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor: Compressor,
                    device: torch.device, true_sequential: bool = True, batch_size: int = 8,
-                   offload_activations: Optional[bool] = None, label: str = "compress") -> list[dict[str, Any]]:
-    """Compress every Linear of every decoder layer; returns a per-Linear report."""
+                   offload_activations: Optional[bool] = None, label: str = "compress",
+                   full_hessian: bool = True) -> list[dict[str, Any]]:
+    """Compress every Linear of every decoder layer; returns a per-Linear report.
+    `full_hessian=False` hands the compressor accumulators holding only diag(H)."""
     parent_name, layers = find_decoder_layers(model)
     store = activation_store(model, windows, device, offload_activations) if windows is not None else device
     batches = capture_layer_inputs(model, windows, batch_size, device, store) if windows is not None else None
@@ -208,10 +215,10 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
             groups, hessians = [list(linears)], {}
         else:
             groups = input_groups(layer, batches[0], device)
-            hessians = {} if true_sequential else accumulate(layer, groups, batches, device)
+            hessians = {} if true_sequential else accumulate(layer, groups, batches, device, full_hessian)
         for group in groups:
             if batches is not None and true_sequential:
-                hessians.update(accumulate(layer, [group], batches, device))
+                hessians.update(accumulate(layer, [group], batches, device, full_hessian))
             for name in group:
                 report.append(_compress_one(i, len(layers), parent_name, name, linears[name],
                                             hessians.get(name), compressor))

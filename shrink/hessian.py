@@ -15,35 +15,44 @@ class HessianError(ValueError):
 
 
 class HessianAccumulator:
-    """Streaming H = 2/n * sum x x^T in fp32.
+    """Streaming H = 2/n * sum x x^T in fp32, plus the per-feature mean of x^2.
 
     Kept as a running mean so that after any number of batches H equals the
     one-shot formula over every row seen so far (exact under streaming, unlike
     summing then dividing by a guessed n).
+
+    With full=False only the diagonal statistic is kept (H is None): methods that
+    need no more than activation norms (Wanda) then skip the [cols, cols] GEMM, which
+    at LLM widths (an MLP's 14336 inputs) costs far more than the layer's forward.
     """
 
-    def __init__(self, columns: int, device: torch.device | str = "cpu") -> None:
-        self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+    def __init__(self, columns: int, device: torch.device | str = "cpu", full: bool = True) -> None:
+        self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device) if full else None
         self.sq_norm = torch.zeros(columns, dtype=torch.float32, device=device)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
         """Add rows of inputs x [..., columns] (any leading shape)."""
-        x = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
+        x = x.reshape(-1, x.shape[-1]).to(self.sq_norm.device, torch.float32)
         m = x.shape[0]
         if m == 0:
             return
         total = self.n + m
-        self.H.mul_(self.n / total)
         self.sq_norm.mul_(self.n / total)
-        # addmm runs this at GEMM speed; sqrt(2/total) folds the 2/n factor into x.
-        xs = x * (2.0 / total) ** 0.5
-        self.H.addmm_(xs.t(), xs)
         self.sq_norm.add_((x * x).sum(0) / total)
+        if self.H is not None:
+            self.H.mul_(self.n / total)
+            # addmm runs this at GEMM speed; sqrt(2/total) folds the 2/n factor into x.
+            xs = x * (2.0 / total) ** 0.5
+            self.H.addmm_(xs.t(), xs)
         self.n = total
 
     def finite(self) -> bool:
-        return bool(torch.isfinite(self.H).all())
+        return bool(torch.isfinite(self.sq_norm if self.H is None else self.H).all())
+
+    def diagonal(self) -> torch.Tensor:
+        """diag(H) = 2/n * sum_i x_ij^2, available in both modes."""
+        return 2.0 * self.sq_norm
 
     def input_norm(self) -> torch.Tensor:
         """||x_j||_2 over all rows seen (Wanda's activation statistic)."""

@@ -87,6 +87,24 @@ def test_true_sequential_feeds_compressed_outputs_to_later_groups(sequential: bo
     assert (float(o_proj_H.abs().max()) == 0) == sequential
 
 
+def test_diagonal_only_hessians_give_the_same_norms_and_a_diagonal_error_model() -> None:
+    """full_hessian=False (Wanda's mode): no [cols, cols] matrix, the same activation norms,
+    and rel_error weighted by diag(H) (Wanda's own error model)."""
+    def prune_half(job: LinearJob) -> dict:
+        W = weight_matrix(job.module)
+        stats = {"norm": job.hessian.input_norm().clone(), "H": job.hessian.H}
+        with torch.no_grad():
+            set_weight_matrix(job.module, W.masked_fill(torch.arange(W.shape[1]) % 2 == 0, 0.0))
+        return stats
+
+    full = compress_model(tiny_model("llama"), windows(), prune_half, CPU)
+    diag = compress_model(tiny_model("llama"), windows(), prune_half, CPU, full_hessian=False)
+    assert all(r["H"] is None for r in diag) and all(r["H"] is not None for r in full)
+    for a, b in zip(full, diag):
+        torch.testing.assert_close(a["norm"], b["norm"])
+        assert 0 < b["rel_error"] < 1 and b["rel_error"] != a["rel_error"]
+
+
 def test_data_free_compressor_gets_no_hessian_and_layers_end_on_cpu() -> None:
     model = tiny_model("opt")
     report = compress_model(model, None, lambda job: {"had_h": job.hessian is not None}, CPU)

@@ -95,3 +95,17 @@ def test_bad_arguments_raise():
         inverse_hessian(torch.eye(3), -0.1)
     with pytest.raises(ValueError, match="square"):
         inverse_hessian(torch.ones(3, 4))
+
+
+def test_diagonal_only_accumulator_keeps_the_same_statistics_without_H():
+    X = inputs()
+    full, diag = HessianAccumulator(24), HessianAccumulator(24, full=False)
+    for acc in (full, diag):
+        acc.add(X[:100])
+        acc.add(X[100:].reshape(5, 40, 24))
+    assert diag.H is None and diag.n == full.n == 300
+    torch.testing.assert_close(diag.diagonal(), torch.diagonal(full.H))
+    torch.testing.assert_close(diag.input_norm(), full.input_norm())
+    assert diag.finite()
+    diag.add(torch.full((1, 24), float("nan")))
+    assert not diag.finite()
