@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from shrink.cli import quiet_import_noise
 from shrink.errors import ShrinkError
 
 log = logging.getLogger("shrink")
@@ -64,6 +65,7 @@ def worker(cfg: Any, out: Path) -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
     overrides = sys.argv[1:] if argv is None else argv
+    quiet_import_noise()
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=6))
     rank = dist.get_rank()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,

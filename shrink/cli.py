@@ -16,6 +16,18 @@ from shrink.errors import ShrinkError
 log = logging.getLogger("shrink")
 
 
+# Import-time chatter of optional packages that says nothing about this run: torchao (pulled
+# in by gptqmodel, imported by transformers) reports its CUDA-only extensions as "Failed to
+# load" on CPU, and torch's pytree warns about torchao's Enum registrations.
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+def quiet_import_noise() -> None:
+    """Raise the known-noisy third-party loggers to ERROR (their real errors still show)."""
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def asset_path(name: str) -> str:
     """OmegaConf resolver ${asset:NAME}: a data file shipped inside the package."""
     return str(Path(__file__).parent / "assets" / name)
@@ -159,6 +171,7 @@ SUBCOMMANDS = {"import-gguf": import_gguf_command, "report": report_command, "pu
 
 
 def main() -> None:
+    quiet_import_noise()
     argv = sys.argv[1:]
     if argv and argv[0] in SUBCOMMANDS:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
