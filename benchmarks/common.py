@@ -3,6 +3,7 @@ run pipelines in-process, and write results JSON with git sha and device."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import tempfile
@@ -56,17 +57,33 @@ def device_info() -> dict[str, Any]:
 
 class Results:
     """benchmarks/results/NAME.json, rewritten after every row so a crash loses nothing;
-    rows already present (same key fields) are skipped when the script is re-run."""
+    rows already present (same key fields) are skipped when the script is re-run. Several
+    processes may fill one file (e.g. one arm per core): each save merges the rows another
+    process wrote meanwhile, so none is lost."""
 
     def __init__(self, name: str, config: dict[str, Any], key: tuple[str, ...]) -> None:
         self.path = RESULTS / f"{name}.json"
         self.name, self.config, self.key = name, config, key
         old = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        self.rows: list[dict[str, Any]] = old.get("rows", []) if old.get("config") == config else []
+        if old.get("rows") and old.get("config") != config:
+            # never overwrite measured rows of another configuration with a new run
+            raise SystemExit(f"{self.path} holds results of another configuration: "
+                             "give this run another name, or move that file away to redo it")
+        self.rows: list[dict[str, Any]] = old.get("rows", [])
         self.shas = sorted(set(old.get("git_shas", []))) if self.rows else []
 
     def has(self, **fields: Any) -> bool:
         return any(all(r.get(k) == fields[k] for k in self.key) for r in self.rows)
+
+    def merge_from_disk(self) -> None:
+        """Take in the rows another process saved under the same config since we read the file."""
+        old = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        if old.get("config") != self.config:
+            return
+        for row in old.get("rows", []):
+            if not self.has(**{k: row.get(k) for k in self.key}):
+                self.rows.append(row)
+        self.shas = sorted(set(self.shas) | set(old.get("git_shas", [])))
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -75,10 +92,11 @@ class Results:
 
     def save(self) -> Path:
         RESULTS.mkdir(parents=True, exist_ok=True)
+        self.merge_from_disk()
         shas = sorted(set(self.shas) | {git_sha()})
         payload = {"benchmark": self.name, "git_sha": git_sha(), "git_shas": shas, "device": device_info(),
                    "date": time.strftime("%Y-%m-%d %H:%M:%S"), "config": self.config, "rows": self.rows}
-        tmp = self.path.with_suffix(".tmp")
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")  # one per process filling the file
         tmp.write_text(json.dumps(payload, indent=2))
         tmp.replace(self.path)
         return self.path

@@ -2,11 +2,14 @@
 plus the progressive (layer-by-layer) schedule. Teacher: ../shared/models/llama-teacher
 (8 layers, hidden 384, 6/2 heads); students: ../shared/models/llama-student (4 layers,
 256, 4/2 heads) and a skip student (teacher layers 0, 2, 5, 7). Transfer set: docs-en
-valid (--train train for the split both models were trained on). Every arm sees the same
+valid for the CPU budgets, docs-en train for --full (valid holds 204k tokens: the full budget
+of 16.4M tokens would be 80 epochs of it); --train picks either. Every arm sees the same
 token budget (steps x batch x seq_len) and the same windows in the same order (seed 0);
 the progressive arms add their layer stages on top, which is their cost. Perplexity by the
 protocol (docs-en test, 512-token windows; the CPU budget caps their number).
-Writes benchmarks/results/distill_akt.json (re-running skips the arms already there).
+Writes benchmarks/results/distill_akt.json, or distill_akt_<settings>.json for any setting
+other than the default (budget, AKT weight, layer map, ...); re-running skips the arms
+already there.
 
     python -m benchmarks.distill_akt --threads 1  # CPU-sized (~25 min on 2 busy cores)
     python -m benchmarks.distill_akt --full       # the GPU-sized comparison
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import time
 from typing import Any
 
@@ -38,13 +42,18 @@ ARMS = [  # (init, loss, schedule)
 BUDGETS = {  # steps, batch, seq_len, eval windows, progressive steps per layer
     "cpu": dict(steps=40, batch_size=8, seq_len=256, windows=64, progressive_steps=10),
     "cpu4x": dict(steps=160, batch_size=8, seq_len=256, windows=64, progressive_steps=40),
+    "cpu8x": dict(steps=320, batch_size=8, seq_len=256, windows=64, progressive_steps=80),
+    "cpu16x": dict(steps=640, batch_size=8, seq_len=256, windows=64, progressive_steps=160),
     "full": dict(steps=2000, batch_size=16, seq_len=512, windows=None, progressive_steps=500),
     "smoke": dict(steps=2, batch_size=2, seq_len=64, windows=2, progressive_steps=1),
 }
 LR = {"pretrained": 1e-4, "skip": 3e-4}  # chosen on the LM-only arm of each init
 # The transfer set. Both shared models were trained (to the edge of overfitting) on docs-en
-# train, so the default is docs-en valid: text neither model has seen, never the test split.
+# train, so the CPU budgets use docs-en valid: text neither model has seen, never the test
+# split. Valid is small (204k tokens), so the GPU budget distills on train (5.3M tokens, about
+# 3 epochs) rather than repeat valid 80 times.
 SPLITS = ("valid", "train")
+DEFAULT_SPLIT = {"full": "train"}  # every other budget: valid
 
 
 DEFAULT_OPTS = {"split": "valid", "relation_heads": 8, "layer_map": "uniform"}
@@ -86,23 +95,29 @@ def main() -> None:
     parser.add_argument("--relation-heads", type=int, default=8)
     parser.add_argument("--layer-map", default="uniform", help="distill.layer_map of the AKT arms")
     parser.add_argument("--arms", default="all", help="comma-separated arm indices (default: all)")
-    parser.add_argument("--name", default="distill_akt")
-    parser.add_argument("--train", choices=SPLITS, default="valid", help="docs-en split to distill on")
+    parser.add_argument("--name", default=None,
+                        help="results file (default: distill_akt plus each setting that is not the default, "
+                             "e.g. distill_akt_cpu4x_w0.1)")
+    parser.add_argument("--train", choices=SPLITS, default=None,
+                        help="docs-en split to distill on (default: train for --full, else valid)")
     parser.add_argument("--lr", action="append", default=[], metavar="INIT=LR", help="e.g. skip=1e-3")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 is far faster on a machine shared with other jobs)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    budget = "full" if args.full else args.budget
+    b = BUDGETS[budget]
+    args.train = args.train or DEFAULT_SPLIT.get(budget, "valid")
+    args.name = args.name or default_name(budget, args)
     if args.table:
         print(render_table(json.loads((RESULTS / f"{args.name}.json").read_text())))
         return
     logging.basicConfig(level=logging.WARNING)
-    b = BUDGETS["full" if args.full else args.budget]
     weights = {"lm": 1.0, "logit": 1.0, "akt": args.akt_weight}
     LR.update({k: float(v) for k, v in (item.split("=") for item in args.lr)})
     arms = ARMS if args.arms == "all" else [ARMS[int(i)] for i in args.arms.split(",")]
-    config = {"budget": "full" if args.full else args.budget, **b, "lr": LR, "weights": weights,
+    config = {"budget": budget, **b, "lr": LR, "weights": weights,
               "train_split": args.train, "temperature": 1.0, "relation_heads": args.relation_heads,
               # recorded only when not the default, so the JSON of earlier runs still matches
               # and re-running skips their measured arms
@@ -120,6 +135,18 @@ def main() -> None:
             opts = {"split": args.train, "relation_heads": args.relation_heads, "layer_map": args.layer_map}
             results.add(run_arm(init, loss, schedule, b, weights, opts))
     print(results.save())
+
+
+def default_name(budget: str, args: argparse.Namespace) -> str:
+    """distill_akt, then each setting that differs from the default: one file per configuration."""
+    parts = ["distill_akt"]
+    parts += [budget] if budget != "cpu" else []
+    parts += [f"w{args.akt_weight:g}"] if args.akt_weight != 1.0 else []
+    parts += [args.layer_map] if args.layer_map != "uniform" else []
+    parts += [f"r{args.relation_heads}"] if args.relation_heads != 8 else []
+    parts += [f"on-{args.train}"] if args.train != DEFAULT_SPLIT.get(budget, "valid") else []
+    parts += [f"lr-{item.replace('=', '')}" for item in args.lr]
+    return re.sub(r"[^\w.-]", "-", "_".join(parts))  # an explicit map "0:1,1:3" -> "0-1-1-3"
 
 
 LOSS_LABEL = {"lm": "LM only", "logits": "logit KD", "akt": "AKT (Q/K/V) + logit KD"}

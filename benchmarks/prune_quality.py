@@ -2,8 +2,8 @@
 against each step alone. 128 x 512 calibration from docs-en train, perplexity on
 docs-en test. Writes benchmarks/results/prune_quality.json.
 
-    python benchmarks/prune_quality.py           # ~30 min on 2 CPU cores
-    python benchmarks/prune_quality.py --quick   # 50% unstructured only
+    python -m benchmarks.prune_quality             # ~30 min on 2 CPU cores
+    python -m benchmarks.prune_quality --quick     # 50% unstructured only
     python -m benchmarks.prune_quality --ablation  # SparseGPT 50% settings, docs-en valid
     python -m benchmarks.prune_quality --timing    # seconds per layer, prune stage only (quiet machine)
 """

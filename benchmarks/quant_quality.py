@@ -2,8 +2,8 @@
 every setting). 128 calibration windows of 512 tokens from docs-en train, perplexity
 on docs-en test by the protocol. Writes benchmarks/results/quant_quality.json.
 
-    python benchmarks/quant_quality.py            # all settings (~30 min on 2 CPU cores)
-    python benchmarks/quant_quality.py --quick    # 4-bit g128 only
+    python -m benchmarks.quant_quality          # all settings (~30 min on 2 CPU cores)
+    python -m benchmarks.quant_quality --quick  # 4-bit g128 only
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Render benchmarks/results/*.json into Markdown tables and splice them into README.md
 between `<!-- BEGIN table:NAME -->` and `<!-- END table:NAME -->` markers.
 
-    python benchmarks/tables.py          # rewrite README.md in place
+    python -m benchmarks.tables  # rewrite README.md in place
 Tables are only ever generated from the JSON, never typed by hand.
 """
 from __future__ import annotations

@@ -1,0 +1,44 @@
+"""Results files: one per configuration, filled safely by several processes at once."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+import benchmarks.common as common
+from benchmarks.distill_akt import default_name
+
+
+def test_two_writers_of_one_file_keep_each_others_rows(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    config = {"budget": "cpu8x"}
+    a = common.Results("bench", config, key=("arm",))
+    b = common.Results("bench", config, key=("arm",))  # both opened the file before any row
+    a.add({"arm": "akt", "ppl": 21.0})
+    b.add({"arm": "logits", "ppl": 20.0})
+    a.add({"arm": "lm", "ppl": 25.0})
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert sorted(r["arm"] for r in rows) == ["akt", "lm", "logits"]
+    assert common.Results("bench", config, key=("arm",)).has(arm="logits")
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_run_of_another_configuration_never_overwrites_measured_rows(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    common.Results("bench", {"budget": "cpu"}, key=("arm",)).add({"arm": "akt", "ppl": 30.0})
+    before = (tmp_path / "bench.json").read_text()
+    with pytest.raises(SystemExit, match="another configuration"):
+        common.Results("bench", {"budget": "cpu8x"}, key=("arm",))
+    assert (tmp_path / "bench.json").read_text() == before
+
+
+@pytest.mark.parametrize("budget,weight,layer_map,train,name", [
+    ("cpu", 1.0, "uniform", "valid", "distill_akt"),
+    ("cpu4x", 0.1, "uniform", "valid", "distill_akt_cpu4x_w0.1"),
+    ("cpu", 1.0, "last", "valid", "distill_akt_last"),
+    ("full", 1.0, "0:1,1:3", "valid", "distill_akt_full_0-1-1-3_on-valid"),
+])
+def test_distill_results_are_named_by_every_setting_off_the_default(budget, weight, layer_map, train, name) -> None:
+    args = argparse.Namespace(akt_weight=weight, layer_map=layer_map, relation_heads=8, train=train, lr=[])
+    assert default_name(budget, args) == name
