@@ -54,6 +54,7 @@ LR = {"pretrained": 1e-4, "skip": 3e-4}  # chosen on the LM-only arm of each ini
 # 3 epochs) rather than repeat valid 80 times.
 SPLITS = ("valid", "train")
 DEFAULT_SPLIT = {"full": "train"}  # every other budget: valid
+TRAIN_TOKENS = {"valid": 204_354, "train": 5_271_784}  # docs-en split sizes in tokens (EOS per document)
 
 
 DEFAULT_OPTS = {"split": "valid", "relation_heads": 8, "layer_map": "uniform"}
@@ -168,6 +169,27 @@ def render_table(p: dict[str, Any]) -> str:
             f"= {c['tokens_per_arm']:,} tokens; test windows: {c['windows'] or 'all'} x 512.\n\n")
     return head + md(["model", "training", "ppl at init", "test ppl", "steps", "tokens", "train s", "tokens/s"],
                      rows) + footer(p)
+
+
+def render_budgets(payloads: list[dict[str, Any]]) -> str:
+    """The three joint arms of each init at every budget measured with the default AKT settings
+    (weight 1, uniform map, 8 relation heads, the budget's default split): how the gap moves."""
+    rows = []
+    for p in sorted(payloads, key=lambda p: p["config"]["tokens_per_arm"]):
+        c = p["config"]
+        if (c["weights"]["akt"] != 1.0 or c.get("layer_map", "uniform") != "uniform" or c["relation_heads"] != 8
+                or c["train_split"] != DEFAULT_SPLIT.get(c["budget"], "valid")):
+            continue
+        ppl = {(r["init"], r["loss"]): r["ppl"] for r in p["rows"] if r["schedule"] in ("joint", "-")}
+        for init in INITS:
+            lm, logit, akt = (ppl.get((init, loss)) for loss in ("lm", "logits", "akt"))
+            if lm is None and logit is None and akt is None:
+                continue
+            gap = f"{akt - logit:+.3f}" if akt is not None and logit is not None else ""
+            epochs = c["tokens_per_arm"] / TRAIN_TOKENS[c["train_split"]]
+            rows.append([c["budget"], f"{c['tokens_per_arm']:,}", f"{epochs:.1f}", f"init={init}", lm, logit, akt, gap])
+    return md(["budget", "tokens per arm", "epochs of the split", "student", "LM only", "logit KD",
+               "AKT + logit KD", "AKT - logit KD"], rows)
 
 
 def render_variants(payloads: list[dict[str, Any]]) -> str:

@@ -167,9 +167,12 @@ def render_all(readme: Path = ROOT / "README.md") -> None:
         text = splice(text, "default_job", render(json.loads((RESULTS / "default_job.json").read_text())))
     variants = sorted(RESULTS.glob("distill_akt_*.json"))
     if variants:
-        from benchmarks.distill_akt import render_variants
+        from benchmarks.distill_akt import render_budgets, render_variants
 
-        text = splice(text, "distill_variants", render_variants([json.loads(p.read_text()) for p in variants]))
+        payloads = [json.loads(p.read_text()) for p in variants]
+        text = splice(text, "distill_variants", render_variants(payloads))
+        base = [json.loads((RESULTS / "distill_akt.json").read_text())] if (RESULTS / "distill_akt.json").is_file() else []
+        text = splice(text, "distill_budgets", render_budgets(base + payloads))
     if (RESULTS / "sweep_report" / "report.md").is_file():
         text = splice(text, "sweep", sweep_report(RESULTS / "sweep_report" / "report.md"))
     groups: dict[str, list[Path]] = {}
