@@ -5,12 +5,14 @@ docs-en test. Writes benchmarks/results/prune_quality.json.
     python -m benchmarks.prune_quality             # ~30 min on 2 CPU cores
     python -m benchmarks.prune_quality --quick     # 50% unstructured only
     python -m benchmarks.prune_quality --ablation  # SparseGPT 50% settings, docs-en valid
-    python -m benchmarks.prune_quality --timing    # seconds per layer, prune stage only (quiet machine)
+    python -m benchmarks.prune_quality --timing --threads 1  # seconds per layer, prune stage only
 """
 from __future__ import annotations
 
 import argparse
 import logging
+
+import torch
 
 from benchmarks.common import Results, run
 
@@ -46,7 +48,8 @@ def ablation(base: list[str]) -> None:
 def timing(base: list[str]) -> None:
     """The prune stage alone, one method after the other, so no other job skews the seconds."""
     results = Results("prune_timing", {"overrides": base, "calibration": "128 x 512 docs-en train, seed 0",
-                                       "stages": ["prune"]}, key=("method", "pattern"))
+                                       "stages": ["prune"], "threads": torch.get_num_threads()},
+                      key=("method", "pattern"))
     for pattern, _, methods in SETTINGS[:2]:
         for method in methods:
             if not results.has(method=method, pattern=pattern):
@@ -62,7 +65,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--ablation", action="store_true", help="SparseGPT 50%% settings (prune_ablation.json)")
     parser.add_argument("--timing", action="store_true", help="seconds per layer alone (prune_timing.json)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     base = ["model=llama_teacher", "data=docs_en", "eval.batch_size=8", "quant.bits=4", "quant.group_size=128"]
     if args.ablation or args.timing:

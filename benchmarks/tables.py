@@ -64,10 +64,12 @@ def prune_quality(p: dict[str, Any]) -> str:
     text = f"Dense baseline: {base:.3f}\n\n" if base else ""
     text += md(["setting", "magnitude", "Wanda", "SparseGPT", "achieved sparsity"], rows)
     timing = RESULTS / "prune_timing.json"
-    if timing.is_file():  # measured alone: the quality runs above shared the CPU with other jobs
+    if timing.is_file():  # one run for all methods: the quality runs above shared the CPU with other jobs
         t = json.loads(timing.read_text())
+        threads = t["config"].get("threads")
         text += ("\n\nSeconds per decoder layer, prune stage alone (calibration forward, Hessians, mask, "
-                 "updates; `--timing`):\n\n" + md(["method", "unstructured 50%", "2:4"], [
+                 f"updates; `--timing`{f', {threads} thread' if threads == 1 else ''}; "
+                 "all methods in one run):\n\n" + md(["method", "unstructured 50%", "2:4"], [
                      [m] + [next((f"{r['seconds_per_layer']:.2f}" for r in t["rows"]
                                   if (r["method"], r["pattern"]) == (m, pat)), None) for pat in ("unstructured", "2:4")]
                      for m in ("magnitude", "wanda", "sparsegpt")]) + footer(t))
