@@ -171,14 +171,19 @@ def render_table(p: dict[str, Any]) -> str:
                      rows) + footer(p)
 
 
+def default_settings(c: dict[str, Any]) -> bool:
+    """Whether a results file ran the default AKT settings (it may differ in budget only)."""
+    return (c["weights"]["akt"] == 1.0 and c.get("layer_map", "uniform") == "uniform" and c["relation_heads"] == 8
+            and c["train_split"] == DEFAULT_SPLIT.get(c["budget"], "valid"))
+
+
 def render_budgets(payloads: list[dict[str, Any]]) -> str:
     """The three joint arms of each init at every budget measured with the default AKT settings
     (weight 1, uniform map, 8 relation heads, the budget's default split): how the gap moves."""
     rows = []
     for p in sorted(payloads, key=lambda p: p["config"]["tokens_per_arm"]):
         c = p["config"]
-        if (c["weights"]["akt"] != 1.0 or c.get("layer_map", "uniform") != "uniform" or c["relation_heads"] != 8
-                or c["train_split"] != DEFAULT_SPLIT.get(c["budget"], "valid")):
+        if not default_settings(c):
             continue
         ppl = {(r["init"], r["loss"]): r["ppl"] for r in p["rows"] if r["schedule"] in ("joint", "-")}
         for init in INITS:
@@ -193,10 +198,13 @@ def render_budgets(payloads: list[dict[str, Any]]) -> str:
 
 
 def render_variants(payloads: list[dict[str, Any]]) -> str:
-    """Every arm of the other runs (--akt-weight, --layer-map, --budget), one row each."""
+    """Every arm of the runs with other AKT settings (--akt-weight, --layer-map, ...), one row each;
+    runs that differ only in budget are render_budgets' rows."""
     rows = []
     for p in payloads:
         c = p["config"]
+        if default_settings(c):
+            continue
         for r in p["rows"]:
             if r["init"] == "teacher":
                 continue

@@ -29,18 +29,21 @@ def test_one_arm_at_smoke_size_and_the_table() -> None:
 
 
 def test_budget_table_lines_up_the_three_arms_and_skips_non_default_settings() -> None:
-    from benchmarks.distill_akt import render_budgets
+    from benchmarks.distill_akt import render_budgets, render_variants
 
     def payload(budget: str, tokens: int, akt_weight: float, ppl: dict[str, float]) -> dict:
         config = {"budget": budget, "tokens_per_arm": tokens, "weights": {"akt": akt_weight},
                   "relation_heads": 8, "train_split": "valid"}
-        rows = [{"init": "skip", "loss": loss, "schedule": "joint", "ppl": v} for loss, v in ppl.items()]
-        return {"config": config, "rows": [{"init": "teacher", "loss": "-", "schedule": "-", "ppl": 11.0}] + rows}
+        rows = [{"init": "skip", "loss": loss, "schedule": "joint", "ppl": v, "tokens_per_s": 100.0}
+                for loss, v in ppl.items()]
+        return {"benchmark": f"distill_akt_{budget}_w{akt_weight}", "config": config, "rows": [{"init": "teacher", "loss": "-", "schedule": "-", "ppl": 11.0}] + rows}
 
-    table = render_budgets([payload("cpu4x", 408_708, 1.0, {"lm": 25.0, "logits": 21.0, "akt": 21.5}),
-                            payload("cpu", 204_354, 1.0, {"lm": 34.0, "logits": 30.0, "akt": 29.0}),
-                            payload("cpu", 204_354, 0.1, {"akt": 1.0})])
-    lines = table.splitlines()[2:]
+    payloads = [payload("cpu4x", 408_708, 1.0, {"lm": 25.0, "logits": 21.0, "akt": 21.5}),
+                payload("cpu", 204_354, 1.0, {"lm": 34.0, "logits": 30.0, "akt": 29.0}),
+                payload("cpu", 204_354, 0.1, {"akt": 1.0})]
+    variants = render_variants(payloads).splitlines()[2:]
+    assert len(variants) == 1 and "weight 0.1, map uniform | 1.000" in variants[0]
+    lines = render_budgets(payloads).splitlines()[2:]
     assert len(lines) == 2  # the weight-0.1 file is a variant, not a budget point
     assert lines[0].startswith("| cpu | 204,354 | 1.0 | init=skip | 34.000 | 30.000 | 29.000 | -1.000 |")
     assert lines[1].startswith("| cpu4x | 408,708 | 2.0 | init=skip | 25.000 | 21.000 | 21.500 | +0.500 |")
