@@ -64,26 +64,31 @@ class Results:
     def __init__(self, name: str, config: dict[str, Any], key: tuple[str, ...]) -> None:
         self.path = RESULTS / f"{name}.json"
         self.name, self.config, self.key = name, config, key
-        old = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.rows: list[dict[str, Any]] = []
+        self.shas: list[str] = []
+        old = self.read()
         if old.get("rows") and old.get("config") != config:
             # never overwrite measured rows of another configuration with a new run
             raise SystemExit(f"{self.path} holds results of another configuration: "
                              "give this run another name, or move that file away to redo it")
-        self.rows: list[dict[str, Any]] = old.get("rows", [])
-        self.shas = sorted(set(old.get("git_shas", []))) if self.rows else []
+        self.merge(old)
+
+    def read(self) -> dict[str, Any]:
+        return json.loads(self.path.read_text()) if self.path.is_file() else {}
 
     def has(self, **fields: Any) -> bool:
         return any(all(r.get(k) == fields[k] for k in self.key) for r in self.rows)
 
-    def merge_from_disk(self) -> None:
-        """Take in the rows another process saved under the same config since we read the file."""
-        old = json.loads(self.path.read_text()) if self.path.is_file() else {}
+    def merge(self, old: dict[str, Any]) -> None:
+        """Take in the rows of `old` (the file as saved, maybe by another process meanwhile)
+        that we lack, when it holds the same configuration."""
         if old.get("config") != self.config:
             return
         for row in old.get("rows", []):
             if not self.has(**{k: row.get(k) for k in self.key}):
                 self.rows.append(row)
-        self.shas = sorted(set(self.shas) | set(old.get("git_shas", [])))
+        if self.rows:
+            self.shas = sorted(set(self.shas) | set(old.get("git_shas", [])))
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -92,7 +97,7 @@ class Results:
 
     def save(self) -> Path:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        self.merge_from_disk()
+        self.merge(self.read())
         shas = sorted(set(self.shas) | {git_sha()})
         payload = {"benchmark": self.name, "git_sha": git_sha(), "git_shas": shas, "device": device_info(),
                    "date": time.strftime("%Y-%m-%d %H:%M:%S"), "config": self.config, "rows": self.rows}

@@ -53,8 +53,11 @@ LR = {"pretrained": 1e-4, "skip": 3e-4}  # chosen on the LM-only arm of each ini
 # split. Valid is small (204k tokens), so the GPU budget distills on train (5.3M tokens, about
 # 3 epochs) rather than repeat valid 80 times.
 SPLITS = ("valid", "train")
-DEFAULT_SPLIT = {"full": "train"}  # every other budget: valid
 TRAIN_TOKENS = {"valid": 204_354, "train": 5_271_784}  # docs-en split sizes in tokens (EOS per document)
+
+
+def default_split(budget: str) -> str:
+    return "train" if budget == "full" else "valid"
 
 
 DEFAULT_OPTS = {"split": "valid", "relation_heads": 8, "layer_map": "uniform"}
@@ -109,7 +112,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     budget = "full" if args.full else args.budget
     b = BUDGETS[budget]
-    args.train = args.train or DEFAULT_SPLIT.get(budget, "valid")
+    args.train = args.train or default_split(budget)
     args.name = args.name or default_name(budget, args)
     if args.table:
         print(render_table(json.loads((RESULTS / f"{args.name}.json").read_text())))
@@ -145,7 +148,7 @@ def default_name(budget: str, args: argparse.Namespace) -> str:
     parts += [f"w{args.akt_weight:g}"] if args.akt_weight != 1.0 else []
     parts += [args.layer_map] if args.layer_map != "uniform" else []
     parts += [f"r{args.relation_heads}"] if args.relation_heads != 8 else []
-    parts += [f"on-{args.train}"] if args.train != DEFAULT_SPLIT.get(budget, "valid") else []
+    parts += [f"on-{args.train}"] if args.train != default_split(budget) else []
     parts += [f"lr-{item.replace('=', '')}" for item in args.lr]
     return re.sub(r"[^\w.-]", "-", "_".join(parts))  # an explicit map "0:1,1:3" -> "0-1-1-3"
 
@@ -174,7 +177,7 @@ def render_table(p: dict[str, Any]) -> str:
 def default_settings(c: dict[str, Any]) -> bool:
     """Whether a results file ran the default AKT settings (it may differ in budget only)."""
     return (c["weights"]["akt"] == 1.0 and c.get("layer_map", "uniform") == "uniform" and c["relation_heads"] == 8
-            and c["train_split"] == DEFAULT_SPLIT.get(c["budget"], "valid"))
+            and c["train_split"] == default_split(c["budget"]))
 
 
 def render_budgets(payloads: list[dict[str, Any]]) -> str:
@@ -186,12 +189,12 @@ def render_budgets(payloads: list[dict[str, Any]]) -> str:
         if not default_settings(c):
             continue
         ppl = {(r["init"], r["loss"]): r["ppl"] for r in p["rows"] if r["schedule"] in ("joint", "-")}
+        epochs = c["tokens_per_arm"] / TRAIN_TOKENS[c["train_split"]]
         for init in INITS:
             lm, logit, akt = (ppl.get((init, loss)) for loss in ("lm", "logits", "akt"))
             if lm is None and logit is None and akt is None:
                 continue
             gap = f"{akt - logit:+.3f}" if akt is not None and logit is not None else ""
-            epochs = c["tokens_per_arm"] / TRAIN_TOKENS[c["train_split"]]
             rows.append([c["budget"], f"{c['tokens_per_arm']:,}", f"{epochs:.1f}", f"init={init}", lm, logit, akt, gap])
     return md(["budget", "tokens per arm", "epochs of the split", "student", "LM only", "logit KD",
                "AKT + logit KD", "AKT - logit KD"], rows)

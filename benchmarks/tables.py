@@ -66,9 +66,9 @@ def prune_quality(p: dict[str, Any]) -> str:
     timing = RESULTS / "prune_timing.json"
     if timing.is_file():  # one run for all methods: the quality runs above shared the CPU with other jobs
         t = json.loads(timing.read_text())
-        threads = t["config"].get("threads")
+        one_thread = ", 1 thread" if t["config"].get("threads") == 1 else ""
         text += ("\n\nSeconds per decoder layer, prune stage alone (calibration forward, Hessians, mask, "
-                 f"updates; `--timing`{f', {threads} thread' if threads == 1 else ''}; "
+                 f"updates; `--timing`{one_thread}; "
                  "all methods in one run):\n\n" + md(["method", "unstructured 50%", "2:4"], [
                      [m] + [next((f"{r['seconds_per_layer']:.2f}" for r in t["rows"]
                                   if (r["method"], r["pattern"]) == (m, pat)), None) for pat in ("unstructured", "2:4")]

@@ -143,5 +143,3 @@ def execution_order(model: nn.Module) -> list[str]:
         for h in handles:
             h.remove()
     return list(order)
-
-
