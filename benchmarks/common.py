@@ -15,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from shrink.cli import register_resolvers
+from shrink.cli import quiet_import_noise, register_resolvers
 from shrink.config import register_configs
 from shrink.pipeline import run_pipeline
 
@@ -32,6 +32,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
 def run(overrides: list[str]) -> dict[str, Any]:
     """Run one pipeline in a throwaway folder; returns its metrics.json content."""
+    quiet_import_noise()  # as the CLI does: torchao's and pytree's import-time lines are not results
     cfg = compose_config(overrides)
     with tempfile.TemporaryDirectory() as tmp:
         if cfg.pipeline.stages[-1] == "export":
@@ -63,11 +64,12 @@ class Results:
 
     def __init__(self, name: str, config: dict[str, Any], key: tuple[str, ...]) -> None:
         self.path = RESULTS / f"{name}.json"
-        self.name, self.config, self.key = name, config, key
+        # as the file will hold it (tuples become lists), so a re-run compares equal to its own file
+        self.name, self.config, self.key = name, json.loads(json.dumps(config)), key
         self.rows: list[dict[str, Any]] = []
         self.shas: list[str] = []
         old = self.read()
-        if old.get("rows") and old.get("config") != config:
+        if old.get("rows") and old.get("config") != self.config:
             # never overwrite measured rows of another configuration with a new run
             raise SystemExit(f"{self.path} holds results of another configuration: "
                              "give this run another name, or move that file away to redo it")

@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import re
+import statistics
 import time
 from typing import Any
 
@@ -60,7 +61,7 @@ def default_split(budget: str) -> str:
     return "train" if budget == "full" else "valid"
 
 
-DEFAULT_OPTS = {"split": "valid", "relation_heads": 8, "layer_map": "uniform"}
+DEFAULT_OPTS = {"split": "valid", "relation_heads": 8, "layer_map": "uniform", "seed": 0}
 
 
 def overrides(init: str, loss: str, schedule: str, b: dict[str, Any], weights: dict[str, float],
@@ -68,7 +69,7 @@ def overrides(init: str, loss: str, schedule: str, b: dict[str, Any], weights: d
     windows = "null" if b["windows"] is None else b["windows"]
     return ["pipeline=distill", "model=llama_teacher", "data=docs_en", "eval.baseline=false", "eval.batch_size=8",
             f"distill.train_path={SHARED}/data/docs-en/{opts['split']}.jsonl.gz",
-            f"data.eval.max_windows={windows}", "data.eval.seq_len=512", "seed=0", *INITS[init],
+            f"data.eval.max_windows={windows}", "data.eval.seq_len=512", f"seed={opts['seed']}", *INITS[init],
             f"distill.loss={loss}", f"distill.schedule={schedule}", f"distill.steps={b['steps']}",
             f"distill.progressive_steps={b['progressive_steps']}", f"distill.batch_size={b['batch_size']}",
             f"distill.seq_len={b['seq_len']}", f"distill.lr={LR[init]}", f"distill.warmup={max(1, b['steps'] // 10)}",
@@ -104,6 +105,8 @@ def main() -> None:
                              "e.g. distill_akt_cpu4x_w0.1)")
     parser.add_argument("--train", choices=SPLITS, default=None,
                         help="docs-en split to distill on (default: train for --full, else valid)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="window order of the transfer set (the skip student's init does not depend on it)")
     parser.add_argument("--lr", action="append", default=[], metavar="INIT=LR", help="e.g. skip=1e-3")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 is far faster on a machine shared with other jobs)")
@@ -126,6 +129,7 @@ def main() -> None:
               # recorded only when not the default, so the JSON of earlier runs still matches
               # and re-running skips their measured arms
               **({"layer_map": args.layer_map} if args.layer_map != "uniform" else {}),
+              **({"seed": args.seed} if args.seed else {}),
               "threads": torch.get_num_threads(), "tokens_per_arm": b["steps"] * b["batch_size"] * b["seq_len"]}
     results = Results(args.name, config, key=("init", "loss", "schedule"))  # re-running skips finished arms
     windows = "null" if b["windows"] is None else b["windows"]
@@ -136,7 +140,8 @@ def main() -> None:
                      "params": teacher["params"]})
     for init, loss, schedule in arms:
         if not results.has(init=init, loss=loss, schedule=schedule):
-            opts = {"split": args.train, "relation_heads": args.relation_heads, "layer_map": args.layer_map}
+            opts = {"split": args.train, "relation_heads": args.relation_heads, "layer_map": args.layer_map,
+                    "seed": args.seed}
             results.add(run_arm(init, loss, schedule, b, weights, opts))
     print(results.save())
 
@@ -148,6 +153,7 @@ def default_name(budget: str, args: argparse.Namespace) -> str:
     parts += [f"w{args.akt_weight:g}"] if args.akt_weight != 1.0 else []
     parts += [args.layer_map] if args.layer_map != "uniform" else []
     parts += [f"r{args.relation_heads}"] if args.relation_heads != 8 else []
+    parts += [f"seed{args.seed}"] if args.seed else []
     parts += [f"on-{args.train}"] if args.train != default_split(budget) else []
     parts += [f"lr-{item.replace('=', '')}" for item in args.lr]
     return re.sub(r"[^\w.-]", "-", "_".join(parts))  # an explicit map "0:1,1:3" -> "0-1-1-3"
@@ -174,10 +180,16 @@ def render_table(p: dict[str, Any]) -> str:
                      rows) + footer(p)
 
 
-def default_settings(c: dict[str, Any]) -> bool:
-    """Whether a results file ran the default AKT settings (it may differ in budget only)."""
+def default_settings(c: dict[str, Any], any_seed: bool = False) -> bool:
+    """Whether a results file ran the default AKT settings (it may differ in budget only, and in
+    seed too with `any_seed`)."""
     return (c["weights"]["akt"] == 1.0 and c.get("layer_map", "uniform") == "uniform" and c["relation_heads"] == 8
-            and c["train_split"] == default_split(c["budget"]))
+            and c["train_split"] == default_split(c["budget"]) and (any_seed or c.get("seed", 0) == 0))
+
+
+def joint_ppl(p: dict[str, Any]) -> dict[tuple[str, str], float]:
+    """(init, loss) -> test perplexity of the joint-schedule arms (and the teacher)."""
+    return {(r["init"], r["loss"]): r["ppl"] for r in p["rows"] if r["schedule"] in ("joint", "-")}
 
 
 def render_budgets(payloads: list[dict[str, Any]]) -> str:
@@ -188,7 +200,7 @@ def render_budgets(payloads: list[dict[str, Any]]) -> str:
         c = p["config"]
         if not default_settings(c):
             continue
-        ppl = {(r["init"], r["loss"]): r["ppl"] for r in p["rows"] if r["schedule"] in ("joint", "-")}
+        ppl = joint_ppl(p)
         epochs = c["tokens_per_arm"] / TRAIN_TOKENS[c["train_split"]]
         for init in INITS:
             lm, logit, akt = (ppl.get((init, loss)) for loss in ("lm", "logits", "akt"))
@@ -202,11 +214,11 @@ def render_budgets(payloads: list[dict[str, Any]]) -> str:
 
 def render_variants(payloads: list[dict[str, Any]]) -> str:
     """Every arm of the runs with other AKT settings (--akt-weight, --layer-map, ...), one row each;
-    runs that differ only in budget are render_budgets' rows."""
+    runs that differ only in budget or seed are render_budgets' and render_seeds' rows."""
     rows = []
     for p in payloads:
         c = p["config"]
-        if default_settings(c):
+        if default_settings(c, any_seed=True):
             continue
         for r in p["rows"]:
             if r["init"] == "teacher":
@@ -216,6 +228,33 @@ def render_variants(payloads: list[dict[str, Any]]) -> str:
                          r["ppl"], f"{r['tokens_per_s']:.0f}"])
     return md(["results file", "tokens per arm", "student", "training", "AKT settings", "test ppl", "tokens/s"],
               rows)
+
+
+def render_seeds(payloads: list[dict[str, Any]]) -> str:
+    """Logit KD against AKT + logit KD over the seeds measured at one budget (default AKT
+    settings; the seed orders the transfer windows): is AKT's lead larger than the spread?"""
+    by: dict[tuple[int, str, str], dict[int, tuple[float, float]]] = {}
+    for p in payloads:
+        c = p["config"]
+        if not default_settings(c, any_seed=True):
+            continue
+        ppl = joint_ppl(p)
+        for init in INITS:
+            if (init, "logits") in ppl and (init, "akt") in ppl:
+                key = (c["tokens_per_arm"], c["budget"], init)
+                by.setdefault(key, {})[c.get("seed", 0)] = (ppl[init, "logits"], ppl[init, "akt"])
+    rows = []
+    for (_, budget, init), seeds in sorted(by.items()):
+        if len(seeds) < 2:
+            continue
+        order = sorted(seeds)
+        gaps = [seeds[s][1] - seeds[s][0] for s in order]
+        rows.append([budget, f"init={init}", ", ".join(map(str, order)),
+                     ", ".join(f"{seeds[s][0]:.3f}" for s in order), ", ".join(f"{seeds[s][1]:.3f}" for s in order),
+                     ", ".join(f"{g:+.3f}" for g in gaps), f"{statistics.mean(gaps):+.3f} ± {statistics.stdev(gaps):.3f}",
+                     f"{sum(g < 0 for g in gaps)} of {len(gaps)}"])
+    return md(["budget", "student", "seeds", "logit KD", "AKT + logit KD", "AKT - logit KD",
+               "mean ± sd", "AKT ahead"], rows)
 
 
 if __name__ == "__main__":

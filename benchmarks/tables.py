@@ -159,22 +159,22 @@ def splice(text: str, name: str, block: str) -> str:
 
 def render_all(readme: Path = ROOT / "README.md") -> None:
     text = readme.read_text()
-    for name, render in RENDERERS.items():
-        path = RESULTS / f"{name}.json"
-        if path.is_file():
-            text = splice(text, name, render(json.loads(path.read_text())))
+    loaded = {name: json.loads(path.read_text()) for name in RENDERERS if (path := RESULTS / f"{name}.json").is_file()}
+    for name, payload in loaded.items():
+        text = splice(text, name, RENDERERS[name](payload))
     if (RESULTS / "default_job.json").is_file():
         from benchmarks.default_job import render
 
         text = splice(text, "default_job", render(json.loads((RESULTS / "default_job.json").read_text())))
     variants = sorted(RESULTS.glob("distill_akt_*.json"))
     if variants:
-        from benchmarks.distill_akt import render_budgets, render_variants
+        from benchmarks.distill_akt import render_budgets, render_seeds, render_variants
 
         payloads = [json.loads(p.read_text()) for p in variants]
         text = splice(text, "distill_variants", render_variants(payloads))
-        base = [json.loads((RESULTS / "distill_akt.json").read_text())] if (RESULTS / "distill_akt.json").is_file() else []
+        base = [loaded["distill_akt"]] if "distill_akt" in loaded else []
         text = splice(text, "distill_budgets", render_budgets(base + payloads))
+        text = splice(text, "distill_seeds", render_seeds(base + payloads))
     if (RESULTS / "sweep_report" / "report.md").is_file():
         text = splice(text, "sweep", sweep_report(RESULTS / "sweep_report" / "report.md"))
     groups: dict[str, list[Path]] = {}

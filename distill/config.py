@@ -33,7 +33,9 @@ class LossWeights:
 class TeacherConfig:
     dtype: Optional[str] = None  # None: model.dtype
     device: Optional[str] = None  # None: the student's device
-    device_map: Optional[str] = None  # e.g. "auto": shard the teacher across GPUs (accelerate)
+    # "auto" | "balanced" | ...: shard the teacher across GPUs (accelerate), or a JSON file of
+    # module -> device such as the device_map.json of `shrink plan`
+    device_map: Optional[str] = None
     load_in_8bit: bool = False  # bitsandbytes teacher (CUDA only)
     load_in_4bit: bool = False
     topk_logits: int = 0  # > 0: offline cache of the teacher's top-k logits for the logit term

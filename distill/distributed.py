@@ -26,6 +26,7 @@ class DistContext:
     rank: int = 0
     world: int = 1
     mesh: Any = None
+    device: torch.device = torch.device("cpu")  # where collectives run: NCCL takes CUDA tensors only
 
     @property
     def main(self) -> bool:
@@ -43,14 +44,14 @@ class DistContext:
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-        return cls(dist.get_rank(), dist.get_world_size(), mesh)
+        return cls(dist.get_rank(), dist.get_world_size(), mesh, device)
 
     def mean(self, values: torch.Tensor) -> torch.Tensor:
         """Average over ranks (for logging; gradients are averaged by FSDP)."""
         if self.sharded:
-            values = values.clone()
-            dist.all_reduce(values, op=dist.ReduceOp.SUM)
-            values /= self.world
+            total = values.to(self.device, copy=True)
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+            values = total.to(values.device) / self.world
         return values
 
     def barrier(self) -> None:
@@ -73,7 +74,8 @@ def local_device(device: torch.device) -> torch.device:
 
 
 def shard(model: nn.Module, ctx: DistContext) -> Optional[nn.Module]:
-    """Shard `model` in place with FSDP2; returns an unsharded CPU copy to receive the result."""
+    """Shard `model` in place with FSDP2 (its shards land on the mesh's device); returns an
+    unsharded CPU copy to receive the result."""
     if not ctx.sharded:
         return None
     from torch.distributed.fsdp import fully_shard

@@ -9,6 +9,7 @@ GPUs (one per rank, LOCAL_RANK) and gloo on CPUs.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -63,10 +64,23 @@ def worker(cfg: Any, out: Path) -> None:
         run_training(state, pretrain=stage == "pretrain")
 
 
+def init_backend() -> None:
+    """NCCL with each rank on its own GPU (LOCAL_RANK), gloo on CPUs."""
+    timeout = timedelta(hours=6)
+    if not torch.cuda.is_available():
+        dist.init_process_group("gloo", timeout=timeout)
+        return
+    local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    # Object collectives and FSDP2 put their tensors on the *current* device: without this
+    # every rank would use GPU 0 (NCCL then fails on duplicate GPUs)
+    torch.cuda.set_device(local)
+    dist.init_process_group("nccl", timeout=timeout, device_id=local)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     overrides = sys.argv[1:] if argv is None else argv
     quiet_import_noise()
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=6))
+    init_backend()
     rank = dist.get_rank()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] - %(message)s")

@@ -72,6 +72,7 @@ def parse_loss(loss: str) -> set[str]:
 def check_distill_config(d: Any) -> None:
     """The checks that need no model: run before anything is loaded or written."""
     from distill.student import check_init
+    from distill.teacher import teacher_device_map
 
     check_init(d.student)
     parse_loss(d.loss)
@@ -83,6 +84,7 @@ def check_distill_config(d: Any) -> None:
         raise ShrinkError(f"distill.precision: unknown precision {d.precision!r} ({' | '.join(PRECISIONS)})")
     if d.seq_len <= 1 or d.batch_size <= 0 or d.grad_accum <= 0:
         raise ShrinkError("distill.seq_len must be > 1, distill.batch_size and distill.grad_accum > 0")
+    teacher_device_map(d.teacher.device_map)  # a device_map.json file: present and well formed
 
 
 def joint_objective(d: Any, pairs: list[tuple[int, int]]) -> Objective:

@@ -9,9 +9,10 @@ import importlib.util
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -34,8 +35,8 @@ def prepare_teacher(model: PreTrainedModel, t: TeacherConfig, model_cfg: Any,
     places it; bitsandbytes quantizes while loading); otherwise the loaded model is moved.
     """
     dtype = resolve_dtype(t.dtype or model_cfg.dtype)
-    if t.device_map or t.load_in_8bit or t.load_in_4bit:
-        model = load_sharded_teacher(model_cfg, t, dtype)
+    if reloads_teacher(t):
+        model = load_sharded_teacher(model_cfg, t, dtype, default_device)
         device = model.get_input_embeddings().weight.device
     else:
         device = resolve_device(t.device) if t.device else default_device
@@ -44,10 +45,38 @@ def prepare_teacher(model: PreTrainedModel, t: TeacherConfig, model_cfg: Any,
     return model, device
 
 
-def load_sharded_teacher(model_cfg: Any, t: TeacherConfig, dtype: torch.dtype) -> PreTrainedModel:
+def reloads_teacher(t: TeacherConfig) -> bool:
+    """device_map and 8/4-bit teachers are loaded again from model.path, not moved."""
+    return bool(t.device_map or t.load_in_8bit or t.load_in_4bit)
+
+
+def teacher_device_map(value: Optional[str]) -> Union[str, dict[str, Any], None]:
+    """distill.teacher.device_map: a strategy accelerate knows ("auto", "balanced", ...) or a
+    JSON file of module -> device, such as the device_map.json that `shrink plan` writes."""
+    if not value or not str(value).endswith(".json"):
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise ShrinkError(f"distill.teacher.device_map: {path} does not exist")
+    try:
+        mapping = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ShrinkError(f"distill.teacher.device_map: {path} is not valid JSON ({exc.msg}, line {exc.lineno})")
+    if not isinstance(mapping, dict) or not mapping:
+        raise ShrinkError(f"distill.teacher.device_map: {path} must map module names to devices")
+    return mapping
+
+
+def load_sharded_teacher(model_cfg: Any, t: TeacherConfig, dtype: torch.dtype,
+                         default_device: torch.device) -> PreTrainedModel:
     if not torch.cuda.is_available():
         raise ShrinkError("distill.teacher: device_map and load_in_8bit/4bit need CUDA GPUs")
-    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": t.device_map or "auto", "use_safetensors": True,
+    # An 8/4-bit teacher without a device_map: "auto" spreads it over every visible GPU, except
+    # under torchrun, where each rank keeps its own copy on its own GPU (otherwise every rank
+    # would spread one over all GPUs, racing the others for memory)
+    ranked = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    device_map = teacher_device_map(t.device_map) or ({"": default_device} if ranked else "auto")
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": device_map, "use_safetensors": True,
                               "trust_remote_code": model_cfg.trust_remote_code}
     if t.load_in_8bit or t.load_in_4bit:
         if importlib.util.find_spec("bitsandbytes") is None:

@@ -186,9 +186,13 @@ class Trainer:
     def run(self, files: RunFiles, stop_at: Optional[int] = None) -> TrainResult:
         """Train to the plan's end (or through step `stop_at`, leaving a checkpoint)."""
         d, plan = self.d, self.plan
-        self.student.to(self.device).train()
+        self.student.train()
         self.set_trainable(None)
+        # sharded: shard() copies the student on the CPU first and fully_shard moves each rank's
+        # shards to the mesh's device, so no rank ever holds two full copies on its GPU
         shell = shard(self.student, self.ctx)
+        if shell is None:
+            self.student.to(self.device)
         optimizer = make_optimizer(self.student, d)
         start, history, resumed, spent = self.restore(files, optimizer)
         writer = tensorboard_writer(files.tensorboard, start) if self.ctx.main else None

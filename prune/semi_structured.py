@@ -3,7 +3,7 @@
 `to_sparse_semi_structured` stores the kept half of the weights plus 2-bit metadata and
 dispatches to cuSPARSELt/CUTLASS sparse GEMMs on Ampere and newer GPUs. Only Linears whose
 weights already hold the 2:4 pattern (at least 2 zeros in every 4 consecutive inputs)
-are converted; others stay dense.
+and whose shape the sparse kernels accept are converted; others stay dense.
 """
 from __future__ import annotations
 
@@ -23,6 +23,21 @@ def has_2of4(W: torch.Tensor) -> bool:
     return cols % 4 == 0 and bool(((W.reshape(rows, cols // 4, 4) == 0).sum(-1) >= 2).all())
 
 
+def kernel_accepts(W: torch.Tensor) -> bool:
+    """Whether the sparse backend that `to_sparse_semi_structured` picks takes W's dtype and
+    shape: both dimensions multiples of its minimum tile (cuSPARSELt 16 x 16 in fp16/bf16,
+    CUTLASS 32 x 64), which torch checks with an exception instead of padding."""
+    from torch.sparse import SparseSemiStructuredTensor, SparseSemiStructuredTensorCUSPARSELT
+    from torch.sparse import SparseSemiStructuredTensorCUTLASS
+
+    backend = (SparseSemiStructuredTensorCUTLASS if SparseSemiStructuredTensor._FORCE_CUTLASS
+               else SparseSemiStructuredTensorCUSPARSELT)
+    limits = backend._DTYPE_SHAPE_CONSTRAINTS.get(W.dtype)
+    rows, cols = W.shape
+    return (limits is not None and rows >= limits.sparse_min_rows and rows % limits.sparse_min_rows == 0
+            and cols >= limits.sparse_min_cols and cols % limits.sparse_min_cols == 0)
+
+
 def to_semi_structured(model: nn.Module) -> int:
     """Swap the weights of 2:4 Linears in the decoder layers for semi-structured sparse
     tensors in place; returns how many were converted. The model must be on a CUDA GPU
@@ -40,8 +55,8 @@ def to_semi_structured(model: nn.Module) -> int:
             W = module.weight.data
             if W.device.type != "cuda" or W.dtype not in (torch.float16, torch.bfloat16):
                 raise ShrinkError("eval.sparse_kernels: the model must be on CUDA in float16/bfloat16")
-            if has_2of4(W):
-                module.weight = nn.Parameter(to_sparse_semi_structured(W), requires_grad=False)
+            if has_2of4(W) and kernel_accepts(W):
+                module.weight = nn.Parameter(to_sparse_semi_structured(W.contiguous()), requires_grad=False)
                 converted += 1
     log.info("%d Linears run on semi-structured 2:4 kernels", converted)
     return converted

@@ -128,6 +128,7 @@ class Stage:
 def stage_table() -> dict[str, Stage]:
     from distill.plan import check_distill_config
     from distill.stage import distill_stage, pretrain_stage
+    from distill.teacher import reloads_teacher
     from prune.stage import check_prune_config, prune_stage
     from quant.stage import check_quant_config, quantize_stage
 
@@ -138,11 +139,27 @@ def stage_table() -> dict[str, Stage]:
 
     def check_distill(cfg: DictConfig) -> None:
         check_distill_config(cfg.distill)
+        stages = list(cfg.pipeline.stages)
+        before = stages[:stages.index("distill")] if "distill" in stages else []
+        if reloads_teacher(cfg.distill.teacher) and MODIFYING & set(before):
+            raise ShrinkError("distill.teacher: a device_map or 8/4-bit teacher is loaded again from model.path, "
+                              "so distill must come before any stage that changes the model")
 
     return {"distill": Stage(distill_stage, check_distill), "prune": Stage(prune_stage, check_prune),
             "quantize": Stage(quantize_stage, lambda cfg: check_quant_config(cfg.quant)),
             "pretrain": Stage(pretrain_stage, check_distill),
-            "eval": Stage(eval_stage), "export": Stage(export_stage)}
+            "eval": Stage(eval_stage, check_eval), "export": Stage(export_stage)}
+
+
+def check_eval(cfg: DictConfig) -> None:
+    """eval.sparse_kernels needs what the 2:4 kernels need, known before any stage runs."""
+    if not cfg.eval.sparse_kernels:
+        return
+    if cfg.model.dtype not in ("float16", "bfloat16"):
+        raise ShrinkError(f"eval.sparse_kernels: the 2:4 kernels run in float16/bfloat16, not "
+                          f"model.dtype={cfg.model.dtype}")
+    if resolve_device(cfg.model.device).type != "cuda":
+        raise ShrinkError("eval.sparse_kernels: semi-structured 2:4 kernels need a CUDA GPU (model.device)")
 
 
 def check_config(cfg: DictConfig) -> list[str]:

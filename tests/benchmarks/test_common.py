@@ -33,12 +33,26 @@ def test_a_run_of_another_configuration_never_overwrites_measured_rows(tmp_path,
     assert (tmp_path / "bench.json").read_text() == before
 
 
+def test_a_rerun_resumes_a_file_whose_config_holds_tuples(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    config = {"shapes": [(4096, 4096), (14336, 4096)]}  # JSON gives them back as lists
+    common.Results("bench", config, key=("batch",)).add({"batch": 1, "ms": 0.1})
+    again = common.Results("bench", config, key=("batch",))
+    assert again.has(batch=1) and not again.has(batch=16)
+
+
 @pytest.mark.parametrize("budget,weight,layer_map,train,name", [
     ("cpu", 1.0, "uniform", "valid", "distill_akt"),
     ("cpu4x", 0.1, "uniform", "valid", "distill_akt_cpu4x_w0.1"),
     ("cpu", 1.0, "last", "valid", "distill_akt_last"),
+    ("cpu8x", 1.0, "uniform", "valid", "distill_akt_cpu8x"),
     ("full", 1.0, "0:1,1:3", "valid", "distill_akt_full_0-1-1-3_on-valid"),
 ])
 def test_distill_results_are_named_by_every_setting_off_the_default(budget, weight, layer_map, train, name) -> None:
-    args = argparse.Namespace(akt_weight=weight, layer_map=layer_map, relation_heads=8, train=train, lr=[])
+    args = argparse.Namespace(akt_weight=weight, layer_map=layer_map, relation_heads=8, train=train, lr=[], seed=0)
     assert default_name(budget, args) == name
+
+
+def test_a_seed_other_than_0_names_its_own_file() -> None:
+    args = argparse.Namespace(akt_weight=1.0, layer_map="uniform", relation_heads=8, train="valid", lr=[], seed=2)
+    assert default_name("cpu8x", args) == "distill_akt_cpu8x_seed2"

@@ -47,3 +47,22 @@ def test_budget_table_lines_up_the_three_arms_and_skips_non_default_settings() -
     assert len(lines) == 2  # the weight-0.1 file is a variant, not a budget point
     assert lines[0].startswith("| cpu | 204,354 | 1.0 | init=skip | 34.000 | 30.000 | 29.000 | -1.000 |")
     assert lines[1].startswith("| cpu4x | 408,708 | 2.0 | init=skip | 25.000 | 21.000 | 21.500 | +0.500 |")
+
+
+def test_seed_table_gives_each_seeds_gap_and_their_spread() -> None:
+    from benchmarks.distill_akt import render_budgets, render_seeds, render_variants
+
+    def payload(seed: int, logits: float, akt: float) -> dict:
+        config = {"budget": "cpu8x", "tokens_per_arm": 655_360, "weights": {"akt": 1.0}, "relation_heads": 8,
+                  "train_split": "valid", **({"seed": seed} if seed else {})}
+        rows = [{"init": "skip", "loss": loss, "schedule": "joint", "ppl": v, "tokens_per_s": 1.0}
+                for loss, v in (("logits", logits), ("akt", akt))]
+        return {"benchmark": f"distill_akt_cpu8x_seed{seed}", "config": config, "rows": rows}
+
+    payloads = [payload(0, 18.0, 17.0), payload(2, 18.0, 18.5), payload(1, 18.0, 17.5)]
+    (line,) = render_seeds(payloads).splitlines()[2:]
+    assert line == ("| cpu8x | init=skip | 0, 1, 2 | 18.000, 18.000, 18.000 | 17.000, 17.500, 18.500 "
+                    "| -1.000, -0.500, +0.500 | -0.333 ± 0.764 | 2 of 3 |")
+    assert len(render_budgets(payloads).splitlines()) == 3  # only seed 0 is a budget point
+    assert len(render_variants(payloads).splitlines()) == 2  # and no seed is a variant
+    assert len(render_seeds(payloads[:1]).splitlines()) == 2  # one seed: no spread to show

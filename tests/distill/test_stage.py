@@ -93,6 +93,19 @@ def test_bad_layer_map_and_vocab_mismatch_fail_before_training(tmp_path: Path, t
                    tmp_path / "c")
 
 
+def test_a_reloaded_teacher_after_a_modifying_stage_is_refused_before_anything_runs(tmp_path: Path,
+                                                                                     teacher_dir: Path) -> None:
+    """An 8-bit or device_map teacher is read again from model.path: after prune it would be the
+    unpruned model, silently. Refused at the config check, nothing written."""
+    args = tiny_distill(teacher_dir, "distill.teacher.load_in_8bit=true")
+    with pytest.raises(ShrinkError, match="distill must come before"):
+        run_shrink(args + ["pipeline.stages=[prune,distill,eval]"], tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ShrinkError, match="device_map: .*plan.json does not exist"):
+        run_shrink(tiny_distill(teacher_dir, f"distill.teacher.device_map={tmp_path}/plan.json"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_killed_run_resumes_to_the_same_student(tmp_path: Path, teacher_dir: Path) -> None:
     args = tiny_distill(teacher_dir, "distill.steps=80", "distill.checkpoint_every=2", "distill.loss=akt+logits+lm")
     run_shrink(args, tmp_path / "whole")

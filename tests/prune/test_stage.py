@@ -86,10 +86,27 @@ def test_sparsegpt_beats_magnitude_by_far_on_the_shared_teacher(tmp_path) -> Non
     assert sgpt_increase <= 0.6 * mag_increase, (dense, mag_increase, sgpt_increase)
 
 
-def test_semi_structured_kernels_need_cuda_and_say_so(tmp_path, tiny_model_dir) -> None:
-    if torch.cuda.is_available():
-        pytest.skip("checked on CUDA machines by benchmarks/sparse_matmul.py")
-    with pytest.raises(ShrinkError, match="eval.sparse_kernels.*CUDA"):
-        run_shrink(["pipeline=prune", f"model.path={tiny_model_dir('llama')}", *tiny_data_overrides(),
-                    "prune.pattern='2:4'", "eval.sparse_kernels=true", "eval.baseline=false"], tmp_path / "run")
-    assert not (tmp_path / "run" / "model").exists()
+def test_semi_structured_kernels_refuse_before_pruning(tmp_path, tiny_model_dir) -> None:
+    """fp32 or no GPU: refused when the config is checked, before the prune stage spends its time."""
+    common = ["pipeline=prune", f"model.path={tiny_model_dir('llama')}", *tiny_data_overrides(),
+              "prune.pattern='2:4'", "eval.sparse_kernels=true", "eval.baseline=false"]
+    with pytest.raises(ShrinkError, match="eval.sparse_kernels.*float16/bfloat16.*float32"):
+        run_shrink(common, tmp_path / "fp32")
+    assert not (tmp_path / "fp32").exists()
+    if not torch.cuda.is_available():
+        with pytest.raises(ShrinkError, match="eval.sparse_kernels.*CUDA"):
+            run_shrink(common + ["model.dtype=float16", "model.device=auto"], tmp_path / "cpu")
+        assert not (tmp_path / "cpu").exists()
+
+
+def test_semi_structured_conversion_takes_only_what_the_kernels_accept() -> None:
+    """2:4 pattern and a shape the picked backend takes (cuSPARSELt: multiples of 16 in fp16)."""
+    from prune.semi_structured import has_2of4, kernel_accepts
+
+    W = torch.randn(32, 64).half()
+    W.view(32, 16, 4)[..., :2] = 0
+    assert has_2of4(W) and kernel_accepts(W)
+    assert has_2of4(W[:24]) and not kernel_accepts(W[:24])  # 24 rows: not a multiple of 16
+    assert not kernel_accepts(W.float())  # cuSPARSELt, the default backend, has no fp32 kernels
+    W[0, 0] = W[0, 1] = W[0, 2] = 1.0
+    assert not has_2of4(W)

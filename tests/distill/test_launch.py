@@ -1,0 +1,93 @@
+"""GPU wiring of the multi-process path that the gloo tests cannot reach: each rank on its own
+GPU, collectives on the device the backend serves, the teacher's placement under torchrun."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from distill import launch, teacher
+from distill.config import TeacherConfig
+from distill.distributed import DistContext
+from shrink.config import ModelConfig
+from shrink.errors import ShrinkError
+from tests.conftest import ROOT
+
+
+def test_nccl_ranks_each_take_their_local_gpu_before_the_first_collective(monkeypatch) -> None:
+    calls: list[tuple[str, Any]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda backend, **kw: calls.append(("init", (backend, kw["device_id"]))))
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    launch.init_backend()
+    gpu = torch.device("cuda", 3)
+    assert calls == [("set_device", gpu), ("init", ("nccl", gpu))]
+
+
+def test_cpu_ranks_use_gloo(monkeypatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append(backend))
+    launch.init_backend()
+    assert calls == ["gloo"]
+
+
+def test_mean_all_reduces_on_the_context_device_and_returns_where_it_was(monkeypatch) -> None:
+    seen: list[torch.device] = []
+
+    def all_reduce(t: torch.Tensor, op: Any) -> None:
+        seen.append(t.device)
+        t.mul_(2)  # as if a second rank held the same values
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    ctx = DistContext(rank=0, world=2, device=torch.device("meta"))
+    values = torch.tensor([1.0, 3.0], dtype=torch.float64)
+    with pytest.raises(NotImplementedError):  # meta tensors cannot come back: proof the reduce ran there
+        ctx.mean(values)
+    assert seen == [torch.device("meta")]
+    out = DistContext(rank=0, world=2, device=torch.device("cpu")).mean(values)
+    assert out.tolist() == [1.0, 3.0] and out.device == values.device  # (2 x values) / 2 ranks
+    assert values.tolist() == [1.0, 3.0]  # the caller's tensor is not reduced in place
+
+
+@pytest.mark.parametrize("ranked", [False, True])
+def test_quantized_teacher_goes_to_the_rank_gpu_under_torchrun(monkeypatch, ranked: bool) -> None:
+    loads: list[dict[str, Any]] = []
+
+    class Loaded(Exception):
+        pass
+
+    def from_pretrained(folder: Any, **kwargs: Any) -> None:
+        loads.append(kwargs)
+        raise Loaded
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(teacher.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(teacher, "check_model_folder", lambda path: path)
+    monkeypatch.setattr(teacher.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(dist, "is_initialized", lambda: ranked)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    gpu = torch.device("cuda", 1)
+    plan = ROOT / "benchmarks" / "results" / "plan_llama2-70b_gptq4_4xA100-80GB" / "device_map.json"
+    for device_map in (None, "balanced", str(plan)):
+        with pytest.raises(Loaded):
+            teacher.load_sharded_teacher(ModelConfig(path="t"), TeacherConfig(load_in_8bit=True, device_map=device_map),
+                                         torch.float16, gpu)
+    assert [kw["device_map"] for kw in loads[:2]] == [{"": gpu} if ranked else "auto", "balanced"]
+    assert loads[2]["device_map"]["model.layers.0"] == 0 and loads[2]["device_map"]["lm_head"] == 3  # shrink plan's
+
+
+def test_a_device_map_file_must_exist_and_map_modules(tmp_path) -> None:
+    with pytest.raises(ShrinkError, match="device_map: .*missing.json does not exist"):
+        teacher.teacher_device_map(str(tmp_path / "missing.json"))
+    (tmp_path / "list.json").write_text("[0, 1]")
+    with pytest.raises(ShrinkError, match="must map module names to devices"):
+        teacher.teacher_device_map(str(tmp_path / "list.json"))
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ShrinkError, match="not valid JSON"):
+        teacher.teacher_device_map(str(tmp_path / "bad.json"))
+    assert teacher.teacher_device_map("auto") == "auto" and teacher.teacher_device_map(None) is None
