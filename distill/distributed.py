@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from shrink.errors import ShrinkError
 from shrink.modeling import find_decoder_layers
 
 
@@ -68,9 +69,13 @@ class DistContext:
 
 def local_device(device: torch.device) -> torch.device:
     """One GPU per rank under torchrun (LOCAL_RANK); the CPU stays the CPU."""
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return device
+    if device.type != "cuda" or "LOCAL_RANK" not in os.environ:
+        return device
+    local = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if device.index is not None and device.index != local.index:
+        raise ShrinkError(f"device {device} under torchrun: each rank trains on its own GPU (this one: {local}); "
+                          "give model.device=cuda")
+    return local
 
 
 def shard(model: nn.Module, ctx: DistContext) -> Optional[nn.Module]:
@@ -89,12 +94,29 @@ def shard(model: nn.Module, ctx: DistContext) -> Optional[nn.Module]:
 
 
 def full_state(model: nn.Module, ctx: DistContext, everywhere: bool = False) -> dict[str, torch.Tensor]:
-    """The unsharded state dict on the CPU: on rank 0 only, or on every rank."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    """The unsharded state dict on the CPU: on rank 0 only, or on every rank.
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=not everywhere or not ctx.sharded)
-    state = get_model_state_dict(model, options=options)
-    return {k: v.detach().cpu() for k, v in state.items()}
+    One tensor at a time: each DTensor is all-gathered on the device and copied to the CPU
+    before the next, so no rank ever holds the whole unsharded model on its GPU. Tied weights
+    (one Parameter under two names, the same on every rank) are gathered once and stay tied."""
+    from torch.distributed.tensor import DTensor
+
+    keep = everywhere or ctx.main
+    first: dict[int, str] = {}
+    canonical = {name: first.setdefault(id(t), name) for name, t in
+                 [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]}
+    state: dict[str, torch.Tensor] = {}
+    gathered: set[str] = set()  # the same on every rank, kept or not: every rank joins the same collectives
+    for name, value in model.state_dict().items():
+        source = canonical.get(name, name)
+        if source not in gathered:
+            full = value.full_tensor() if isinstance(value, DTensor) else value  # a collective: every rank
+            gathered.add(source)
+            if keep:
+                state[source] = full.detach().cpu()
+        if keep:
+            state[name] = state[source]
+    return state
 
 
 def state_digest(state: dict[str, torch.Tensor]) -> str:

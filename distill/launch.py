@@ -65,16 +65,16 @@ def worker(cfg: Any, out: Path) -> None:
 
 
 def init_backend() -> None:
-    """NCCL with each rank on its own GPU (LOCAL_RANK), gloo on CPUs."""
+    """NCCL for CUDA tensors with each rank on its own GPU (LOCAL_RANK), gloo for CPU tensors
+    (object collectives, and training with model.device=cpu on a GPU machine)."""
     timeout = timedelta(hours=6)
     if not torch.cuda.is_available():
         dist.init_process_group("gloo", timeout=timeout)
         return
     local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    # Object collectives and FSDP2 put their tensors on the *current* device: without this
-    # every rank would use GPU 0 (NCCL then fails on duplicate GPUs)
+    # FSDP2 puts shards on the *current* device: without this every rank would use GPU 0
     torch.cuda.set_device(local)
-    dist.init_process_group("nccl", timeout=timeout, device_id=local)
+    dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout, device_id=local)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -1,8 +1,9 @@
 """The ONE layer-by-layer calibration engine, shared by pruning and quantization.
 
 1. Capture the inputs of decoder layer 0 with ALL their call kwargs (attention mask,
-   position ids/embeddings, cache flags) by running the base model with its layer
-   list cut down to layer 0 (so no lm_head and no other layer runs).
+   position ids/embeddings, cache flags), and every later layer's own kwargs (sliding-
+   window layers get other masks), by running the base model with layer 0 and
+   recording stand-ins for the others (so no lm_head and no other layer runs).
 2. Per layer: move it to the device; find which Linears read the same input tensor
    (q/k/v, gate/up) so they share ONE Hessian; hook them, run the calibration
    batches, hand each Linear and its Hessian to the compressor; with true-sequential
@@ -73,30 +74,77 @@ def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+class _CallRecorder(nn.Module):
+    """Stands in for decoder layer i >= 1 during capture: records the call's kwargs (masks and
+    position embeddings may differ per layer, e.g. sliding-window layers) and passes the hidden
+    states through untouched, in the structure layer 0 returned. Attributes the model's loop
+    may read are looked up on the real layer (kept out of the module tree, so it stays put)."""
+
+    def __init__(self, layer: nn.Module, record: Callable[[tuple, dict], None], template: list[Any]) -> None:
+        super().__init__()
+        self.__dict__["_layer"], self.__dict__["_record"], self.__dict__["_template"] = layer, record, template
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._record(args, kwargs)
+        h = args[0] if args else kwargs["hidden_states"]
+        out = self._template[-1]
+        return h if isinstance(out, torch.Tensor) else (h, *out[1:])
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_layer"], name)
+
+
 @torch.no_grad()
-def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int,
-                         device: torch.device, store: torch.device) -> list[LayerBatch]:
-    """Inputs (args and kwargs) of decoder layer 0 for each calibration batch."""
+def capture_layer_calls(model: nn.Module, windows: torch.Tensor, batch_size: int,
+                        device: torch.device, store: torch.device) -> list[list[LayerBatch]]:
+    """calls[i][j]: the args and kwargs decoder layer i receives for calibration batch j.
+
+    Only layer 0 runs (plus embeddings); layers >= 1 are stand-ins that record their own
+    kwargs, so per-layer masks/positions are right. Their hidden states are left out (None):
+    the engine feeds each layer the previous layer's compressed outputs. A tensor passed to
+    several layers (the usual case) is stored once per batch."""
     parent_name, layers = find_decoder_layers(model)
     parent = model.get_submodule(parent_name.rsplit(".", 1)[0]) if "." in parent_name else model
     attr = parent_name.rsplit(".", 1)[-1]
-    recorded: list[LayerBatch] = []
+    calls: list[list[LayerBatch]] = [[] for _ in layers]
+    stored: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (original, stored copy), one batch
+    template: list[Any] = []
 
-    def record(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        recorded.append(LayerBatch(args, kwargs).to(store))
+    def keep(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            if id(value) not in stored:
+                stored[id(value)] = (value, value.to(store))
+            return stored[id(value)][1]
+        return tuple(keep(v) for v in value) if isinstance(value, tuple) else value
 
+    def recorder(i: int) -> Callable[[tuple, dict], None]:
+        def record(args: tuple, kwargs: dict) -> None:
+            batch = LayerBatch(args, kwargs) if i == 0 else LayerBatch(args, kwargs).with_hidden(None)
+            calls[i].append(LayerBatch(tuple(keep(a) for a in batch.args),
+                                       {k: keep(v) for k, v in batch.kwargs.items()}))
+        return record
+
+    stand_ins = [_CallRecorder(layer, recorder(i), template) for i, layer in enumerate(layers) if i > 0]
+    setattr(parent, attr, nn.ModuleList([layers[0], *stand_ins]))
+    handles = [layers[0].register_forward_pre_hook(lambda _m, a, kw: recorder(0)(a, kw), with_kwargs=True),
+               layers[0].register_forward_hook(lambda _m, _i, out: template.append(out))]
     base = model.base_model
-    setattr(parent, attr, nn.ModuleList([layers[0]]))
-    handle = layers[0].register_forward_pre_hook(record, with_kwargs=True)
     try:
         base.to(device)
         for start in range(0, windows.shape[0], batch_size):
+            stored.clear()
+            template.clear()
             base(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         base.to("cpu")
         setattr(parent, attr, layers)
-    return recorded
+        stored.clear()
+    return calls
 
 
 @torch.no_grad()
@@ -105,7 +153,8 @@ def run_layer(layer: nn.Module, batches: list[LayerBatch], device: torch.device,
     """Run every batch through the layer; keep outputs (on `store`) unless store is None."""
     outputs = []
     for batch in batches:
-        out = _first(layer(*batch.to(device).args, **batch.to(device).kwargs))
+        moved = batch.to(device)
+        out = _first(layer(*moved.args, **moved.kwargs))
         if store is not None:
             outputs.append(out.to(store))
     return outputs if store is not None else None
@@ -204,13 +253,16 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
     `full_hessian=False` hands the compressor accumulators holding only diag(H)."""
     parent_name, layers = find_decoder_layers(model)
     store = activation_store(model, windows, device, offload_activations) if windows is not None else device
-    batches = capture_layer_inputs(model, windows, batch_size, device, store) if windows is not None else None
+    calls = capture_layer_calls(model, windows, batch_size, device, store) if windows is not None else None
+    hidden = [b.hidden() for b in calls[0]] if calls is not None else None
     report: list[dict[str, Any]] = []
     total = time.time()
     for i, layer in enumerate(layers):
         start = time.time()
         layer.to(device)
         linears = find_linears(layer)
+        # layer i's own kwargs, fed the previous layer's (compressed) outputs
+        batches = [c.with_hidden(h) for c, h in zip(calls[i], hidden)] if calls is not None else None
         if batches is None:
             groups, hessians = [list(linears)], {}
         else:
@@ -226,7 +278,8 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
             outputs = run_layer(layer, batches, device, store)
             if not all(torch.isfinite(o).all() for o in outputs):
                 raise ShrinkError(f"layer {i}: NaN/inf activations after compression (check the input model and calibration data)")
-            batches = [b.with_hidden(o) for b, o in zip(batches, outputs)]
+            hidden = outputs
+            calls[i] = []  # this layer's kwargs are no longer needed
         layer.to("cpu")
         errors = [r["rel_error"] for r in report[-len(linears):]]
         elapsed = time.time() - total

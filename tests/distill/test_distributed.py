@@ -21,7 +21,8 @@ pytestmark = needs_shared
 @pytest.mark.parametrize("schedule", ["joint", "progressive"])
 def test_two_gloo_processes_agree_and_match_a_single_process(tmp_path: Path, teacher_dir: Path, schedule: str) -> None:
     common = tiny_distill(teacher_dir, "distill.steps=3", "distill.grad_accum=2", "distill.loss=akt+logits+lm",
-                          "eval.baseline=false", f"distill.schedule={schedule}", "distill.progressive_steps=2")
+                          "eval.baseline=false", f"distill.schedule={schedule}", "distill.progressive_steps=2",
+                          "distill.checkpoint_every=2")  # sharded checkpoints are written on the way
     single = run_shrink(common + ["distill.batch_size=2"], tmp_path / "single")
     out = tmp_path / "fsdp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}

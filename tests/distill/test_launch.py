@@ -25,7 +25,7 @@ def test_nccl_ranks_each_take_their_local_gpu_before_the_first_collective(monkey
     monkeypatch.setenv("LOCAL_RANK", "3")
     launch.init_backend()
     gpu = torch.device("cuda", 3)
-    assert calls == [("set_device", gpu), ("init", ("nccl", gpu))]
+    assert calls == [("set_device", gpu), ("init", ("cpu:gloo,cuda:nccl", gpu))]
 
 
 def test_cpu_ranks_use_gloo(monkeypatch) -> None:

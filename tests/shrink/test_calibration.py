@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shrink.calibration import LinearJob, accumulate, capture_layer_inputs, compress_model, input_groups, run_layer
+from shrink.calibration import LinearJob, accumulate, capture_layer_calls, compress_model, input_groups, run_layer
 from shrink.errors import ShrinkError
 from shrink.modeling import find_decoder_layers, find_linears, set_weight_matrix, weight_matrix
 from tests.conftest import FAMILIES, tiny_model
@@ -16,25 +16,53 @@ def windows(n: int = 4, seq: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 8192, (n, seq), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_replaying_layers_from_captured_inputs_matches_the_full_model(family: str) -> None:
-    """Captured args+kwargs of layer 0 let each layer be replayed alone, exactly."""
-    model = tiny_model(family)
+def mixed_attention_model(family: str) -> torch.nn.Module:
+    """2-layer models whose layers get different kwargs: a sliding-window layer (window 4, shorter
+    than the 16-token windows) and a full-attention one."""
+    import transformers
+
+    if family == "qwen2-sliding":
+        config = transformers.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=8192,
+                                          use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    else:  # gemma3: other masks AND other rotary embeddings per layer type
+        config = transformers.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                               vocab_size=8192, sliding_window=4,
+                                               layer_types=["sliding_attention", "full_attention"])
+    assert len(set(config.layer_types)) == 2
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES + ["qwen2-sliding", "gemma3"])
+def test_replaying_layers_from_captured_calls_matches_the_full_model(family: str) -> None:
+    """Captured args+kwargs let each layer be replayed alone, exactly, layer after layer, also
+    where layers get different masks or position embeddings."""
+    model = tiny_model(family) if family in FAMILIES else mixed_attention_model(family)
     x = windows()
     with torch.no_grad():
         reference = model(input_ids=x, output_hidden_states=True, use_cache=False).hidden_states
-    batches = capture_layer_inputs(model, x, batch_size=2, device=CPU, store=CPU)
-    assert len(batches) == 2
+    calls = capture_layer_calls(model, x, batch_size=2, device=CPU, store=CPU)
     _, layers = find_decoder_layers(model)
-    hidden = torch.cat([b.hidden() for b in batches])
-    torch.testing.assert_close(hidden, reference[0])
-    outputs = run_layer(layers[0], batches, CPU, CPU)
-    torch.testing.assert_close(torch.cat(outputs), reference[1], rtol=1e-4, atol=1e-5)
+    assert len(calls) == len(layers) == 2 and all(len(c) == 2 for c in calls)
+    hidden = [b.hidden() for b in calls[0]]
+    torch.testing.assert_close(torch.cat(hidden), reference[0])
+    for i, layer in enumerate(layers[:-1]):  # the last layer's output is normed in hidden_states
+        hidden = run_layer(layer, [c.with_hidden(h) for c, h in zip(calls[i], hidden)], CPU, CPU)
+        torch.testing.assert_close(torch.cat(hidden), reference[i + 1], rtol=1e-4, atol=1e-5)
+    if family in FAMILIES:
+        return
+    # replaying layer 1 with layer 0's kwargs (what a layer-0-only capture did) is measurably wrong
+    h0 = run_layer(layers[0], calls[0], CPU, CPU)
+    wrong = run_layer(layers[1], [c.with_hidden(h) for c, h in zip(calls[0], h0)], CPU, CPU)
+    right = run_layer(layers[1], [c.with_hidden(h) for c, h in zip(calls[1], h0)], CPU, CPU)
+    assert not torch.allclose(torch.cat(wrong), torch.cat(right), atol=1e-3)
 
 
 def test_inputs_are_grouped_by_shared_input_in_execution_order() -> None:
     model = tiny_model("llama")
-    batches = capture_layer_inputs(model, windows(), 4, CPU, CPU)
+    batches = capture_layer_calls(model, windows(), 4, CPU, CPU)[0]
     _, layers = find_decoder_layers(model)
     groups = input_groups(layers[0], batches[0], CPU)
     assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
@@ -51,8 +79,8 @@ def test_hessian_is_two_over_n_xtx_of_the_linear_inputs() -> None:
         model(input_ids=x, use_cache=False)
     handle.remove()
     X = torch.cat(seen)
-    batches = capture_layer_inputs(model, x, 1, CPU, CPU)
-    batches = [b.with_hidden(o) for b, o in zip(batches, run_layer(layers[0], batches, CPU, CPU))]
+    calls = capture_layer_calls(model, x, 1, CPU, CPU)
+    batches = [b.with_hidden(o) for b, o in zip(calls[1], run_layer(layers[0], calls[0], CPU, CPU))]
     H = accumulate(layers[1], [["mlp.down_proj"]], batches, CPU)["mlp.down_proj"].H
     torch.testing.assert_close(H, 2 / X.shape[0] * X.T @ X, rtol=1e-4, atol=1e-5)
 
