@@ -16,9 +16,9 @@ import torch
 
 from benchmarks.common import Results, run
 
-# (pattern, sparsity, methods): Wanda only where the quality bar compares it
+# (pattern, sparsity, methods)
 SETTINGS = [("unstructured", 0.5, ("magnitude", "wanda", "sparsegpt")), ("2:4", 0.5, ("magnitude", "wanda", "sparsegpt")),
-            ("unstructured", 0.6, ("magnitude", "sparsegpt")), ("unstructured", 0.7, ("magnitude", "sparsegpt"))]
+            ("unstructured", 0.6, ("magnitude", "wanda", "sparsegpt")), ("unstructured", 0.7, ("magnitude", "wanda", "sparsegpt"))]
 # Each step alone is in quant_quality.json (GPTQ 4-bit g128) and in the rows above (SparseGPT 50%).
 COMBINED = [  # (pipeline, extra overrides, label)
     ("prune_quantize", ["prune.method=sparsegpt", "quant.method=gptq"], "SparseGPT 50% then GPTQ 4-bit g128"),

@@ -91,3 +91,16 @@ def test_a_device_map_file_must_exist_and_map_modules(tmp_path) -> None:
     with pytest.raises(ShrinkError, match="not valid JSON"):
         teacher.teacher_device_map(str(tmp_path / "bad.json"))
     assert teacher.teacher_device_map("auto") == "auto" and teacher.teacher_device_map(None) is None
+
+
+def test_under_torchrun_cuda_means_the_rank_gpu_and_another_index_is_refused(monkeypatch) -> None:
+    from distill.distributed import local_device
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert local_device(torch.device("cuda")) == torch.device("cuda", 1)
+    assert local_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert local_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(ShrinkError, match="cuda:0 under torchrun.*cuda:1"):
+        local_device(torch.device("cuda", 0))
+    monkeypatch.delenv("LOCAL_RANK")
+    assert local_device(torch.device("cuda", 0)) == torch.device("cuda", 0)  # one process: as asked
