@@ -31,7 +31,11 @@ def md(headers: list[str], rows: list[list[Any]]) -> str:
 def footer(payload: dict[str, Any]) -> str:
     dev = payload["device"]
     where = dev.get("cuda") or f"{dev['cpu']} CPU, {dev['threads']} threads"
-    return f"\n\n_Measured {payload['date']} on {where}, torch {dev['torch']}, git {payload['git_sha'][:10]}._"
+    # a file filled over several runs (re-runs skip measured rows) says so: the machine line is the last run's
+    runs = len(payload.get("git_shas", [])) > 1
+    head = "Last rows measured" if runs else "Measured"
+    tail = f"; rows from {len(payload['git_shas'])} commits" if runs else ""
+    return f"\n\n_{head} {payload['date']} on {where}, torch {dev['torch']}, git {payload['git_sha'][:10]}{tail}._"
 
 
 def quant_quality(p: dict[str, Any]) -> str:
