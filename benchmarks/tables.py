@@ -58,15 +58,29 @@ def prune_quality(p: dict[str, Any]) -> str:
     base = next((r["baseline_ppl"] for r in prune if "baseline_ppl" in r), None)
     by = {}
     for r in prune:
-        by.setdefault((r["pattern"], r["sparsity_target"]), {})[r["method"]] = r
-    rows = []
-    for (pattern, s), cell in by.items():
-        label = f"{pattern}" if pattern != "unstructured" else f"{int(s * 100)}% unstructured"
-        sg = cell.get("sparsegpt")
-        rows.append([label] + [cell[m]["ppl"] if m in cell else None for m in ("magnitude", "wanda", "sparsegpt")]
-                    + [sg and f"{sg['sparsity']:.4f}"])
+        by.setdefault((r["pattern"], r["sparsity_target"]), {})[(r["method"], bool(r.get("reconstruct")))] = r
+    methods = ("magnitude", "wanda", "sparsegpt")
+
+    def ratio(cell: dict, key: tuple[str, bool]) -> str | None:
+        """The quality bar: increase over dense as a fraction of plain magnitude pruning's."""
+        mag, r = cell.get(("magnitude", False)), cell.get(key)
+        return f"{(r['ppl'] - base) / (mag['ppl'] - base):.2f}" if base and mag and r else None
+
+    def table(reconstruct: bool) -> str:
+        rows = []
+        for (pattern, s), cell in by.items():
+            label = f"{pattern}" if pattern != "unstructured" else f"{int(s * 100)}% unstructured"
+            sg = cell.get(("sparsegpt", reconstruct))
+            rows.append([label] + [cell[(m, reconstruct)]["ppl"] if (m, reconstruct) in cell else None for m in methods]
+                        + [ratio(cell, ("sparsegpt", reconstruct)), sg and f"{sg['sparsity']:.4f}"])
+        return md(["setting", "magnitude", "Wanda", "SparseGPT", "SparseGPT increase / magnitude's",
+                   "achieved sparsity"], rows)
+
     text = f"Dense baseline: {base:.3f}\n\n" if base else ""
-    text += md(["setting", "magnitude", "Wanda", "SparseGPT", "achieved sparsity"], rows)
+    text += table(False)
+    if any(r.get("reconstruct") for r in prune):
+        text += ("\n\nThe same with `prune.reconstruct=true` (each method's mask, kept weights re-solved by "
+                 "masked least squares; the ratio is still against plain magnitude pruning):\n\n" + table(True))
     timing = RESULTS / "prune_timing.json"
     if timing.is_file():  # one run for all methods: the quality runs above shared the CPU with other jobs
         t = json.loads(timing.read_text())
@@ -74,13 +88,16 @@ def prune_quality(p: dict[str, Any]) -> str:
         text += ("\n\nSeconds per decoder layer, prune stage alone (calibration forward, Hessians, mask, "
                  f"updates; `--timing`{one_thread}; "
                  "all methods in one run):\n\n" + md(["method", "unstructured 50%", "2:4"], [
-                     [m] + [next((f"{r['seconds_per_layer']:.2f}" for r in t["rows"]
-                                  if (r["method"], r["pattern"]) == (m, pat)), None) for pat in ("unstructured", "2:4")]
-                     for m in ("magnitude", "wanda", "sparsegpt")]) + footer(t))
+                     [m + (" + reconstruct" if rec else "")]
+                     + [next((f"{r['seconds_per_layer']:.2f}" for r in t["rows"]
+                              if (r["method"], r["pattern"], bool(r.get("reconstruct"))) == (m, pat, rec)), None)
+                        for pat in ("unstructured", "2:4")]
+                     for m in methods for rec in (False, True)
+                     if any((r["method"], bool(r.get("reconstruct"))) == (m, rec) for r in t["rows"])]) + footer(t))
     combined = [r for r in p["rows"] if r["kind"] == "combined"]
     if combined:
         alone = []
-        sg = by.get(("unstructured", 0.5), {}).get("sparsegpt")
+        sg = by.get(("unstructured", 0.5), {}).get(("sparsegpt", False))
         if sg:
             alone.append(["SparseGPT 50% alone", sg["ppl"], f"{sg['sparsity']:.4f}"])
         quant = RESULTS / "quant_quality.json"

@@ -14,5 +14,9 @@ class PruneConfig:
     joint_quant: bool = False  # prune_quantize: one OBS sweep that prunes and quantizes
     damp: float = 0.01
     block_size: int = 128
+    # After the mask is chosen (by any method), re-solve each row's kept weights for the least
+    # output error on the calibration data (prune/reconstruct.py): SparseGPT's sweep only
+    # moves error to later columns, so its update is not optimal for its own mask.
+    reconstruct: bool = False
     # The SparseGPT and Wanda reference code prune every Linear of a layer from one pass.
     true_sequential: bool = False

@@ -12,6 +12,7 @@ import torch
 
 from prune.baselines import magnitude_prune, wanda_prune
 from prune.config import PruneConfig
+from prune.reconstruct import masked_least_squares
 from prune.sparsegpt import sparsegpt_prune
 from shrink.calibration import LinearJob, compress_model
 from shrink.errors import ShrinkError
@@ -46,6 +47,9 @@ def check_prune_config(p: PruneConfig) -> tuple[int, int]:
             raise ShrinkError(f"{where}: {s} must be in [0, 1)")
     if p.joint_quant and p.method != "sparsegpt":
         raise ShrinkError("prune.joint_quant: only SparseGPT prunes and quantizes in one sweep")
+    if p.joint_quant and p.reconstruct:
+        raise ShrinkError("prune.reconstruct: not with prune.joint_quant (it would move weights off the grid); "
+                          "use pipeline=prune_quantize to reconstruct, then quantize")
     return parse_pattern(p.pattern)
 
 
@@ -73,7 +77,7 @@ def prune_stage(state: "RunState") -> dict[str, Any]:
         if p.method == "sparsegpt":
             joint = dict(quant_bits=q.bits, quant_group_size=q.group_size, quant_sym=q.sym) if p.joint_quant else {}
             result = sparsegpt_prune(W.float(), job.hessian.H, sparsity, n, m, p.block_size, p.damp, **joint)
-            new = result.quant.Q if result.quant is not None else result.W
+            new, mask = (result.quant.Q if result.quant is not None else result.W), result.mask
             if result.quant is not None:
                 from quant.stage import pack_result
 
@@ -84,6 +88,11 @@ def prune_stage(state: "RunState") -> dict[str, Any]:
             mask = (wanda_prune(Wf, job.hessian.input_norm(), sparsity, n, m) if p.method == "wanda"
                     else magnitude_prune(Wf, sparsity, n, m))
             new = Wf.masked_fill(mask, 0.0)
+        if p.reconstruct:
+            rec = masked_least_squares(W.float(), job.hessian.H, mask, W=new, damp=p.damp)
+            new = rec.W
+            stats.update(reconstruct_error_before=rec.error_before, reconstruct_error_after=rec.error_after,
+                         reconstruct_iterations=rec.iterations, reconstruct_residual=rec.residual)
         set_weight_matrix(job.module, new.to(W.dtype))
         achieved = float((weight_matrix(job.module) == 0).float().mean())
         per_linear[job.full_name] = achieved
@@ -92,18 +101,19 @@ def prune_stage(state: "RunState") -> dict[str, Any]:
             stats["pattern_ok"] = nm_ok(weight_matrix(job.module), n, m)
         return stats
 
-    windows = None if p.method == "magnitude" else state.calibration()
-    # Wanda reads only activation norms: no [cols, cols] Hessian for it
+    windows = None if p.method == "magnitude" and not p.reconstruct else state.calibration()
+    # Wanda reads only activation norms: no [cols, cols] Hessian for it unless reconstructing
     report = compress_model(state.model, windows, compressor, state.device, p.true_sequential,
-                            offload_activations=q.offload_activations, label=f"{p.method} {p.pattern}",
-                            full_hessian=p.method != "wanda")
+                            offload_activations=q.offload_activations,
+                            label=f"{p.method}{' + reconstruct' if p.reconstruct else ''} {p.pattern}",
+                            full_hessian=p.method != "wanda" or p.reconstruct)
     if p.joint_quant:
         from quant.stage import check_quant_config, install_quantized
 
         check_quant_config(q)
         install_quantized(state, packed, q)
     overall = sum(per_linear.values()) / max(len(per_linear), 1)
-    result = {"method": p.method, "pattern": p.pattern, "sparsity_mean": overall, "per_linear": per_linear,
+    result = {"method": p.method, "pattern": p.pattern, "reconstruct": p.reconstruct, "sparsity_mean": overall, "per_linear": per_linear,
               "layers": report}
     if m:
         result["pattern_ok"] = all(r.get("pattern_ok", False) for r in report)

@@ -160,7 +160,8 @@ def summary(state: "RunState") -> str:
             parts.append(f"distilled ({cfg.distill.loss} loss)")
         elif stage == "prune":
             how = cfg.prune.pattern if cfg.prune.pattern != "unstructured" else f"{cfg.prune.sparsity:.0%} unstructured"
-            parts.append(f"pruned with {cfg.prune.method} ({how})")
+            rec = ", kept weights re-solved" if cfg.prune.reconstruct else ""
+            parts.append(f"pruned with {cfg.prune.method} ({how}{rec})")
         elif stage == "quantize":
             g = "per-channel" if cfg.quant.group_size == -1 else f"group size {cfg.quant.group_size}"
             parts.append(f"quantized to {cfg.quant.bits} bits with {cfg.quant.method} ({g}, GPTQ format)")
@@ -212,6 +213,7 @@ def recipe_section(state: "RunState") -> list[str]:
         keys += [f"quant.{k}={_arg(cfg.quant[k])}" for k in ("method", "bits", "group_size", "sym", "act_order")]
     if "prune" in cfg.pipeline.stages:
         keys += [f"prune.{k}={_arg(cfg.prune[k])}" for k in ("method", "sparsity", "pattern")]
+        keys += ["prune.reconstruct=true"] if cfg.prune.reconstruct else []
     return ["## Recipe", "", "Made with shrink by:", "", "```bash",
             "shrink " + " ".join(keys), "```", "",
             "The full resolved configuration (the run's `recipe.yaml` also records input hashes and versions):",

@@ -36,6 +36,19 @@ def test_every_linear_is_exactly_as_sparse_as_asked(tmp_path, tiny_model_dir, me
     assert "baseline_ppl" not in metrics  # not measured (eval.baseline=false), and the model changed
 
 
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
+def test_reconstruct_keeps_the_pattern_and_lowers_every_layer_error(tmp_path, tiny_model_dir, method) -> None:
+    metrics = run_shrink(["pipeline=prune", f"model.path={tiny_model_dir('qwen2')}", *tiny_data_overrides(),
+                          f"prune.method={method}", "prune.pattern='2:4'", "prune.reconstruct=true",
+                          "eval.baseline=false"], tmp_path / "run")
+    report = metrics["stages"]["prune"]
+    assert report["pattern_ok"] and report["reconstruct"]
+    for r in report["layers"]:
+        assert r["reconstruct_error_after"] < r["reconstruct_error_before"], r
+        assert r["reconstruct_residual"] < 1e-3, r
+    assert metrics["sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
 def test_layer_sparsity_overrides(tmp_path, tiny_model_dir) -> None:
     metrics = run_shrink(["pipeline=prune", f"model.path={tiny_model_dir('opt')}", *tiny_data_overrides(),
                           "prune.sparsity=0.6", "+prune.layer_sparsity={0: 0.2}", "eval.baseline=false"],
@@ -66,12 +79,13 @@ def test_pruned_zeros_survive_quantization_in_the_exported_checkpoint(tmp_path, 
     ("prune.sparsity=1.0", "prune.sparsity"), ("prune.sparsity=-0.1", "prune.sparsity"),
     ("prune.pattern='4:2'", "prune.pattern"), ("prune.pattern='2:5'", "does not divide"),
     ("prune.pattern=dense", "prune.pattern"), ("prune.method=obc", "prune.method"),
+    ("prune.reconstruct=true prune.joint_quant=true", "prune.reconstruct"),
 ])
 def test_bad_settings_are_refused_and_nothing_is_written(tmp_path, tiny_model_dir, override, key) -> None:
     out = tmp_path / "run"
     with pytest.raises(ShrinkError, match=key):
-        run_shrink(["pipeline=prune", f"model.path={tiny_model_dir('llama')}", *tiny_data_overrides(), override],
-                   out)
+        run_shrink(["pipeline=prune", f"model.path={tiny_model_dir('llama')}", *tiny_data_overrides(),
+                    *override.split()], out)
     assert not (out / "model").exists()
 
 
