@@ -26,6 +26,8 @@ RECONSTRUCT = {("unstructured", 0.5): ("magnitude", "wanda", "sparsegpt"), ("2:4
 COMBINED = [  # (pipeline, extra overrides, label)
     ("prune_quantize", ["prune.method=sparsegpt", "quant.method=gptq"], "SparseGPT 50% then GPTQ 4-bit g128"),
     ("prune", ["prune.method=sparsegpt", "prune.joint_quant=true"], "SparseGPT 50% + 4-bit g128 joint sweep"),
+    ("prune_quantize", ["prune.method=sparsegpt", "prune.reconstruct=true", "quant.method=gptq"],
+     "SparseGPT 50% + reconstruct, then GPTQ 4-bit g128"),
 ]
 
 # SparseGPT 50% under other settings, against the same dense and magnitude models. Measured on
@@ -56,7 +58,7 @@ def ablation(base: list[str]) -> None:
 
 
 def timing(base: list[str]) -> None:
-    """The prune stage alone, one method after the other, so no other job skews the seconds."""
+    """The prune stage alone, one method after the other; run it with no other job on the machine."""
     results = Results("prune_timing", {"overrides": base, "calibration": "128 x 512 docs-en train, seed 0",
                                        "stages": ["prune"], "threads": torch.get_num_threads()},
                       key=("method", "pattern", "reconstruct"))

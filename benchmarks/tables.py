@@ -72,9 +72,12 @@ def prune_quality(p: dict[str, Any]) -> str:
             label = f"{pattern}" if pattern != "unstructured" else f"{int(s * 100)}% unstructured"
             sg = cell.get(("sparsegpt", reconstruct))
             rows.append([label] + [cell[(m, reconstruct)]["ppl"] if (m, reconstruct) in cell else None for m in methods]
-                        + [ratio(cell, ("sparsegpt", reconstruct)), sg and f"{sg['sparsity']:.4f}"])
+                        + [ratio(cell, ("sparsegpt", reconstruct)), sg and f"{sg['sparsity']:.4f}"]
+                        + ([sg and f"{sg['layer_error_ratio']:.2f}"] if reconstruct else []))
+        # summed over every Linear: the error the re-solve leaves of the SparseGPT sweep's
+        extra = ["SparseGPT layer error, re-solved / swept"] if reconstruct else []
         return md(["setting", "magnitude", "Wanda", "SparseGPT", "SparseGPT increase / magnitude's",
-                   "achieved sparsity"], rows)
+                   "achieved sparsity"] + extra, rows)
 
     text = f"Dense baseline: {base:.3f}\n\n" if base else ""
     text += table(False)
@@ -82,12 +85,12 @@ def prune_quality(p: dict[str, Any]) -> str:
         text += ("\n\nThe same with `prune.reconstruct=true` (each method's mask, kept weights re-solved by "
                  "masked least squares; the ratio is still against plain magnitude pruning):\n\n" + table(True))
     timing = RESULTS / "prune_timing.json"
-    if timing.is_file():  # one run for all methods: the quality runs above shared the CPU with other jobs
+    if timing.is_file():  # measured alone: the quality runs above shared the CPU with other jobs
         t = json.loads(timing.read_text())
         one_thread = ", 1 thread" if t["config"].get("threads") == 1 else ""
         text += ("\n\nSeconds per decoder layer, prune stage alone (calibration forward, Hessians, mask, "
                  f"updates; `--timing`{one_thread}; "
-                 "all methods in one run):\n\n" + md(["method", "unstructured 50%", "2:4"], [
+                 "no other job running):\n\n" + md(["method", "unstructured 50%", "2:4"], [
                      [m + (" + reconstruct" if rec else "")]
                      + [next((f"{r['seconds_per_layer']:.2f}" for r in t["rows"]
                               if (r["method"], r["pattern"], bool(r.get("reconstruct"))) == (m, pat, rec)), None)
@@ -97,9 +100,10 @@ def prune_quality(p: dict[str, Any]) -> str:
     combined = [r for r in p["rows"] if r["kind"] == "combined"]
     if combined:
         alone = []
-        sg = by.get(("unstructured", 0.5), {}).get(("sparsegpt", False))
-        if sg:
-            alone.append(["SparseGPT 50% alone", sg["ppl"], f"{sg['sparsity']:.4f}"])
+        for rec in (False, True):
+            sg = by.get(("unstructured", 0.5), {}).get(("sparsegpt", rec))
+            if sg:
+                alone.append([f"SparseGPT 50%{' + reconstruct' if rec else ''} alone", sg["ppl"], f"{sg['sparsity']:.4f}"])
         quant = RESULTS / "quant_quality.json"
         gptq = [r for r in json.loads(quant.read_text())["rows"] if (r["method"], r["act_order"], r["bits"],
                 r["group_size"]) == ("gptq", False, 4, 128)] if quant.is_file() else []

@@ -1,7 +1,9 @@
 """The `prune` pipeline stage: SparseGPT, Wanda or magnitude on every decoder Linear.
 
 With `prune.joint_quant` the SparseGPT sweep also quantizes (quant.* settings) in the
-same pass, and the model leaves this stage pruned AND quantized.
+same pass, and the model leaves this stage pruned AND quantized. With `prune.reconstruct`
+the kept weights of every Linear are re-solved for its mask (prune/reconstruct.py) before
+they are written back, whichever method chose the mask.
 """
 from __future__ import annotations
 
@@ -113,8 +115,8 @@ def prune_stage(state: "RunState") -> dict[str, Any]:
         check_quant_config(q)
         install_quantized(state, packed, q)
     overall = sum(per_linear.values()) / max(len(per_linear), 1)
-    result = {"method": p.method, "pattern": p.pattern, "reconstruct": p.reconstruct, "sparsity_mean": overall, "per_linear": per_linear,
-              "layers": report}
+    result = {"method": p.method, "pattern": p.pattern, "reconstruct": p.reconstruct, "sparsity_mean": overall,
+              "per_linear": per_linear, "layers": report}
     if m:
         result["pattern_ok"] = all(r.get("pattern_ok", False) for r in report)
     log.info("pruned: mean sparsity %.4f%s", overall, f", {n}:{m} pattern ok: {result['pattern_ok']}" if m else "")

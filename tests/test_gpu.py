@@ -27,13 +27,14 @@ def ppl(metrics: dict) -> float:
     return next(iter(metrics["ppl"].values()))
 
 
-@pytest.mark.parametrize("method", ["gptq", "sparsegpt"])
+@pytest.mark.parametrize("method", ["gptq", "sparsegpt", "sparsegpt+reconstruct"])
 def test_layerwise_compression_on_the_device_matches_the_cpu(tmp_path: Path, tiny_model_dir, method: str) -> None:
     """One calibration engine on both: same Hessians up to float reduction order, so the same
     perplexity to well under a percent, and a model folder that loads."""
     folder = tiny_model_dir("llama")
     stage = (["pipeline=quantize", "quant.method=gptq", "quant.bits=4", "quant.group_size=32"] if method == "gptq"
-             else ["pipeline=prune", "prune.method=sparsegpt", "prune.sparsity=0.5"])
+             else ["pipeline=prune", "prune.method=sparsegpt", "prune.sparsity=0.5",
+                   f"prune.reconstruct={method.endswith('reconstruct')}"])
     common = [f"model.path={folder}", *tiny_data_overrides(), *stage, "eval.baseline=false"]
     cpu = run_shrink(common + ["model.device=cpu"], tmp_path / "cpu")
     dev = run_shrink(common + [f"model.device={DEVICE}"], tmp_path / "dev")

@@ -23,3 +23,14 @@ def test_sparse_matmul_refuses_a_machine_without_cuda() -> None:
 
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         main()
+
+
+def test_readme_tables_are_the_ones_the_results_generate(tmp_path) -> None:
+    """Every table in README.md is what benchmarks/tables.py renders from the committed JSON
+    (a hand edit, or a results file committed without re-rendering, fails here)."""
+    from benchmarks.tables import ROOT, render_all
+
+    copy = tmp_path / "README.md"
+    copy.write_text((ROOT / "README.md").read_text())
+    render_all(copy)
+    assert copy.read_text() == (ROOT / "README.md").read_text(), "run: python -m benchmarks.tables"
