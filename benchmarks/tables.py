@@ -88,15 +88,13 @@ def prune_quality(p: dict[str, Any]) -> str:
     if timing.is_file():  # measured alone: the quality runs above shared the CPU with other jobs
         t = json.loads(timing.read_text())
         one_thread = ", 1 thread" if t["config"].get("threads") == 1 else ""
+        seconds = {(r["method"], bool(r.get("reconstruct")), r["pattern"]): r["seconds_per_layer"] for r in t["rows"]}
+        rows = [[m + (" + reconstruct" if rec else "")]
+                + [f"{seconds[(m, rec, pat)]:.2f}" if (m, rec, pat) in seconds else None for pat in ("unstructured", "2:4")]
+                for m in methods for rec in (False, True) if any(k[:2] == (m, rec) for k in seconds)]
         text += ("\n\nSeconds per decoder layer, prune stage alone (calibration forward, Hessians, mask, "
-                 f"updates; `--timing`{one_thread}; "
-                 "no other job running):\n\n" + md(["method", "unstructured 50%", "2:4"], [
-                     [m + (" + reconstruct" if rec else "")]
-                     + [next((f"{r['seconds_per_layer']:.2f}" for r in t["rows"]
-                              if (r["method"], r["pattern"], bool(r.get("reconstruct"))) == (m, pat, rec)), None)
-                        for pat in ("unstructured", "2:4")]
-                     for m in methods for rec in (False, True)
-                     if any((r["method"], bool(r.get("reconstruct"))) == (m, rec) for r in t["rows"])]) + footer(t))
+                 f"updates; `--timing`{one_thread}; no other job running):\n\n"
+                 + md(["method", "unstructured 50%", "2:4"], rows) + footer(t))
     combined = [r for r in p["rows"] if r["kind"] == "combined"]
     if combined:
         alone = []

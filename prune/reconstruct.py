@@ -8,8 +8,9 @@ row by row at
 
 SparseGPT's OBS sweep does not reach this optimum: the error of a pruned weight is only
 moved onto the columns to its right (those not yet fixed), so the early columns of
-every row are never revisited. Solving the system above for SparseGPT's mask typically
-halves the layer error (Boza 2024 makes the same observation and solves it by ADMM).
+every row are never revisited. Solving the system above for SparseGPT's mask lowers the
+layer error (benchmarks/prune_quality.py reports by how much; Boza 2024 makes the same
+observation and solves it by ADMM).
 
 Every row has its own kept set, so a direct solve would factor one [k, k] matrix per
 row, O(out * in^3): fine for a toy layer, hopeless at an MLP's 14336 inputs. We run
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shrink.hessian import damped_hessian
 from shrink.obs import prepare_layer
 
 
@@ -59,16 +61,13 @@ def masked_least_squares(
     serves as the starting point of CG and as `error_before`. The damped H is used for
     the solve, the plain H for both errors.
     """
-    W0, H, dead = prepare_layer(W0, H, mask)
+    W0, H, _ = prepare_layer(W0, H, mask)  # dead input columns of W0 zeroed
     if damp < 0:
         raise ValueError(f"damp must be >= 0, got {damp}")
     keep = (~mask).to(W0.dtype)
     start = W0 * keep if W is None else W.to(W0.dtype) * keep
     error_before = layer_error(start, W0, H)
-    Hd = H.clone()
-    diag = torch.diagonal(Hd)
-    diag[dead] = 1.0  # dead inputs: W0 is zero there already; keep the operator SPD
-    diag += damp * float(diag.mean())
+    Hd, _, _ = damped_hessian(H, damp)  # the same damped H that SparseGPT and GPTQ invert
     # Unknown: D_k = W_k - W0_k. Right-hand side: -K H D_p with D_p = -W0_p.
     b = keep * ((W0 * (1 - keep)) @ Hd)
     x = (start - W0) * keep

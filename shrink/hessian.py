@@ -67,6 +67,21 @@ class InverseHessian:
     dead: torch.Tensor  # bool [cols]: columns whose input was always zero
 
 
+def damped_hessian(H: torch.Tensor, damp_fraction: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(H + lambda I, dead columns, lambda), in fp32 or fp64, H left untouched.
+
+    Dead columns (diag 0: the input feature never fired) first get H_jj = 1 so the
+    matrix stays invertible; lambda = damp_fraction * mean(diag H) over that diagonal.
+    """
+    H = H.to(torch.promote_types(H.dtype, torch.float32)).clone()
+    diag = torch.diagonal(H)
+    dead = diag == 0
+    diag[dead] = 1.0
+    damp = damp_fraction * float(diag.mean())
+    diag += damp
+    return H, dead, damp
+
+
 def inverse_hessian(
     H: torch.Tensor, damp_fraction: float = 0.01, max_tries: int = 6
 ) -> InverseHessian:
@@ -87,18 +102,12 @@ def inverse_hessian(
         raise ValueError(f"Hessian must be a square matrix, got shape {tuple(H.shape)}")
     if not torch.isfinite(H).all():
         raise HessianError("Hessian has NaN/inf entries (non-finite calibration activations)")
-    H = H.to(torch.promote_types(H.dtype, torch.float32)).clone()
-    diag = torch.diagonal(H)
-    dead = diag == 0
-    diag[dead] = 1.0
-    mean_diag = float(diag.mean())
     fraction = damp_fraction
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     tried = fraction
     for _ in range(max_tries):
         tried = fraction
-        damp = fraction * mean_diag
-        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        Hd, dead, damp = damped_hessian(H, fraction)
+        L, info = torch.linalg.cholesky_ex(Hd)
         if int(info) == 0:
             Hinv = torch.cholesky_inverse(L)
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
