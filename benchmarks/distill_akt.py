@@ -9,7 +9,8 @@ the progressive arms add their layer stages on top, which is their cost. Perplex
 protocol (docs-en test, 512-token windows; the CPU budget caps their number).
 Writes benchmarks/results/distill_akt.json, or distill_akt_<settings>.json for any setting
 other than the default (budget, AKT weight, layer map, ...); re-running skips the arms
-already there.
+already there. `--dev` chooses settings without the test split: it distills on docs-en valid
+less every fifth document and measures perplexity on those held-out documents (docs-en-dev).
 
     python -m benchmarks.distill_akt --threads 1  # CPU-sized (~25 min on 2 busy cores)
     python -m benchmarks.distill_akt --full       # the GPU-sized comparison
@@ -18,16 +19,21 @@ already there.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gzip
 import json
 import logging
+import os
 import re
 import statistics
+import tempfile
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 
-from benchmarks.common import RESULTS, Results, run
+from benchmarks.common import RESULTS, ROOT, Results, run
 from benchmarks.tables import footer, md
 
 SHARED = "${oc.env:SHRINK_SHARED,'../shared'}"
@@ -61,20 +67,48 @@ def default_split(budget: str) -> str:
     return "train" if budget == "full" else "valid"
 
 
-DEFAULT_OPTS = {"split": "valid", "relation_heads": 8, "layer_map": "uniform", "seed": 0}
+DEFAULT_OPTS = {"split": "valid", "relation_heads": 8, "layer_map": "uniform", "seed": 0, "relations": "qkv",
+                "dev": None}
+DEV_EVERY = 5  # --dev: every fifth document of docs-en valid is held out (6 of 34, 67k tokens)
+
+
+@contextlib.contextmanager
+def dev_split() -> Iterator[dict[str, str]]:
+    """docs-en valid cut in two by document, as files that live while the run does: the transfer
+    set (4 of every 5 documents) and the held-out documents perplexity is measured on."""
+    shared = Path(os.environ.get("SHRINK_SHARED", ROOT.parent / "shared"))
+    with gzip.open(shared / "data" / "docs-en" / "valid.jsonl.gz", "rt", encoding="utf-8") as f:
+        lines = f.readlines()
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {"train": str(Path(tmp) / "dev-train.jsonl.gz"), "eval": str(Path(tmp) / "dev-eval.jsonl.gz")}
+        for part, keep in (("train", lambda i: i % DEV_EVERY != DEV_EVERY - 1),
+                           ("eval", lambda i: i % DEV_EVERY == DEV_EVERY - 1)):
+            with gzip.open(files[part], "wt", encoding="utf-8") as f:
+                f.writelines(line for i, line in enumerate(lines) if keep(i))
+        yield files
+
+
+def eval_overrides(opts: dict[str, Any]) -> list[str]:
+    """The held-out documents of --dev instead of docs-en test."""
+    return [] if opts["dev"] is None else [f"data.eval.path={opts['dev']['eval']}", "data.eval.name=docs-en-dev"]
+
+
+def eval_name(opts: dict[str, Any]) -> str:
+    return "docs-en-test" if opts["dev"] is None else "docs-en-dev"
 
 
 def overrides(init: str, loss: str, schedule: str, b: dict[str, Any], weights: dict[str, float],
               opts: dict[str, Any] = DEFAULT_OPTS) -> list[str]:
     windows = "null" if b["windows"] is None else b["windows"]
+    train = opts["dev"]["train"] if opts["dev"] else f"{SHARED}/data/docs-en/{opts['split']}.jsonl.gz"
     return ["pipeline=distill", "model=llama_teacher", "data=docs_en", "eval.baseline=false", "eval.batch_size=8",
-            f"distill.train_path={SHARED}/data/docs-en/{opts['split']}.jsonl.gz",
+            f"distill.train_path={train}", *eval_overrides(opts),
             f"data.eval.max_windows={windows}", "data.eval.seq_len=512", f"seed={opts['seed']}", *INITS[init],
             f"distill.loss={loss}", f"distill.schedule={schedule}", f"distill.steps={b['steps']}",
             f"distill.progressive_steps={b['progressive_steps']}", f"distill.batch_size={b['batch_size']}",
             f"distill.seq_len={b['seq_len']}", f"distill.lr={LR[init]}", f"distill.warmup={max(1, b['steps'] // 10)}",
             "distill.checkpoint_every=0", "distill.log_every=5", f"distill.relation_heads={opts['relation_heads']}",
-            f"distill.layer_map={opts['layer_map']}",
+            f"distill.layer_map={opts['layer_map']}", f"distill.relations={opts['relations']}",
             f"distill.eval_init={loss == 'lm' and schedule == 'joint'}",  # once per init
             *[f"distill.weights.{k}={v}" for k, v in weights.items()]]
 
@@ -84,7 +118,7 @@ def run_arm(init: str, loss: str, schedule: str, b: dict[str, Any], weights: dic
     t = time.time()
     m = run(overrides(init, loss, schedule, b, weights, opts))
     report = m["stages"]["distill"]
-    return {"init": init, "loss": loss, "schedule": schedule, "ppl": m["ppl"]["docs-en-test"],
+    return {"init": init, "loss": loss, "schedule": schedule, "ppl": m["ppl"][eval_name(opts)],
             "init_ppl": report.get("init_ppl"), "steps": report["steps"], "tokens": report["tokens"],
             "seconds_train": report["seconds"], "tokens_per_s": report["tokens_per_s"],
             "seconds_total": time.time() - t, "params": report["student"]["params"],
@@ -99,6 +133,9 @@ def main() -> None:
     parser.add_argument("--akt-weight", type=float, default=1.0)
     parser.add_argument("--relation-heads", type=int, default=8)
     parser.add_argument("--layer-map", default="uniform", help="distill.layer_map of the AKT arms")
+    parser.add_argument("--relations", default="qkv", help="distill.relations of the AKT arms (e.g. v)")
+    parser.add_argument("--dev", action="store_true",
+                        help="distill on docs-en valid less every fifth document, measure on those (not test)")
     parser.add_argument("--arms", default="all", help="comma-separated arm indices (default: all)")
     parser.add_argument("--name", default=None,
                         help="results file (default: distill_akt plus each setting that is not the default, "
@@ -116,6 +153,8 @@ def main() -> None:
     budget = "full" if args.full else args.budget
     b = BUDGETS[budget]
     args.train = args.train or default_split(budget)
+    if args.dev and args.train != "valid":
+        parser.error("--dev holds out documents of docs-en valid: it needs --train valid")
     args.name = args.name or default_name(budget, args)
     if args.table:
         print(render_table(json.loads((RESULTS / f"{args.name}.json").read_text())))
@@ -130,20 +169,29 @@ def main() -> None:
               # and re-running skips their measured arms
               **({"layer_map": args.layer_map} if args.layer_map != "uniform" else {}),
               **({"seed": args.seed} if args.seed else {}),
+              **({"relations": args.relations} if args.relations != "qkv" else {}),
+              **({"eval": "docs-en-dev"} if args.dev else {}),
               "threads": torch.get_num_threads(), "tokens_per_arm": b["steps"] * b["batch_size"] * b["seq_len"]}
     results = Results(args.name, config, key=("init", "loss", "schedule"))  # re-running skips finished arms
+    with dev_split() if args.dev else contextlib.nullcontext() as dev:
+        opts = {"split": args.train, "relation_heads": args.relation_heads, "layer_map": args.layer_map,
+                "seed": args.seed, "relations": args.relations, "dev": dev}
+        run_arms(results, arms, b, weights, opts)
+    print(results.save())
+
+
+def run_arms(results: Results, arms: list[tuple[str, str, str]], b: dict[str, Any], weights: dict[str, float],
+             opts: dict[str, Any]) -> None:
+    """The teacher's perplexity, then each arm not yet in the results."""
     windows = "null" if b["windows"] is None else b["windows"]
     if not results.has(init="teacher", loss="-", schedule="-"):
         teacher = run(["pipeline=eval", "model=llama_teacher", "data=docs_en", "eval.batch_size=8",
-                       f"data.eval.max_windows={windows}"])
-        results.add({"init": "teacher", "loss": "-", "schedule": "-", "ppl": teacher["ppl"]["docs-en-test"],
+                       f"data.eval.max_windows={windows}", *eval_overrides(opts)])
+        results.add({"init": "teacher", "loss": "-", "schedule": "-", "ppl": teacher["ppl"][eval_name(opts)],
                      "params": teacher["params"]})
     for init, loss, schedule in arms:
         if not results.has(init=init, loss=loss, schedule=schedule):
-            opts = {"split": args.train, "relation_heads": args.relation_heads, "layer_map": args.layer_map,
-                    "seed": args.seed}
             results.add(run_arm(init, loss, schedule, b, weights, opts))
-    print(results.save())
 
 
 def default_name(budget: str, args: argparse.Namespace) -> str:
@@ -153,9 +201,11 @@ def default_name(budget: str, args: argparse.Namespace) -> str:
     parts += [f"w{args.akt_weight:g}"] if args.akt_weight != 1.0 else []
     parts += [args.layer_map] if args.layer_map != "uniform" else []
     parts += [f"r{args.relation_heads}"] if args.relation_heads != 8 else []
+    parts += [args.relations] if args.relations != "qkv" else []
     parts += [f"seed{args.seed}"] if args.seed else []
     parts += [f"on-{args.train}"] if args.train != default_split(budget) else []
     parts += [f"lr-{item.replace('=', '')}" for item in args.lr]
+    parts += ["dev"] if args.dev else []
     return re.sub(r"[^\w.-]", "-", "_".join(parts))  # an explicit map "0:1,1:3" -> "0-1-1-3"
 
 
@@ -184,6 +234,7 @@ def default_settings(c: dict[str, Any], any_seed: bool = False) -> bool:
     """Whether a results file ran the default AKT settings (it may differ in budget only, and in
     seed too with `any_seed`)."""
     return (c["weights"]["akt"] == 1.0 and c.get("layer_map", "uniform") == "uniform" and c["relation_heads"] == 8
+            and c.get("relations", "qkv") == "qkv" and "eval" not in c
             and c["train_split"] == default_split(c["budget"]) and (any_seed or c.get("seed", 0) == 0))
 
 

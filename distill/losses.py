@@ -8,7 +8,7 @@ D into R relation heads of d_r = D / R channels and form
     rel(A)_r = softmax(A_r A_r^T / sqrt(d_r))        (a [T, T] distribution per row)
 
 The loss is KL(rel_teacher || rel_student) averaged over relation heads and rows, summed
-over Q, K and V. R is the same for teacher and student; D may differ (so may head counts
+over Q, K and V (or the subset `parts` names). R is the same for teacher and student; D may differ (so may head counts
 and the K/V width of grouped-query attention), since only the [T, T] relations meet.
 """
 from __future__ import annotations
@@ -54,9 +54,18 @@ def relation_kl(teacher: torch.Tensor, student: torch.Tensor, relation_heads: in
     return (log_t.exp() * (log_t - log_s)).sum(-1).mean()
 
 
-def qkv_relation_loss(teacher: QKV, student: QKV, relation_heads: int, causal: bool = True) -> torch.Tensor:
-    """AKT loss of one mapped layer pair: sum over Q, K, V of the relation KL (MiniLMv2)."""
-    return sum(relation_kl(t, s, relation_heads, causal) for t, s in zip(teacher, student))
+def valid_parts(parts: str) -> bool:
+    """Whether `parts` names a non-empty subset of q, k, v, each at most once."""
+    return bool(parts) and not set(parts) - set("qkv") and len(set(parts)) == len(parts)
+
+
+def qkv_relation_loss(teacher: QKV, student: QKV, relation_heads: int, causal: bool = True,
+                      parts: str = "qkv") -> torch.Tensor:
+    """AKT loss of one mapped layer pair: sum over Q, K, V (those named in `parts`) of the
+    relation KL (MiniLMv2)."""
+    if not valid_parts(parts):
+        raise ValueError(f"parts must name each of q, k, v at most once, got {parts!r}")
+    return sum(relation_kl(teacher[i], student[i], relation_heads, causal) for i in map("qkv".index, parts))
 
 
 def logit_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -25,7 +25,7 @@ from distill.capture import QKVCapture
 from distill.checkpoint import check_resumable, latest_checkpoint, load_train_state, save_train_state
 from distill.data import WindowSampler, sample_start
 from distill.distributed import DistContext, full_state, shard, state_digest
-from distill.losses import lm_loss, logit_kd_loss, qkv_relation_loss, topk_kd_loss
+from distill.losses import QKV, lm_loss, logit_kd_loss, qkv_relation_loss, topk_kd_loss
 from distill.plan import Objective, TrainPlan
 from distill.teacher import TopKCache
 from shrink.errors import ShrinkError
@@ -130,9 +130,9 @@ class Trainer:
                 terms["logit"] = logit_kd_loss(logits[..., :v], teacher_logits[..., :v].to(self.device),
                                                self.d.temperature)
         for s in objective.akt:
-            t_qkv = [a.to(self.device) for a in t_cap.pop(self.plan.pairs[s])]
+            t_qkv = QKV(*(a.to(self.device) for a in t_cap.pop(self.plan.pairs[s])))
             terms[f"akt.{s}"] = qkv_relation_loss(t_qkv, s_cap.pop(s), self.d.relation_heads,
-                                                  self.d.causal_relations)
+                                                  self.d.causal_relations, self.d.relations)
         s_cap.clear()
         if t_cap is not None:
             t_cap.clear()

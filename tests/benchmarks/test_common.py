@@ -41,18 +41,24 @@ def test_a_rerun_resumes_a_file_whose_config_holds_tuples(tmp_path, monkeypatch)
     assert again.has(batch=1) and not again.has(batch=16)
 
 
-@pytest.mark.parametrize("budget,weight,layer_map,train,name", [
-    ("cpu", 1.0, "uniform", "valid", "distill_akt"),
-    ("cpu4x", 0.1, "uniform", "valid", "distill_akt_cpu4x_w0.1"),
-    ("cpu", 1.0, "last", "valid", "distill_akt_last"),
-    ("cpu8x", 1.0, "uniform", "valid", "distill_akt_cpu8x"),
-    ("full", 1.0, "0:1,1:3", "valid", "distill_akt_full_0-1-1-3_on-valid"),
+@pytest.mark.parametrize("budget,weight,layer_map,train,relations,dev,name", [
+    ("cpu", 1.0, "uniform", "valid", "qkv", False, "distill_akt"),
+    ("cpu4x", 0.1, "uniform", "valid", "qkv", False, "distill_akt_cpu4x_w0.1"),
+    ("cpu", 1.0, "last", "valid", "qkv", False, "distill_akt_last"),
+    ("cpu8x", 1.0, "uniform", "valid", "qkv", False, "distill_akt_cpu8x"),
+    ("full", 1.0, "0:1,1:3", "valid", "qkv", False, "distill_akt_full_0-1-1-3_on-valid"),
+    ("cpu", 1.0, "uniform", "valid", "v", False, "distill_akt_v"),
+    ("cpu", 1.0, "uniform", "valid", "v", True, "distill_akt_v_dev"),
+    ("cpu", 1.0, "uniform", "valid", "qkv", True, "distill_akt_dev"),
 ])
-def test_distill_results_are_named_by_every_setting_off_the_default(budget, weight, layer_map, train, name) -> None:
-    args = argparse.Namespace(akt_weight=weight, layer_map=layer_map, relation_heads=8, train=train, lr=[], seed=0)
+def test_distill_results_are_named_by_every_setting_off_the_default(budget, weight, layer_map, train, relations, dev,
+                                                                    name) -> None:
+    args = argparse.Namespace(akt_weight=weight, layer_map=layer_map, relation_heads=8, train=train, lr=[], seed=0,
+                              relations=relations, dev=dev)
     assert default_name(budget, args) == name
 
 
 def test_a_seed_other_than_0_names_its_own_file() -> None:
-    args = argparse.Namespace(akt_weight=1.0, layer_map="uniform", relation_heads=8, train="valid", lr=[], seed=2)
+    args = argparse.Namespace(akt_weight=1.0, layer_map="uniform", relation_heads=8, train="valid", lr=[], seed=2,
+                              relations="qkv", dev=False)
     assert default_name("cpu8x", args) == "distill_akt_cpu8x_seed2"

@@ -100,3 +100,16 @@ def test_lm_loss_is_shifted_cross_entropy() -> None:
     logits, ids = rand(2, 6, 9), torch.randint(0, 9, (2, 6))
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, 9), ids[:, 1:].reshape(-1))
     assert torch.allclose(lm_loss(logits, ids), expected)
+
+
+def test_relation_parts_pick_the_terms_of_q_k_v() -> None:
+    teacher = QKV(rand(2, 9, 64), rand(2, 9, 32, seed=1), rand(2, 9, 32, seed=2))
+    student = QKV(rand(2, 9, 96, seed=3), rand(2, 9, 32, seed=4), rand(2, 9, 32, seed=5))
+    each = {p: relation_kl(getattr(teacher, p), getattr(student, p), 4) for p in "qkv"}
+    assert torch.allclose(qkv_relation_loss(teacher, student, 4, parts="v"), each["v"])
+    assert torch.allclose(qkv_relation_loss(teacher, student, 4, parts="kv"), each["k"] + each["v"])
+    full = qkv_relation_loss(teacher, student, 4)
+    assert torch.allclose(full, sum(each.values())) and torch.allclose(qkv_relation_loss(teacher, student, 4, parts="vqk"), full)
+    for bad in ("", "qq", "qx", "Q"):
+        with pytest.raises(ValueError, match="at most once"):
+            qkv_relation_loss(teacher, student, 4, parts=bad)

@@ -114,6 +114,24 @@ def test_akt_training_lowers_the_relation_loss_and_leaves_the_teacher_alone() ->
     assert all(p.grad is None for p in teacher.parameters())
 
 
+def test_v_relations_alone_leave_the_mapped_layers_queries_and_keys_untouched(teacher) -> None:
+    """distill.relations=v: the AKT term reaches V and what feeds it, never the Q/K projections
+    of the last mapped layer (student layer 1; layer 0's Q/K shape the input of layer 1's V)."""
+    grads = {}
+    for relations in ("qkv", "v"):
+        t = trainer(teacher, settings(loss="akt", relations=relations, weights={"logit": 0.0}))
+        ids = t.sampler.samples(0, 2)
+        with t.captures() as (s_cap, t_cap):
+            total, terms = t.micro_loss(ids, 0, t.plan.phases[0].objective, s_cap, t_cap)
+        total.backward()
+        grads[relations] = {n: p.grad for n, p in t.student.named_parameters()}
+    size = {r: {n: 0.0 if g is None else g.abs().sum().item() for n, g in grads[r].items()} for r in grads}
+    attn = "model.layers.{}.self_attn.{}_proj.weight"
+    assert all(size["qkv"][attn.format(1, p)] > 0 for p in "qkv")
+    assert size["v"][attn.format(1, "q")] == 0 and size["v"][attn.format(1, "k")] == 0
+    assert size["v"][attn.format(1, "v")] > 0 and size["v"][attn.format(0, "q")] > 0
+
+
 def test_prepared_teacher_is_frozen_in_its_own_dtype() -> None:
     model = tiny_llama(layers=2).train()
     t, device = prepare_teacher(model, settings().teacher, ModelConfig(path="unused", dtype="bfloat16"), CPU)
