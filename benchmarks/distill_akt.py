@@ -209,7 +209,11 @@ def default_name(budget: str, args: argparse.Namespace) -> str:
     return re.sub(r"[^\w.-]", "-", "_".join(parts))  # an explicit map "0:1,1:3" -> "0-1-1-3"
 
 
-LOSS_LABEL = {"lm": "LM only", "logits": "logit KD", "akt": "AKT (Q/K/V) + logit KD"}
+LOSS_LABEL = {"lm": "LM only", "logits": "logit KD", "akt": "AKT ({}) + logit KD"}
+
+
+def loss_label(loss: str, relations: str = "qkv") -> str:
+    return LOSS_LABEL[loss].format("/".join(relations.upper()))
 
 
 def render_table(p: dict[str, Any]) -> str:
@@ -221,7 +225,8 @@ def render_table(p: dict[str, Any]) -> str:
         if r["init"] == "teacher":
             rows.append(["teacher (8 layers, 384)", "-", "-", r["ppl"], None, None, None, None])
             continue
-        label = LOSS_LABEL[r["loss"]] + (" progressive" if r["schedule"] == "progressive" else "")
+        label = loss_label(r["loss"], c.get("relations", "qkv"))
+        label += " progressive" if r["schedule"] == "progressive" else ""
         rows.append([f"student init={r['init']}", label, init_ppl.get(r["init"]), r["ppl"], r["steps"], r["tokens"],
                      f"{r['seconds_train']:.0f}", f"{r['tokens_per_s']:.0f}"])
     head = (f"Budget per arm (joint): {c['steps']} steps x {c['batch_size']} x {c['seq_len']} tokens "
@@ -230,12 +235,18 @@ def render_table(p: dict[str, Any]) -> str:
                      rows) + footer(p)
 
 
+def base_settings(c: dict[str, Any]) -> bool:
+    """Whether a results file ran the default AKT weight, map, relation heads and split (its
+    budget, seed, relations and evaluation split may be any)."""
+    return (c["weights"]["akt"] == 1.0 and c.get("layer_map", "uniform") == "uniform" and c["relation_heads"] == 8
+            and c["train_split"] == default_split(c["budget"]))
+
+
 def default_settings(c: dict[str, Any], any_seed: bool = False) -> bool:
     """Whether a results file ran the default AKT settings (it may differ in budget only, and in
     seed too with `any_seed`)."""
-    return (c["weights"]["akt"] == 1.0 and c.get("layer_map", "uniform") == "uniform" and c["relation_heads"] == 8
-            and c.get("relations", "qkv") == "qkv" and "eval" not in c
-            and c["train_split"] == default_split(c["budget"]) and (any_seed or c.get("seed", 0) == 0))
+    return (base_settings(c) and c.get("relations", "qkv") == "qkv" and "eval" not in c
+            and (any_seed or c.get("seed", 0) == 0))
 
 
 def joint_ppl(p: dict[str, Any]) -> dict[tuple[str, str], float]:
@@ -265,20 +276,50 @@ def render_budgets(payloads: list[dict[str, Any]]) -> str:
 
 def render_variants(payloads: list[dict[str, Any]]) -> str:
     """Every arm of the runs with other AKT settings (--akt-weight, --layer-map, ...), one row each;
-    runs that differ only in budget or seed are render_budgets' and render_seeds' rows."""
+    runs that differ only in budget, seed, relations or evaluation split are the rows of
+    render_budgets, render_seeds and render_relations."""
     rows = []
     for p in payloads:
         c = p["config"]
-        if default_settings(c, any_seed=True):
+        if base_settings(c):
             continue
         for r in p["rows"]:
             if r["init"] == "teacher":
                 continue
-            akt = f"weight {c['weights']['akt']}, map {c.get('layer_map', 'uniform')}" if r["loss"] == "akt" else "-"
-            rows.append([p["benchmark"], f"{c['tokens_per_arm']:,}", f"init={r['init']}", LOSS_LABEL[r["loss"]], akt,
-                         r["ppl"], f"{r['tokens_per_s']:.0f}"])
-    return md(["results file", "tokens per arm", "student", "training", "AKT settings", "test ppl", "tokens/s"],
-              rows)
+            akt = (f"weight {c['weights']['akt']}, map {c.get('layer_map', 'uniform')}, "
+                   f"relations {c.get('relations', 'qkv')}") if r["loss"] == "akt" else "-"
+            label = loss_label(r["loss"], c.get("relations", "qkv"))
+            rows.append([p["benchmark"], f"{c['tokens_per_arm']:,}", f"init={r['init']}", label, akt,
+                         c.get("eval", "docs-en-test"), r["ppl"], f"{r['tokens_per_s']:.0f}"])
+    return md(["results file", "tokens per arm", "student", "training", "AKT settings", "evaluated on", "ppl",
+               "tokens/s"], rows)
+
+
+def render_relations(payloads: list[dict[str, Any]]) -> str:
+    """AKT on Q/K/V against AKT on V alone (--relations v), beside LM only and logit KD of the
+    same budget and evaluation split (seed 0, otherwise default settings)."""
+    by: dict[tuple[int, str, str], dict[str, dict[str, float]]] = {}
+    for p in payloads:
+        c = p["config"]
+        if not base_settings(c) or c.get("seed", 0):
+            continue
+        arm = {"lm": "lm", "logits": "logits", "akt": "akt-" + c.get("relations", "qkv")}
+        for r in p["rows"]:
+            if r["schedule"] == "joint":
+                key = (c["tokens_per_arm"], c["budget"], c.get("eval", "docs-en-test"))
+                by.setdefault(key, {}).setdefault(r["init"], {})[arm[r["loss"]]] = r["ppl"]
+    rows = []
+    for (_, budget, evaluated), inits in sorted(by.items()):
+        for init in INITS:
+            arms = inits.get(init, {})
+            if "akt-v" not in arms:
+                continue
+            logit = arms.get("logits")
+            gap = f"{arms['akt-v'] - logit:+.3f}" if logit is not None else ""
+            rows.append([budget, evaluated, f"init={init}", arms.get("lm"), logit, arms.get("akt-qkv"), arms["akt-v"],
+                         gap])
+    return md(["budget", "evaluated on", "student", "LM only", "logit KD", "AKT (Q/K/V) + logit KD",
+               "AKT (V) + logit KD", "AKT (V) - logit KD"], rows)
 
 
 def render_seeds(payloads: list[dict[str, Any]]) -> str:

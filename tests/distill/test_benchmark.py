@@ -2,6 +2,10 @@
 size (the CI version of benchmarks/distill_akt.py), and the table renders from the JSON."""
 from __future__ import annotations
 
+import gzip
+import json
+from pathlib import Path
+
 from benchmarks.distill_akt import ARMS, BUDGETS, overrides, render_table, run_arm
 from tests.conftest import compose_config, needs_shared
 
@@ -28,8 +32,22 @@ def test_one_arm_at_smoke_size_and_the_table() -> None:
     assert "AKT (Q/K/V) + logit KD progressive" in table and "| student init=skip" in table
 
 
+@needs_shared
+def test_dev_arms_distill_and_measure_on_two_halves_of_valid() -> None:
+    from benchmarks.distill_akt import DEFAULT_OPTS, dev_split
+
+    with dev_split() as files:
+        docs = {part: [json.loads(line)["source"] for line in gzip.open(path, "rt")] for part, path in files.items()}
+        cfg = compose_config(overrides("pretrained", "akt", "joint", BUDGETS["cpu"], WEIGHTS,
+                                       {**DEFAULT_OPTS, "dev": files, "relations": "v"}))
+    assert len(docs["eval"]) == 6 and len(docs["train"]) == 28 and not set(docs["eval"]) & set(docs["train"])
+    assert cfg.data.eval.path == files["eval"] and cfg.data.eval.name == "docs-en-dev"
+    assert cfg.distill.train_path == files["train"] and cfg.distill.relations == "v"
+    assert not Path(files["eval"]).exists()  # the split lives only as long as the run
+
+
 def test_budget_table_lines_up_the_three_arms_and_skips_non_default_settings() -> None:
-    from benchmarks.distill_akt import render_budgets, render_variants
+    from benchmarks.distill_akt import render_budgets, render_relations, render_variants
 
     def payload(budget: str, tokens: int, akt_weight: float, ppl: dict[str, float]) -> dict:
         config = {"budget": budget, "tokens_per_arm": tokens, "weights": {"akt": akt_weight},
@@ -40,9 +58,17 @@ def test_budget_table_lines_up_the_three_arms_and_skips_non_default_settings() -
 
     payloads = [payload("cpu4x", 408_708, 1.0, {"lm": 25.0, "logits": 21.0, "akt": 21.5}),
                 payload("cpu", 204_354, 1.0, {"lm": 34.0, "logits": 30.0, "akt": 29.0}),
-                payload("cpu", 204_354, 0.1, {"akt": 1.0})]
+                payload("cpu", 204_354, 0.1, {"akt": 1.0}),
+                payload("cpu", 204_354, 1.0, {"akt": 2.0}), payload("cpu", 204_354, 1.0, {"akt": 3.0})]
+    payloads[3]["config"]["relations"] = "v"
+    payloads[4]["config"]["eval"] = "docs-en-dev"
     variants = render_variants(payloads).splitlines()[2:]
-    assert len(variants) == 1 and "weight 0.1, map uniform | 1.000" in variants[0]
+    assert len(variants) == 1  # relations v and the dev split are render_relations' rows
+    assert "| AKT (Q/K/V) + logit KD | weight 0.1, map uniform, relations qkv | docs-en-test | 1.000 |" in variants[0]
+    relations = render_relations(payloads).splitlines()[2:]
+    assert relations == ["| cpu | docs-en-test | init=skip | 34.000 | 30.000 | 29.000 | 2.000 | -28.000 |"]
+    payloads[4]["config"]["relations"] = "v"  # a dev run of V alone: its own row, without the other arms
+    assert render_relations(payloads).splitlines()[2] == "| cpu | docs-en-dev | init=skip |  |  |  | 3.000 |  |"
     lines = render_budgets(payloads).splitlines()[2:]
     assert len(lines) == 2  # the weight-0.1 file is a variant, not a budget point
     assert lines[0].startswith("| cpu | 204,354 | 1.0 | init=skip | 34.000 | 30.000 | 29.000 | -1.000 |")

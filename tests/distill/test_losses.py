@@ -109,7 +109,8 @@ def test_relation_parts_pick_the_terms_of_q_k_v() -> None:
     assert torch.allclose(qkv_relation_loss(teacher, student, 4, parts="v"), each["v"])
     assert torch.allclose(qkv_relation_loss(teacher, student, 4, parts="kv"), each["k"] + each["v"])
     full = qkv_relation_loss(teacher, student, 4)
-    assert torch.allclose(full, sum(each.values())) and torch.allclose(qkv_relation_loss(teacher, student, 4, parts="vqk"), full)
+    assert torch.allclose(full, sum(each.values()))
+    assert torch.allclose(qkv_relation_loss(teacher, student, 4, parts="vqk"), full)
     for bad in ("", "qq", "qx", "Q"):
         with pytest.raises(ValueError, match="at most once"):
             qkv_relation_loss(teacher, student, 4, parts=bad)
