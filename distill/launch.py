@@ -105,6 +105,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"shrink: error: {exc}", file=sys.stderr)
         status = 2
     if status == 0:
+        # every rank past its last collective before any tears the group down: a rank that
+        # destroys while its peer is still inside the DONE broadcast can abort at exit (gloo)
+        dist.barrier()
         dist.destroy_process_group()
     sys.exit(status)
 
