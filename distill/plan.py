@@ -18,6 +18,7 @@ from torch import nn
 
 from distill.capture import find_qkv
 from distill.layer_map import layer_weights
+from distill.losses import valid_parts
 from shrink.errors import ShrinkError
 from shrink.modeling import find_decoder_layers
 
@@ -84,6 +85,8 @@ def check_distill_config(d: Any) -> None:
         raise ShrinkError(f"distill.precision: unknown precision {d.precision!r} ({' | '.join(PRECISIONS)})")
     if d.seq_len <= 1 or d.batch_size <= 0 or d.grad_accum <= 0:
         raise ShrinkError("distill.seq_len must be > 1, distill.batch_size and distill.grad_accum > 0")
+    if not valid_parts(str(d.relations)):
+        raise ShrinkError(f"distill.relations={d.relations!r}: name each of q, k, v at most once (e.g. qkv, v, kv)")
     teacher_device_map(d.teacher.device_map)  # a device_map.json file: present and well formed
 
 

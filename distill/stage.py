@@ -22,7 +22,6 @@ from distill.capture import attention_shape
 from distill.data import WindowSampler
 from distill.distributed import DistContext, local_device
 from distill.layer_map import parse_layer_map
-from distill.losses import valid_parts
 from distill.plan import TrainPlan, make_plan
 from distill.student import Student, build_student, shape_report
 from distill.teacher import TopKCache, prepare_teacher, teacher_vocab_check
@@ -80,7 +79,6 @@ def run_training(state: "RunState", pretrain: bool, evaluate_init: bool = False)
     """Everything but the hand-over: checks, student init, teacher placement, training."""
     cfg = state.cfg
     d = effective_config(cfg, pretrain)
-    check_relations(d.relations)
     device = local_device(resolve_device(d.device or cfg.model.device))
     ctx = DistContext.current(device)
     student = build_student(d.student, state.model, state.tokenizer, state.calibration, cfg.seed,
@@ -94,7 +92,6 @@ def run_training(state: "RunState", pretrain: bool, evaluate_init: bool = False)
     stream = data_mod.token_stream(train_path, student.tokenizer, cfg.data.text_field, cfg.data.cache_dir,
                                    key="distill.train_path")
     sampler = WindowSampler(stream, d.seq_len, cfg.seed)
-    check_batch(d)
     report: dict[str, Any] = {"student": student.report, "teacher": shape_report(state.model),
                               "loss": d.loss, "schedule": d.schedule, "layer_map": [list(p) for p in pairs],
                               "phases": [{"name": p.name, "steps": p.steps} for p in plan.phases],
@@ -140,17 +137,6 @@ def check_relation_heads(plan: TrainPlan, teacher: Any, student: Any, heads: int
         for what, width in (("Q", shape.q_width), ("K/V", shape.kv_width)):
             if heads <= 0 or width % heads:
                 raise ShrinkError(f"distill.relation_heads={heads} does not divide the {who}'s {what} width {width}")
-
-
-def check_relations(relations: str) -> None:
-    if not valid_parts(str(relations)):
-        raise ShrinkError(f"distill.relations={relations!r}: name each of q, k, v at most once (e.g. qkv, v, kv)")
-
-
-def check_batch(d: Any) -> None:
-    for key in ("batch_size", "grad_accum"):
-        if getattr(d, key) < 1:
-            raise ShrinkError(f"distill.{key} must be >= 1, got {getattr(d, key)}")
 
 
 def evaluate(state: "RunState", student: Student, device: torch.device) -> float:

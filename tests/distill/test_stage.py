@@ -85,6 +85,7 @@ def test_bad_layer_map_and_vocab_mismatch_fail_before_training(tmp_path: Path, t
         run_shrink(tiny_distill(teacher_dir, "distill.relation_heads=5"), tmp_path / "b")
     with pytest.raises(ShrinkError, match="distill.relations='qx'"):
         run_shrink(tiny_distill(teacher_dir, "distill.relations=qx"), tmp_path / "b2")
+    assert not (tmp_path / "b2").exists()  # refused by the config check, before anything is loaded or written
     other = tmp_path / "other"
     tiny_llama(layers=2, vocab=300).save_pretrained(other)
     from tests.distill.test_student import other_tokenizer
