@@ -41,11 +41,13 @@ def run(overrides: list[str]) -> dict[str, Any]:
 
 
 def git_sha() -> str:
+    """HEAD of this checkout; where there is no git (a copy of the tree on a lent GPU machine),
+    SHRINK_GIT_SHA, which the command that ships the copy sets."""
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("SHRINK_GIT_SHA", "unknown")
 
 
 def device_info() -> dict[str, Any]:

@@ -45,6 +45,9 @@ ARMS = [  # (init, loss, schedule)
     ("pretrained", "lm", "joint"), ("pretrained", "logits", "joint"), ("pretrained", "akt", "joint"),
     ("skip", "lm", "joint"), ("skip", "logits", "joint"), ("skip", "akt", "joint"),
     ("pretrained", "akt", "progressive"), ("skip", "akt", "progressive"),
+    # with the LM term too (Hinton's mix, the issue's full loss): does AKT add to LM + logit KD?
+    ("pretrained", "logits+lm", "joint"), ("pretrained", "akt+logits+lm", "joint"),
+    ("skip", "logits+lm", "joint"), ("skip", "akt+logits+lm", "joint"),
 ]
 BUDGETS = {  # steps, batch, seq_len, eval windows, progressive steps per layer
     "cpu": dict(steps=40, batch_size=8, seq_len=256, windows=64, progressive_steps=10),
@@ -101,8 +104,9 @@ def overrides(init: str, loss: str, schedule: str, b: dict[str, Any], weights: d
               opts: dict[str, Any] = DEFAULT_OPTS) -> list[str]:
     windows = "null" if b["windows"] is None else b["windows"]
     train = opts["dev"]["train"] if opts["dev"] else f"{SHARED}/data/docs-en/{opts['split']}.jsonl.gz"
-    return ["pipeline=distill", "model=llama_teacher", "data=docs_en", "eval.baseline=false", "eval.batch_size=8",
-            f"distill.train_path={train}", *eval_overrides(opts),
+    # model.device=auto: the GPU where there is one (--full), else the CPU
+    return ["pipeline=distill", "model=llama_teacher", "model.device=auto", "data=docs_en", "eval.baseline=false",
+            "eval.batch_size=8", f"distill.train_path={train}", *eval_overrides(opts),
             f"data.eval.max_windows={windows}", "data.eval.seq_len=512", f"seed={opts['seed']}", *INITS[init],
             f"distill.loss={loss}", f"distill.schedule={schedule}", f"distill.steps={b['steps']}",
             f"distill.progressive_steps={b['progressive_steps']}", f"distill.batch_size={b['batch_size']}",
@@ -185,7 +189,7 @@ def run_arms(results: Results, arms: list[tuple[str, str, str]], b: dict[str, An
     """The teacher's perplexity, then each arm not yet in the results."""
     windows = "null" if b["windows"] is None else b["windows"]
     if not results.has(init="teacher", loss="-", schedule="-"):
-        teacher = run(["pipeline=eval", "model=llama_teacher", "data=docs_en", "eval.batch_size=8",
+        teacher = run(["pipeline=eval", "model=llama_teacher", "model.device=auto", "data=docs_en", "eval.batch_size=8",
                        f"data.eval.max_windows={windows}", *eval_overrides(opts)])
         results.add({"init": "teacher", "loss": "-", "schedule": "-", "ppl": teacher["ppl"][eval_name(opts)],
                      "params": teacher["params"]})
@@ -209,7 +213,8 @@ def default_name(budget: str, args: argparse.Namespace) -> str:
     return re.sub(r"[^\w.-]", "-", "_".join(parts))  # an explicit map "0:1,1:3" -> "0-1-1-3"
 
 
-LOSS_LABEL = {"lm": "LM only", "logits": "logit KD", "akt": "AKT ({}) + logit KD"}
+LOSS_LABEL = {"lm": "LM only", "logits": "logit KD", "akt": "AKT ({}) + logit KD", "logits+lm": "LM + logit KD",
+              "akt+logits+lm": "AKT ({}) + logit KD + LM"}
 
 
 def loss_label(loss: str, relations: str = "qkv") -> str:
@@ -242,11 +247,9 @@ def base_settings(c: dict[str, Any]) -> bool:
             and c["train_split"] == default_split(c["budget"]))
 
 
-def default_settings(c: dict[str, Any], any_seed: bool = False) -> bool:
-    """Whether a results file ran the default AKT settings (it may differ in budget only, and in
-    seed too with `any_seed`)."""
-    return (base_settings(c) and c.get("relations", "qkv") == "qkv" and "eval" not in c
-            and (any_seed or c.get("seed", 0) == 0))
+def default_settings(c: dict[str, Any]) -> bool:
+    """Whether a results file ran the default AKT settings (it may differ in budget only)."""
+    return base_settings(c) and c.get("relations", "qkv") == "qkv" and "eval" not in c and not c.get("seed", 0)
 
 
 def joint_ppl(p: dict[str, Any]) -> dict[tuple[str, str], float]:
@@ -295,58 +298,90 @@ def render_variants(payloads: list[dict[str, Any]]) -> str:
                "tokens/s"], rows)
 
 
+def arm_ppl(payloads: list[dict[str, Any]]) -> dict[tuple[int, str, str, int, str], dict[str, float]]:
+    """(tokens per arm, budget, evaluation split, seed, init) -> arm -> perplexity of the joint
+    arms of every file with the base AKT settings; an arm is its distill.loss with the AKT
+    relations named: lm, logits, akt-qkv, akt-v, logits+lm, akt-v+logits+lm, ... (so the LM-only
+    and logit KD rows of one file meet the V-only rows of another)."""
+    by: dict[tuple[int, str, str, int, str], dict[str, float]] = {}
+    for p in payloads:
+        c = p["config"]
+        if not base_settings(c):
+            continue
+        for r in p["rows"]:
+            if r["schedule"] == "joint":
+                key = (c["tokens_per_arm"], c["budget"], c.get("eval", "docs-en-test"), c.get("seed", 0), r["init"])
+                by.setdefault(key, {})[r["loss"].replace("akt", "akt-" + c.get("relations", "qkv"))] = r["ppl"]
+    return by
+
+
+def without_akt(arm: str) -> str:
+    """The arm an AKT arm adds its AKT term to: akt-v -> logits, akt-v+logits+lm -> logits+lm."""
+    return "+".join(arm.split("+")[1:]) or "logits"
+
+
 def render_relations(payloads: list[dict[str, Any]]) -> str:
     """AKT on Q/K/V against AKT on V alone (--relations v), beside LM only and logit KD of the
     same budget and evaluation split (seed 0, otherwise default settings)."""
-    by: dict[tuple[int, str, str], dict[str, dict[str, float]]] = {}
-    for p in payloads:
-        c = p["config"]
-        if not base_settings(c) or c.get("seed", 0):
-            continue
-        arm = {"lm": "lm", "logits": "logits", "akt": "akt-" + c.get("relations", "qkv")}
-        for r in p["rows"]:
-            if r["schedule"] == "joint":
-                key = (c["tokens_per_arm"], c["budget"], c.get("eval", "docs-en-test"))
-                by.setdefault(key, {}).setdefault(r["init"], {})[arm[r["loss"]]] = r["ppl"]
     rows = []
-    for (_, budget, evaluated), inits in sorted(by.items()):
-        for init in INITS:
-            arms = inits.get(init, {})
-            if "akt-v" not in arms:
-                continue
-            logit = arms.get("logits")
-            gap = f"{arms['akt-v'] - logit:+.3f}" if logit is not None else ""
-            rows.append([budget, evaluated, f"init={init}", arms.get("lm"), logit, arms.get("akt-qkv"), arms["akt-v"],
-                         gap])
+    for (_, budget, evaluated, seed, init), arms in sorted(arm_ppl(payloads).items(), key=table_order):
+        if seed or "akt-v" not in arms:
+            continue
+        logit = arms.get("logits")
+        gap = f"{arms['akt-v'] - logit:+.3f}" if logit is not None else ""
+        rows.append([budget, evaluated, f"init={init}", arms.get("lm"), logit, arms.get("akt-qkv"), arms["akt-v"], gap])
     return md(["budget", "evaluated on", "student", "LM only", "logit KD", "AKT (Q/K/V) + logit KD",
                "AKT (V) + logit KD", "AKT (V) - logit KD"], rows)
 
 
+def table_order(item: tuple[tuple[int, str, str, int, str], Any]) -> tuple[Any, ...]:
+    """By budget, evaluation split, seed, then the inits in the order of INITS."""
+    tokens, budget, evaluated, seed, init = item[0]
+    return tokens, budget, evaluated, seed, list(INITS).index(init)
+
+
 def render_seeds(payloads: list[dict[str, Any]]) -> str:
-    """Logit KD against AKT + logit KD over the seeds measured at one budget (default AKT
-    settings; the seed orders the transfer windows): is AKT's lead larger than the spread?"""
-    by: dict[tuple[int, str, str], dict[int, tuple[float, float]]] = {}
-    for p in payloads:
-        c = p["config"]
-        if not default_settings(c, any_seed=True):
-            continue
-        ppl = joint_ppl(p)
-        for init in INITS:
-            if (init, "logits") in ppl and (init, "akt") in ppl:
-                key = (c["tokens_per_arm"], c["budget"], init)
-                by.setdefault(key, {})[c.get("seed", 0)] = (ppl[init, "logits"], ppl[init, "akt"])
+    """Each AKT arm against the same arm without AKT, over the seeds measured at one budget (the
+    seed orders the transfer windows): is AKT's lead larger than the spread? And in how many seeds
+    it beats both LM only and logit KD (the issue's bar), where those were measured."""
+    by: dict[tuple[int, str, int, str], dict[int, dict[str, float]]] = {}
+    for (tokens, budget, evaluated, seed, init), arms in arm_ppl(payloads).items():
+        for akt in sorted(a for a in arms if a.startswith("akt-") and without_akt(a) in arms):
+            if evaluated == "docs-en-test":
+                by.setdefault((tokens, budget, list(INITS).index(init), akt), {})[seed] = arms
     rows = []
-    for (_, budget, init), seeds in sorted(by.items()):
+    for (_, budget, init_index, akt), seeds in sorted(by.items()):
         if len(seeds) < 2:
             continue
-        order = sorted(seeds)
-        gaps = [seeds[s][1] - seeds[s][0] for s in order]
-        rows.append([budget, f"init={init}", ", ".join(map(str, order)),
-                     ", ".join(f"{seeds[s][0]:.3f}" for s in order), ", ".join(f"{seeds[s][1]:.3f}" for s in order),
+        order, base = sorted(seeds), without_akt(akt)
+        gaps = [seeds[s][akt] - seeds[s][base] for s in order]
+        bar = [s for s in order if "lm" in seeds[s] and "logits" in seeds[s]]
+        relations, loss = akt.split("+")[0][4:], "+".join(["akt", *akt.split("+")[1:]])
+        rows.append([budget, f"init={list(INITS)[init_index]}", loss_label(loss, relations), ", ".join(map(str, order)),
+                     ", ".join(f"{seeds[s][base]:.3f}" for s in order), ", ".join(f"{seeds[s][akt]:.3f}" for s in order),
                      ", ".join(f"{g:+.3f}" for g in gaps), f"{statistics.mean(gaps):+.3f} ± {statistics.stdev(gaps):.3f}",
-                     f"{sum(g < 0 for g in gaps)} of {len(gaps)}"])
-    return md(["budget", "student", "seeds", "logit KD", "AKT + logit KD", "AKT - logit KD",
-               "mean ± sd", "AKT ahead"], rows)
+                     f"{sum(g < 0 for g in gaps)} of {len(gaps)}",
+                     f"{sum(seeds[s][akt] < min(seeds[s]['lm'], seeds[s]['logits']) for s in bar)} of {len(bar)}"
+                     if bar else "-"])
+    return md(["budget", "student", "AKT arm", "seeds", "without AKT", "with AKT", "AKT - without", "mean ± sd",
+               "AKT ahead", "ahead of LM only and logit KD"], rows)
+
+
+def render_lm_term(payloads: list[dict[str, Any]]) -> str:
+    """The arms with the LM term (LM + logit KD, AKT + logit KD + LM) beside LM only and logit KD
+    of the same budget and evaluation split (seed 0, otherwise default settings)."""
+    rows = []
+    for (_, budget, evaluated, seed, init), arms in sorted(arm_ppl(payloads).items(), key=table_order):
+        if seed or "logits+lm" not in arms:
+            continue
+        v = arms.get("akt-v+logits+lm")
+        best = min(arms.get("lm", float("inf")), arms.get("logits", float("inf")))
+        rows.append([budget, evaluated, f"init={init}", arms.get("lm"), arms.get("logits"), arms["logits+lm"],
+                     arms.get("akt-qkv+logits+lm"), v, f"{v - best:+.3f}" if v is not None and best < float("inf") else "",
+                     f"{v - arms['logits+lm']:+.3f}" if v is not None else ""])
+    return md(["budget", "evaluated on", "student", "LM only", "logit KD", "LM + logit KD", "AKT (Q/K/V) + logit KD + LM",
+               "AKT (V) + logit KD + LM", "AKT (V) + logit KD + LM - best of LM only, logit KD",
+               "AKT (V) + logit KD + LM - (LM + logit KD)"], rows)
 
 
 if __name__ == "__main__":

@@ -191,7 +191,8 @@ def render_all(readme: Path = ROOT / "README.md") -> None:
         text = splice(text, "default_job", render(json.loads((RESULTS / "default_job.json").read_text())))
     variants = sorted(RESULTS.glob("distill_akt_*.json"))
     if variants:
-        from benchmarks.distill_akt import render_budgets, render_relations, render_seeds, render_variants
+        from benchmarks.distill_akt import (render_budgets, render_lm_term, render_relations, render_seeds,
+                                            render_variants)
 
         payloads = [json.loads(p.read_text()) for p in variants]
         text = splice(text, "distill_variants", render_variants(payloads))
@@ -199,6 +200,7 @@ def render_all(readme: Path = ROOT / "README.md") -> None:
         text = splice(text, "distill_budgets", render_budgets(base + payloads))
         text = splice(text, "distill_seeds", render_seeds(base + payloads))
         text = splice(text, "distill_relations", render_relations(base + payloads))
+        text = splice(text, "distill_lm_term", render_lm_term(base + payloads))
     if (RESULTS / "sweep_report" / "report.md").is_file():
         text = splice(text, "sweep", sweep_report(RESULTS / "sweep_report" / "report.md"))
     groups: dict[str, list[Path]] = {}

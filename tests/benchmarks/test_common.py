@@ -24,6 +24,16 @@ def test_two_writers_of_one_file_keep_each_others_rows(tmp_path, monkeypatch) ->
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_copy_of_the_tree_without_git_takes_its_sha_from_the_environment(tmp_path, monkeypatch) -> None:
+    """On a lent GPU machine the tree arrives without .git: the results must still name the commit."""
+    monkeypatch.setattr(common, "ROOT", tmp_path)  # no repository here
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    monkeypatch.delenv("SHRINK_GIT_SHA", raising=False)
+    assert common.git_sha() == "unknown"
+    monkeypatch.setenv("SHRINK_GIT_SHA", "ab" * 20)
+    assert common.git_sha() == "ab" * 20
+
+
 def test_a_run_of_another_configuration_never_overwrites_measured_rows(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     common.Results("bench", {"budget": "cpu"}, key=("arm",)).add({"arm": "akt", "ppl": 30.0})

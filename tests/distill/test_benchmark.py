@@ -18,6 +18,7 @@ def test_every_arm_composes_with_the_same_budget_and_seed() -> None:
         d = cfg.distill
         assert (d.steps, d.batch_size, d.seq_len, cfg.seed) == (40, 8, 256, 0)
         assert d.loss == arm[1] and d.schedule == arm[2] and d.student.init == arm[0]
+        assert cfg.model.device == "auto"  # the GPU of a lent machine (--full), the CPU here
 
 
 @needs_shared
@@ -78,17 +79,47 @@ def test_budget_table_lines_up_the_three_arms_and_skips_non_default_settings() -
 def test_seed_table_gives_each_seeds_gap_and_their_spread() -> None:
     from benchmarks.distill_akt import render_budgets, render_seeds, render_variants
 
-    def payload(seed: int, logits: float, akt: float) -> dict:
+    def payload(seed: int, arms: dict[str, float], relations: str = "qkv") -> dict:
         config = {"budget": "cpu8x", "tokens_per_arm": 655_360, "weights": {"akt": 1.0}, "relation_heads": 8,
-                  "train_split": "valid", **({"seed": seed} if seed else {})}
+                  "train_split": "valid", **({"seed": seed} if seed else {}),
+                  **({"relations": relations} if relations != "qkv" else {})}
         rows = [{"init": "skip", "loss": loss, "schedule": "joint", "ppl": v, "tokens_per_s": 1.0}
-                for loss, v in (("logits", logits), ("akt", akt))]
+                for loss, v in arms.items()]
         return {"benchmark": f"distill_akt_cpu8x_seed{seed}", "config": config, "rows": rows}
 
-    payloads = [payload(0, 18.0, 17.0), payload(2, 18.0, 18.5), payload(1, 18.0, 17.5)]
+    payloads = [payload(0, {"logits": 18.0, "akt": 17.0}), payload(2, {"logits": 18.0, "akt": 18.5}),
+                payload(1, {"logits": 18.0, "akt": 17.5})]
     (line,) = render_seeds(payloads).splitlines()[2:]
-    assert line == ("| cpu8x | init=skip | 0, 1, 2 | 18.000, 18.000, 18.000 | 17.000, 17.500, 18.500 "
-                    "| -1.000, -0.500, +0.500 | -0.333 ± 0.764 | 2 of 3 |")
+    assert line == ("| cpu8x | init=skip | AKT (Q/K/V) + logit KD | 0, 1, 2 | 18.000, 18.000, 18.000 "
+                    "| 17.000, 17.500, 18.500 | -1.000, -0.500, +0.500 | -0.333 ± 0.764 | 2 of 3 | - |")
     assert len(render_budgets(payloads).splitlines()) == 3  # only seed 0 is a budget point
     assert len(render_variants(payloads).splitlines()) == 2  # and no seed is a variant
     assert len(render_seeds(payloads[:1]).splitlines()) == 2  # one seed: no spread to show
+    # V alone over two seeds, with and without the LM term. Seed 0's logit KD comes from the Q/K/V
+    # file; each AKT arm meets the arm it adds to (akt+logits+lm: logits+lm); the bar (ahead of LM
+    # only and logit KD) counts only seeds where both were measured
+    v = [payload(0, {"akt": 17.2, "akt+logits+lm": 17.1, "logits+lm": 17.3}, "v"),
+         payload(1, {"lm": 17.9, "logits": 18.1, "akt": 18.0, "logits+lm": 17.8, "akt+logits+lm": 17.85}, "v")]
+    lines = render_seeds(payloads + v).splitlines()[2:]
+    assert lines[1:] == [
+        "| cpu8x | init=skip | AKT (V) + logit KD | 0, 1 | 18.000, 18.100 | 17.200, 18.000 | -0.800, -0.100 "
+        "| -0.450 ± 0.495 | 2 of 2 | 0 of 1 |",
+        "| cpu8x | init=skip | AKT (V) + logit KD + LM | 0, 1 | 17.300, 17.800 | 17.100, 17.850 | -0.200, +0.050 "
+        "| -0.075 ± 0.177 | 1 of 2 | 1 of 1 |"]
+
+
+def test_lm_term_table_sets_akt_with_lm_beside_every_arm_it_must_beat() -> None:
+    from benchmarks.distill_akt import render_lm_term
+
+    def payload(relations: str, arms: dict[str, float]) -> dict:
+        config = {"budget": "cpu", "tokens_per_arm": 81_920, "weights": {"akt": 1.0}, "relation_heads": 8,
+                  "train_split": "valid", **({"relations": relations} if relations != "qkv" else {})}
+        rows = [{"init": "pretrained", "loss": loss, "schedule": "joint", "ppl": v} for loss, v in arms.items()]
+        return {"benchmark": "b", "config": config, "rows": rows}
+
+    payloads = [payload("qkv", {"lm": 12.9, "logits": 13.0, "logits+lm": 12.8, "akt+logits+lm": 13.5}),
+                payload("v", {"akt": 12.95, "akt+logits+lm": 12.75})]
+    (line,) = render_lm_term(payloads).splitlines()[2:]
+    assert line == ("| cpu | docs-en-test | init=pretrained | 12.900 | 13.000 | 12.800 | 13.500 | 12.750 "
+                    "| -0.150 | -0.050 |")
+    assert len(render_lm_term(payloads[1:]).splitlines()) == 2  # no LM + logit KD arm: no row
