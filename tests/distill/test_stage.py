@@ -28,8 +28,9 @@ def shrink_cli(*args: str) -> subprocess.Popen:
 
 
 def test_cli_distills_the_shared_student_into_a_loadable_model(tmp_path: Path) -> None:
+    """The preset for a pretrained student (conf/distill/akt_pretrained.yaml), as a user runs it."""
     out = tmp_path / "out"
-    proc = shrink_cli("pipeline=distill", "model=llama_teacher", "data=docs_en", "distill.student.init=pretrained",
+    proc = shrink_cli("pipeline=distill", "model=llama_teacher", "data=docs_en", "distill=akt_pretrained",
                       f"distill.student.path={STUDENT}", "distill.steps=2", "distill.seq_len=32",
                       "distill.batch_size=2", "data.eval.seq_len=64", "data.eval.max_windows=2", f"out={out}")
     stdout, stderr = proc.communicate(timeout=600)
@@ -40,7 +41,7 @@ def test_cli_distills_the_shared_student_into_a_loadable_model(tmp_path: Path) -
     report = metrics["stages"]["distill"]
     assert report["steps"] == 2 and report["tokens"] == 2 * 2 * 32
     assert report["layer_map"] == [[0, 0], [1, 2], [2, 5], [3, 7]]
-    assert set(report["final"]) >= {"loss", "logit", "akt.0", "akt.3"}
+    assert set(report["final"]) >= {"loss", "lm", "logit", "akt.0", "akt.3"}
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert model.config.num_hidden_layers == 4 and model.config.hidden_size == 256
     assert not (out / "checkpoints").exists()
