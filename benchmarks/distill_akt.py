@@ -1,5 +1,6 @@
 """AKT against LM-only training and logit KD, for a pretrained and a layer-skip student,
-plus the progressive (layer-by-layer) schedule. Teacher: ../shared/models/llama-teacher
+plus the progressive (layer-by-layer) schedule, and the same with the LM term kept beside
+logit KD (arms 8-11: LM + logit KD, AKT + logit KD + LM). Teacher: ../shared/models/llama-teacher
 (8 layers, hidden 384, 6/2 heads); students: ../shared/models/llama-student (4 layers,
 256, 4/2 heads) and a skip student (teacher layers 0, 2, 5, 7). Transfer set: docs-en
 valid for the CPU budgets, docs-en train for --full (valid holds 204k tokens: the full budget
