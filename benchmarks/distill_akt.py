@@ -58,6 +58,9 @@ BUDGETS = {  # steps, batch, seq_len, eval windows, progressive steps per layer
     "full": dict(steps=2000, batch_size=16, seq_len=512, windows=None, progressive_steps=500),
     "smoke": dict(steps=2, batch_size=2, seq_len=64, windows=2, progressive_steps=1),
 }
+# what the teacher's evaluation and every arm share; model.device=auto: the GPU where there is
+# one (--full), else the CPU
+MODEL_DATA = ["model=llama_teacher", "model.device=auto", "data=docs_en", "eval.batch_size=8"]
 LR = {"pretrained": 1e-4, "skip": 3e-4}  # chosen on the LM-only arm of each init
 # The transfer set. Both shared models were trained (to the edge of overfitting) on docs-en
 # train, so the CPU budgets use docs-en valid: text neither model has seen, never the test
@@ -105,10 +108,9 @@ def overrides(init: str, loss: str, schedule: str, b: dict[str, Any], weights: d
               opts: dict[str, Any] = DEFAULT_OPTS) -> list[str]:
     windows = "null" if b["windows"] is None else b["windows"]
     train = opts["dev"]["train"] if opts["dev"] else f"{SHARED}/data/docs-en/{opts['split']}.jsonl.gz"
-    # model.device=auto: the GPU where there is one (--full), else the CPU
-    return ["pipeline=distill", "model=llama_teacher", "model.device=auto", "data=docs_en", "eval.baseline=false",
-            "eval.batch_size=8", f"distill.train_path={train}", *eval_overrides(opts),
-            f"data.eval.max_windows={windows}", "data.eval.seq_len=512", f"seed={opts['seed']}", *INITS[init],
+    return ["pipeline=distill", *MODEL_DATA, "eval.baseline=false", f"distill.train_path={train}",
+            *eval_overrides(opts), f"data.eval.max_windows={windows}", "data.eval.seq_len=512", f"seed={opts['seed']}",
+            *INITS[init],
             f"distill.loss={loss}", f"distill.schedule={schedule}", f"distill.steps={b['steps']}",
             f"distill.progressive_steps={b['progressive_steps']}", f"distill.batch_size={b['batch_size']}",
             f"distill.seq_len={b['seq_len']}", f"distill.lr={LR[init]}", f"distill.warmup={max(1, b['steps'] // 10)}",
@@ -190,8 +192,7 @@ def run_arms(results: Results, arms: list[tuple[str, str, str]], b: dict[str, An
     """The teacher's perplexity, then each arm not yet in the results."""
     windows = "null" if b["windows"] is None else b["windows"]
     if not results.has(init="teacher", loss="-", schedule="-"):
-        teacher = run(["pipeline=eval", "model=llama_teacher", "model.device=auto", "data=docs_en", "eval.batch_size=8",
-                       f"data.eval.max_windows={windows}", *eval_overrides(opts)])
+        teacher = run(["pipeline=eval", *MODEL_DATA, f"data.eval.max_windows={windows}", *eval_overrides(opts)])
         results.add({"init": "teacher", "loss": "-", "schedule": "-", "ppl": teacher["ppl"][eval_name(opts)],
                      "params": teacher["params"]})
     for init, loss, schedule in arms:
