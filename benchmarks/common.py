@@ -12,11 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from shrink.cli import quiet_import_noise, register_resolvers
-from shrink.config import register_configs
+from shrink.config import compose, quiet_import_noise
 from shrink.pipeline import run_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,10 +22,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
-    register_configs()
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    return compose(overrides)
 
 
 def run(overrides: list[str]) -> dict[str, Any]:

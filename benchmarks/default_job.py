@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ROOT, Results
-from benchmarks.tables import footer
+from benchmarks.common import Results
+from benchmarks.markdown import footer
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ from typing import Any, Iterator
 import torch
 
 from benchmarks.common import RESULTS, ROOT, Results, run
-from benchmarks.tables import footer, md
+from benchmarks.markdown import footer, md
 
 SHARED = "${oc.env:SHRINK_SHARED,'../shared'}"
 INITS = {

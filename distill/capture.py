@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from distill.losses import QKV
-from shrink.errors import ShrinkError
-from shrink.modeling import find_decoder_layers, find_linears
+from engine.errors import ShrinkError
+from engine.modeling import find_decoder_layers, find_linears
 
 SEPARATE_NAMES = {"q": ("q_proj", "query", "wq", "q"), "k": ("k_proj", "key", "wk", "k"),
                   "v": ("v_proj", "value", "wv", "v")}

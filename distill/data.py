@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from shrink.errors import ShrinkError
+from engine.errors import ShrinkError
 
 
 class WindowSampler:

@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shrink.errors import ShrinkError
-from shrink.modeling import find_decoder_layers
+from engine.errors import ShrinkError
+from engine.modeling import find_decoder_layers
 
 
 @dataclass
@@ -39,7 +39,7 @@ class DistContext:
 
     @classmethod
     def current(cls, device: torch.device) -> "DistContext":
-        """The process group torchrun set up (see distill.launch), or a single process."""
+        """The process group torchrun set up (see shrink/launch.py), or a single process."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return cls()
         from torch.distributed.device_mesh import init_device_mesh
@@ -127,3 +127,17 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
         digest.update(name.encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+DONE = "done"
+
+
+def send(message: str) -> None:
+    """Rank 0 -> workers: the name of a stage to join, or DONE."""
+    dist.broadcast_object_list([message], src=0)
+
+
+def receive() -> str:
+    box: list[Optional[str]] = [None]
+    dist.broadcast_object_list(box, src=0)
+    return str(box[0])

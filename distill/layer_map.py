@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from shrink.errors import ShrinkError
+from engine.errors import ShrinkError
 
 
 def evenly_spaced(n_keep: int, n_total: int) -> list[int]:

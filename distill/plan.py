@@ -19,8 +19,8 @@ from torch import nn
 from distill.capture import find_qkv
 from distill.layer_map import layer_weights
 from distill.losses import valid_parts
-from shrink.errors import ShrinkError
-from shrink.modeling import find_decoder_layers
+from engine.errors import ShrinkError
+from engine.modeling import find_decoder_layers
 
 TERMS = ("akt", "logits", "lm")
 SCHEDULES = ("joint", "progressive")

@@ -6,7 +6,7 @@ in state.model (CPU, eval mode) for the stages after it. `pretrain` trains the s
 with the LM loss alone (no teacher forward: the teacher only lends its config and
 tokenizer), which is how Yuan 1.0 built its students (pipeline=pretrain, init=scratch).
 
-Under torchrun (distill.launch) rank 0 runs the pipeline and calls these stages; the other
+Under torchrun (`torchrun -m shrink`) rank 0 runs the pipeline and calls these stages; the other
 ranks join only the training, through `run_training` with the same config.
 """
 from __future__ import annotations
@@ -26,14 +26,14 @@ from distill.plan import TrainPlan, make_plan
 from distill.student import Student, build_student, shape_report
 from distill.teacher import TopKCache, prepare_teacher, teacher_vocab_check
 from distill.trainer import RunFiles, Trainer, TrainResult
-from shrink import data as data_mod
-from shrink.errors import ShrinkError
-from shrink.evaluation import perplexity
-from shrink.modeling import find_decoder_layers, resolve_device, resolve_dtype
-from shrink.recipe import config_digest
+from engine import data as data_mod
+from engine.errors import ShrinkError
+from engine.evaluation import perplexity
+from engine.modeling import find_decoder_layers, resolve_device, resolve_dtype
+from engine.recipe import config_digest
 
 if TYPE_CHECKING:
-    from shrink.pipeline import RunState
+    from engine.state import RunState
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def train_stage(state: "RunState", pretrain: bool) -> dict[str, Any]:
 
 
 def announce_to_workers(state: "RunState", stage: str) -> None:
-    """Rank 0 tells the waiting workers of distill.launch to join this stage's training."""
+    """Rank 0 tells the waiting workers of shrink.launch to join this stage's training."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -64,7 +64,7 @@ def announce_to_workers(state: "RunState", stage: str) -> None:
     if state.changed:
         raise ShrinkError("distill under torchrun must be the first stage that changes the model "
                           "(the other ranks load the teacher from model.path)")
-    from distill.launch import send
+    from distill.distributed import send
 
     send(stage)
 

@@ -7,23 +7,23 @@ both models read the very same token ids.
 """
 from __future__ import annotations
 
-import copy
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from distill.architecture import depth_config, student_config
 from distill.capture import attention_shape
 from distill.config import StudentConfig
 from distill.layer_map import evenly_spaced
-from shrink.config import ModelConfig
-from shrink.data import tokenizer_fingerprint
-from shrink.errors import ShrinkError
-from shrink.modeling import count_parameters, find_decoder_layers, load_model
+from distill.width import width_student
+from engine.config import ModelConfig
+from engine.data import tokenizer_fingerprint
+from engine.errors import ShrinkError
+from engine.modeling import count_parameters, find_decoder_layers, load_model
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,6 @@ def build_student(s: StudentConfig, teacher: PreTrainedModel, teacher_tok: PreTr
         if s.init == "skip":
             model = skip_student(teacher, layers)
         else:
-            from distill.width import width_student
-
             model, report["width"] = width_student(teacher, s, layers, calibration()[: s.calib_samples])
     model = model.float().eval()
     report.update(shape_report(model))
@@ -92,15 +90,6 @@ def shape_report(model: PreTrainedModel) -> dict[str, Any]:
             "params": count_parameters(model)}
 
 
-def depth_config(config: PretrainedConfig, layers: list[int]) -> PretrainedConfig:
-    """The config with only `layers` (teacher indices) kept; per-layer lists are sliced too."""
-    config = copy.deepcopy(config)
-    config.num_hidden_layers = len(layers)
-    if getattr(config, "layer_types", None):
-        config.layer_types = [config.layer_types[i] for i in layers]
-    return config
-
-
 def skip_student(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
     """Keep teacher layers `layers` (PKD / DistilBERT); embeddings, norms and head are copied."""
     prefix, _ = find_decoder_layers(teacher)
@@ -115,41 +104,6 @@ def skip_student(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel
         state[name] = source[teacher_name]
     student.load_state_dict(state, strict=True)
     return student
-
-
-def scaled(value: int, hidden: int, teacher_hidden: int, multiple: int) -> int:
-    return max(multiple, math.ceil(value * hidden / teacher_hidden / multiple) * multiple)
-
-
-def student_config(teacher_config: PretrainedConfig, s: StudentConfig, layers: list[int]) -> PretrainedConfig:
-    """The teacher's config with the student's depth, width, heads and MLP size.
-
-    Unset sizes follow the hidden size: heads keep the teacher's head_dim, the MLP keeps
-    the teacher's expansion ratio. Attributes a family lacks are left alone.
-    """
-    config = depth_config(teacher_config, layers)
-    t_shape = attention_shape(teacher_config)
-    hidden = s.hidden_size or teacher_config.hidden_size
-    heads = s.num_heads or max(1, hidden // t_shape.head_dim)
-    kv = s.num_kv_heads or (t_shape.num_kv_heads if heads % t_shape.num_kv_heads == 0 else heads)
-    if heads % kv:
-        raise ShrinkError(f"distill.student.num_heads={heads} is not a multiple of num_kv_heads={kv}")
-    config.hidden_size = hidden
-    config.num_attention_heads = heads
-    if hasattr(config, "num_key_value_heads"):
-        config.num_key_value_heads = kv
-    elif kv != heads:
-        raise ShrinkError(f"distill.student.num_kv_heads: {config.model_type} has no grouped-query attention")
-    if getattr(config, "head_dim", None) is not None:
-        config.head_dim = t_shape.head_dim  # explicit head_dim: heads * head_dim may differ from hidden
-    elif hidden % heads:
-        raise ShrinkError(f"distill.student.hidden_size={hidden} is not a multiple of num_heads={heads}")
-    if getattr(config, "intermediate_size", None) is not None:
-        config.intermediate_size = s.intermediate_size or scaled(
-            teacher_config.intermediate_size, hidden, teacher_config.hidden_size, 32)
-    elif s.intermediate_size is not None:
-        raise ShrinkError(f"distill.student.intermediate_size: {config.model_type} has no intermediate_size")
-    return config
 
 
 def pretrained_student(s: StudentConfig, teacher: PreTrainedModel, teacher_tok: PreTrainedTokenizerBase,

@@ -20,9 +20,9 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from distill.config import TeacherConfig
 from distill.data import WindowSampler
 from distill.distributed import DistContext
-from shrink.errors import ShrinkError
-from shrink.modeling import check_model_folder, resolve_device, resolve_dtype
-from shrink.progress import Progress
+from engine.errors import ShrinkError
+from engine.modeling import check_model_folder, resolve_device, resolve_dtype
+from engine.progress import Progress
 
 log = logging.getLogger(__name__)
 

@@ -22,14 +22,14 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from distill.capture import QKVCapture
-from distill.checkpoint import check_resumable, latest_checkpoint, load_train_state, save_train_state
+from distill.train_state import check_resumable, latest_checkpoint, load_train_state, save_train_state
 from distill.data import WindowSampler, sample_start
 from distill.distributed import DistContext, full_state, shard, state_digest
 from distill.losses import QKV, lm_loss, logit_kd_loss, qkv_relation_loss, topk_kd_loss
 from distill.plan import Objective, TrainPlan
 from distill.teacher import TopKCache
-from shrink.errors import ShrinkError
-from shrink.progress import Progress
+from engine.errors import ShrinkError
+from engine.progress import Progress
 
 log = logging.getLogger(__name__)
 

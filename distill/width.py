@@ -22,9 +22,9 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from distill.capture import AttentionShape, attention_shape, find_qkv
 from distill.config import StudentConfig
-from distill.student import student_config
-from shrink.errors import ShrinkError
-from shrink.modeling import find_decoder_layers, find_linears, weight_matrix
+from distill.architecture import student_config
+from engine.errors import ShrinkError
+from engine.modeling import find_decoder_layers, find_linears, weight_matrix
 
 
 @dataclass

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.errors import ShrinkError
+
 
 @dataclass
 class PruneConfig:
@@ -20,3 +22,33 @@ class PruneConfig:
     reconstruct: bool = False
     # The SparseGPT and Wanda reference code prune every Linear of a layer from one pass.
     true_sequential: bool = False
+
+
+METHODS = ("sparsegpt", "wanda", "magnitude")
+
+
+def parse_pattern(pattern: str) -> tuple[int, int]:
+    """"unstructured" -> (0, 0); "N:M" -> (N, M) with 0 < N < M."""
+    if pattern == "unstructured":
+        return 0, 0
+    n_str, sep, m_str = str(pattern).partition(":")
+    if not sep or not n_str.isdigit() or not m_str.isdigit():
+        raise ShrinkError(f"prune.pattern: {pattern!r} is not 'unstructured' or 'N:M' (e.g. 2:4)")
+    n, m = int(n_str), int(m_str)
+    if not 0 < n < m:
+        raise ShrinkError(f"prune.pattern: {pattern!r} needs 0 < N < M")
+    return n, m
+
+
+def check_prune_config(p: PruneConfig) -> tuple[int, int]:
+    if p.method not in METHODS:
+        raise ShrinkError(f"prune.method: unknown method {p.method!r} (sparsegpt | wanda | magnitude)")
+    for where, s in [("prune.sparsity", p.sparsity)] + [(f"prune.layer_sparsity.{k}", v) for k, v in p.layer_sparsity.items()]:
+        if not 0 <= s < 1:
+            raise ShrinkError(f"{where}: {s} must be in [0, 1)")
+    if p.joint_quant and p.method != "sparsegpt":
+        raise ShrinkError("prune.joint_quant: only SparseGPT prunes and quantizes in one sweep")
+    if p.joint_quant and p.reconstruct:
+        raise ShrinkError("prune.reconstruct: not with prune.joint_quant (it would move weights off the grid); "
+                          "use pipeline=prune_quantize to reconstruct, then quantize")
+    return parse_pattern(p.pattern)

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from shrink.hessian import damped_hessian
-from shrink.obs import prepare_layer
+from engine.hessian import damped_hessian
+from engine.obs import prepare_layer
 
 
 @dataclass

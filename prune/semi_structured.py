@@ -12,8 +12,8 @@ import logging
 import torch
 from torch import nn
 
-from shrink.errors import ShrinkError
-from shrink.modeling import find_decoder_layers
+from engine.errors import ShrinkError
+from engine.modeling import find_decoder_layers
 
 log = logging.getLogger(__name__)
 

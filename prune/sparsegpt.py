@@ -1,6 +1,6 @@
 """Kernel: SparseGPT (Frantar & Alistarh 2023), optionally joint with quantization.
 
-The OBS column sweep of shrink.obs with a mask rule: pruned weights are set to zero
+The OBS column sweep of engine.obs with a mask rule: pruned weights are set to zero
 and their error is spread over the columns not yet visited, exactly like GPTQ spreads
 rounding error. Which weights to prune is decided on the weights as already updated,
 by the OBS saliency w^2 / Hinv_ii^2 (Hinv = upper Cholesky of the damped inverse):
@@ -26,8 +26,8 @@ import torch
 
 from prune.baselines import check_sparsity, nm_mask, smallest_mask
 from quant.gptq import GroupQuantizer, QuantResult, check_quant_args
-from shrink.hessian import inverse_hessian
-from shrink.obs import MaskRule, obs_sweep, prepare_layer
+from engine.hessian import inverse_hessian
+from engine.obs import MaskRule, obs_sweep, prepare_layer
 
 
 @dataclass

@@ -13,47 +13,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from prune.baselines import magnitude_prune, wanda_prune
-from prune.config import PruneConfig
+from prune.config import parse_pattern
 from prune.reconstruct import masked_least_squares
 from prune.sparsegpt import sparsegpt_prune
-from shrink.calibration import LinearJob, compress_model
-from shrink.errors import ShrinkError
-from shrink.modeling import set_weight_matrix, weight_matrix
+from quant.export import install_quantized
+from quant.pack import pack_result
+from engine.calibration import LinearJob, compress_model
+from engine.errors import ShrinkError
+from engine.modeling import set_weight_matrix, weight_matrix
 
 if TYPE_CHECKING:
-    from shrink.pipeline import RunState
+    from engine.state import RunState
 
 log = logging.getLogger(__name__)
-
-METHODS = ("sparsegpt", "wanda", "magnitude")
-
-
-def parse_pattern(pattern: str) -> tuple[int, int]:
-    """"unstructured" -> (0, 0); "N:M" -> (N, M) with 0 < N < M."""
-    if pattern == "unstructured":
-        return 0, 0
-    n_str, sep, m_str = str(pattern).partition(":")
-    if not sep or not n_str.isdigit() or not m_str.isdigit():
-        raise ShrinkError(f"prune.pattern: {pattern!r} is not 'unstructured' or 'N:M' (e.g. 2:4)")
-    n, m = int(n_str), int(m_str)
-    if not 0 < n < m:
-        raise ShrinkError(f"prune.pattern: {pattern!r} needs 0 < N < M")
-    return n, m
-
-
-def check_prune_config(p: PruneConfig) -> tuple[int, int]:
-    if p.method not in METHODS:
-        raise ShrinkError(f"prune.method: unknown method {p.method!r} (sparsegpt | wanda | magnitude)")
-    for where, s in [("prune.sparsity", p.sparsity)] + [(f"prune.layer_sparsity.{k}", v) for k, v in p.layer_sparsity.items()]:
-        if not 0 <= s < 1:
-            raise ShrinkError(f"{where}: {s} must be in [0, 1)")
-    if p.joint_quant and p.method != "sparsegpt":
-        raise ShrinkError("prune.joint_quant: only SparseGPT prunes and quantizes in one sweep")
-    if p.joint_quant and p.reconstruct:
-        raise ShrinkError("prune.reconstruct: not with prune.joint_quant (it would move weights off the grid); "
-                          "use pipeline=prune_quantize to reconstruct, then quantize")
-    return parse_pattern(p.pattern)
-
 
 def nm_ok(W: torch.Tensor, n: int, m: int) -> bool:
     """At least N zeros in every group of M consecutive input columns of every row."""
@@ -65,7 +37,7 @@ def nm_ok(W: torch.Tensor, n: int, m: int) -> bool:
 
 def prune_stage(state: "RunState") -> dict[str, Any]:
     p = state.cfg.prune
-    n, m = check_prune_config(p)
+    n, m = parse_pattern(p.pattern)
     q = state.cfg.quant
     packed: dict[str, dict[str, torch.Tensor]] = {}
     per_linear: dict[str, float] = {}
@@ -81,8 +53,6 @@ def prune_stage(state: "RunState") -> dict[str, Any]:
             result = sparsegpt_prune(W.float(), job.hessian.H, sparsity, n, m, p.block_size, p.damp, **joint)
             new, mask = (result.quant.Q if result.quant is not None else result.W), result.mask
             if result.quant is not None:
-                from quant.stage import pack_result
-
                 packed[job.full_name] = pack_result(result.quant, job.module)
             stats.update(obs_error=result.error, damp=result.damp_fraction)
         else:
@@ -110,10 +80,7 @@ def prune_stage(state: "RunState") -> dict[str, Any]:
                             label=f"{p.method}{' + reconstruct' if p.reconstruct else ''} {p.pattern}",
                             full_hessian=p.method != "wanda" or p.reconstruct)
     if p.joint_quant:
-        from quant.stage import check_quant_config, install_quantized
-
-        check_quant_config(q)
-        install_quantized(state, packed, q)
+        state.quantization_config = install_quantized(state.model, packed, q)
     overall = sum(per_linear.values()) / max(len(per_linear), 1)
     result = {"method": p.method, "pattern": p.pattern, "reconstruct": p.reconstruct, "sparsity_mean": overall,
               "per_linear": per_linear, "layers": report}

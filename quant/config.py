@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from engine.errors import ShrinkError
+
 
 @dataclass
 class QuantConfig:
@@ -19,3 +21,19 @@ class QuantConfig:
     # Keep calibration activations on the CPU: true | false | null (auto: when they would
     # take more than half of the free device memory).
     offload_activations: Optional[bool] = None
+
+
+METHODS = ("gptq", "rtn")
+
+
+def check_quant_config(q: QuantConfig) -> None:
+    if q.method not in METHODS:
+        raise ShrinkError(f"quant.method: unknown method {q.method!r} (gptq | rtn)")
+    if q.bits not in (2, 3, 4, 8):
+        raise ShrinkError(f"quant.bits: {q.bits} is not supported (2 | 3 | 4 | 8)")
+    if q.group_size != -1 and q.group_size <= 0:
+        raise ShrinkError(f"quant.group_size: {q.group_size} must be -1 (per channel) or positive")
+    if q.static_groups and q.group_size == -1:
+        raise ShrinkError("quant.static_groups: needs a group size (quant.group_size > 0)")
+    if not 0 <= q.damp < 1:
+        raise ShrinkError(f"quant.damp: {q.damp} must be in [0, 1)")

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from quant.config import QuantConfig
 from quant.qlinear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -374,3 +375,17 @@ def load_quantized_model(
     if still_meta:
         raise ValueError(f"tensors missing from checkpoint: {still_meta[:10]}")
     return model.to(device).eval()
+
+
+def quantization_config(q: QuantConfig) -> dict[str, Any]:
+    """The `quantization_config` of a model quantized with these settings."""
+    return gptq_quantization_config(bits=q.bits, group_size=q.group_size, sym=q.sym,
+                                    desc_act=q.act_order and q.method == "gptq",
+                                    static_groups=q.static_groups, true_sequential=q.true_sequential,
+                                    damp_percent=q.damp)
+
+
+def install_quantized(model: nn.Module, packed: dict[str, dict[str, torch.Tensor]], q: QuantConfig) -> dict[str, Any]:
+    """Swap the quantized Linears for QuantLinears; returns the export's quantization_config."""
+    replace_with_quant_linears(model, packed, q.bits, q.group_size)
+    return quantization_config(q)

@@ -1,6 +1,6 @@
 """Kernel: GPTQ (Frantar et al. 2022) and round-to-nearest weight quantization.
 
-GPTQ is the OBS column sweep of shrink.obs with a grid quantizer plugged in: every
+GPTQ is the OBS column sweep of engine.obs with a grid quantizer plugged in: every
 column is rounded onto its grid and the rounding error is pushed onto the columns not
 yet quantized, using the damped inverse Hessian of the layer inputs.
 
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from quant.grid import Grid, dequantize_codes, fit_grid, quantize_codes
-from shrink.hessian import inverse_hessian
-from shrink.obs import obs_sweep, prepare_layer
+from engine.hessian import inverse_hessian
+from engine.obs import obs_sweep, prepare_layer
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 

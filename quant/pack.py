@@ -35,7 +35,12 @@ of a packing run. Imports only torch.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from quant.gptq import QuantResult
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 _MASK32 = (1 << 32) - 1
@@ -196,3 +201,11 @@ def dequantize_gptq(
     # zero/scale are [n_groups, out]; index rows by g_idx -> [in, out], transpose to [out, in].
     W = (codes.to(torch.float32) - zero[g].t()) * scale[g].t()
     return W.to(dtype)
+
+
+def pack_result(result: "QuantResult", module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A quantized Linear's GPTQ tensors (qweight, qzeros, scales, g_idx, fp16 bias)."""
+    tensors = pack_gptq(result.codes.cpu(), result.scale.cpu(), result.zero.cpu(), result.g_idx.cpu(), result.bits)
+    if getattr(module, "bias", None) is not None:
+        tensors["bias"] = module.bias.data.detach().cpu().to(torch.float16)
+    return tensors

@@ -13,41 +13,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from quant.config import QuantConfig
+from quant.export import install_quantized
 from quant.gptq import QuantResult, gptq_quantize, rtn_quantize
-from quant.pack import pack_gptq
-from shrink.calibration import LinearJob, compress_model
-from shrink.errors import ShrinkError
-from shrink.modeling import set_weight_matrix, weight_matrix
+from quant.pack import pack_result
+from engine.calibration import LinearJob, compress_model
+from engine.modeling import set_weight_matrix, weight_matrix
 
 if TYPE_CHECKING:
-    from shrink.pipeline import RunState
+    from engine.state import RunState
 
 log = logging.getLogger(__name__)
-
-METHODS = ("gptq", "rtn")
-
-
-def check_quant_config(q: QuantConfig) -> None:
-    if q.method not in METHODS:
-        raise ShrinkError(f"quant.method: unknown method {q.method!r} (gptq | rtn)")
-    if q.bits not in (2, 3, 4, 8):
-        raise ShrinkError(f"quant.bits: {q.bits} is not supported (2 | 3 | 4 | 8)")
-    if q.group_size != -1 and q.group_size <= 0:
-        raise ShrinkError(f"quant.group_size: {q.group_size} must be -1 (per channel) or positive")
-    if q.static_groups and q.group_size == -1:
-        raise ShrinkError("quant.static_groups: needs a group size (quant.group_size > 0)")
-    if not 0 <= q.damp < 1:
-        raise ShrinkError(f"quant.damp: {q.damp} must be in [0, 1)")
-
-
-def quantization_config(q: QuantConfig) -> dict[str, Any]:
-    from quant.export import gptq_quantization_config
-
-    return gptq_quantization_config(bits=q.bits, group_size=q.group_size, sym=q.sym,
-                                    desc_act=q.act_order and q.method == "gptq",
-                                    static_groups=q.static_groups, true_sequential=q.true_sequential,
-                                    damp_percent=q.damp)
-
 
 def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, q: QuantConfig) -> QuantResult:
     mask = W == 0  # zeros of a pruned model stay zero (every grid holds 0 exactly)
@@ -58,24 +33,8 @@ def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, q: QuantConfig) -> 
                          q.damp, q.block_size, mask=mask)
 
 
-def install_quantized(state: "RunState", packed: dict[str, dict[str, torch.Tensor]], q: QuantConfig) -> None:
-    """Swap the quantized Linears for QuantLinears and remember the export config."""
-    from quant.export import replace_with_quant_linears
-
-    replace_with_quant_linears(state.model, packed, q.bits, q.group_size)
-    state.quantization_config = quantization_config(q)
-
-
-def pack_result(result: QuantResult, module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    tensors = pack_gptq(result.codes.cpu(), result.scale.cpu(), result.zero.cpu(), result.g_idx.cpu(), result.bits)
-    if getattr(module, "bias", None) is not None:
-        tensors["bias"] = module.bias.data.detach().cpu().to(torch.float16)
-    return tensors
-
-
 def quantize_stage(state: "RunState") -> dict[str, Any]:
     q = state.cfg.quant
-    check_quant_config(q)
     if state.quantization_config is not None:
         log.info("model already quantized (joint prune+quantize): skipping the quantize stage")
         return {"skipped": "already quantized"}
@@ -92,5 +51,5 @@ def quantize_stage(state: "RunState") -> dict[str, Any]:
     windows = state.calibration() if q.method == "gptq" else None
     report = compress_model(state.model, windows, compressor, state.device, q.true_sequential,
                             offload_activations=q.offload_activations, label=f"{q.method} {q.bits}-bit")
-    install_quantized(state, packed, q)
+    state.quantization_config = install_quantized(state.model, packed, q)
     return {"method": q.method, "bits": q.bits, "group_size": q.group_size, "layers": report}

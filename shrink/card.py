@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any, Optional
 import yaml
 from omegaconf import OmegaConf
 
-from shrink.gguf_import import import_dir
+from engine.gguf_import import import_dir
 
 if TYPE_CHECKING:
-    from shrink.pipeline import RunState
+    from engine.state import RunState
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def _gguf_fields(spec: Optional[str]) -> dict[str, Any]:
     try:
         import gguf
 
-        from shrink.gguf_import import resolve_gguf
+        from engine.gguf_import import resolve_gguf
 
         reader = gguf.GGUFReader(str(resolve_gguf(spec)))
         return {k: f.contents() for k, f in reader.fields.items()
@@ -100,8 +100,8 @@ def measured(state: "RunState") -> dict[str, Any]:
     The card is written before the weights (export is atomic), so size is the bytes of the
     unique tensors that will be saved, which is the safetensors size up to its headers.
     """
-    from shrink.metrics import sparsity_report
-    from shrink.modeling import count_parameters
+    from engine.metrics import sparsity_report
+    from engine.modeling import count_parameters
 
     m = state.metrics
     if "size_bytes" in m and "params" in m:

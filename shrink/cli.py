@@ -11,35 +11,10 @@ import logging
 import sys
 from pathlib import Path
 
-from shrink.errors import ShrinkError
+from engine.errors import ShrinkError
+from shrink.config import CONF_DIR, compose, quiet_import_noise, register_configs, register_resolvers
 
 log = logging.getLogger("shrink")
-
-
-# Import-time chatter of optional packages that says nothing about this run: torchao (pulled
-# in by gptqmodel, imported by transformers) reports its CUDA-only extensions as "Failed to
-# load" on CPU, and torch's pytree warns about torchao's Enum registrations.
-NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
-
-
-def quiet_import_noise() -> None:
-    """Raise the known-noisy third-party loggers to ERROR (their real errors still show)."""
-    for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def asset_path(name: str) -> str:
-    """OmegaConf resolver ${asset:NAME}: a data file shipped inside the package."""
-    return str(Path(__file__).parent / "assets" / name)
-
-
-def register_resolvers() -> None:
-    from omegaconf import OmegaConf
-
-    from shrink.gguf_import import import_dir
-
-    OmegaConf.register_new_resolver("asset", asset_path, replace=True)
-    OmegaConf.register_new_resolver("gguf_dir", lambda spec: str(import_dir(spec)), replace=True)
 
 
 def hydra_main() -> None:
@@ -47,13 +22,11 @@ def hydra_main() -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig
 
-    from shrink.config import register_configs
-
     register_configs()
     register_resolvers()
 
     # An absolute path: Hydra would otherwise read "../conf" as a Python module path.
-    conf_dir = str(Path(__file__).resolve().parent.parent / "conf")
+    conf_dir = str(CONF_DIR)
     try:
         check_jobs(sys.argv[1:], conf_dir)
     except ShrinkError as exc:
@@ -84,13 +57,12 @@ def check_jobs(argv: list[str], conf_dir: str) -> None:
     creates any folder: a value of the wrong type or an unknown method in the last value
     of a sweep must neither cost the runs before it nor leave a sweep folder behind.
     Composition is Hydra's own (its parser, sweep expansion and compose API)."""
-    from hydra import compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
+    from shrink.config import hydra_error_message
     from shrink.pipeline import check_config
 
     args = get_args_parser().parse_args(argv)
@@ -104,19 +76,15 @@ def check_jobs(argv: list[str], conf_dir: str) -> None:
         parsed = OverridesParser.create().parse_overrides(args.overrides)
         jobs = ([job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
                 if args.multirun else [list(args.overrides)])
-        with initialize_config_dir(config_dir=primary, version_base="1.3"):
-            for job in jobs:
-                check_config(compose(config_name=args.config_name or "config", overrides=extra + job))
-    except (HydraException, OmegaConfBaseException) as exc:
-        lines = [str(exc)] + ([str(exc.__cause__)] if exc.__cause__ else [])
-        message = "; ".join(line.strip() for text in lines for line in text.splitlines()
-                            if line.strip() and not line.strip().startswith(("full_key", "reference_type", "object_type")))
-        raise ShrinkError(message) from exc
+    except HydraException as exc:
+        raise ShrinkError(hydra_error_message(exc)) from None
+    for cfg in compose(extra, primary, args.config_name or "config", jobs=jobs):
+        check_config(cfg)
 
 
 def import_gguf_command(argv: list[str]) -> None:
-    from shrink.gguf_import import import_gguf
-    from shrink.modeling import resolve_dtype
+    from engine.gguf_import import import_gguf
+    from engine.modeling import resolve_dtype
 
     parser = argparse.ArgumentParser(prog="shrink import-gguf",
                                      description="Convert a GGUF causal LM into a safetensors HF folder.")

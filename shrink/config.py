@@ -1,65 +1,21 @@
-"""Typed schemas of the top-level config and of the model/data/eval/pipeline groups.
+"""The whole config tree (the engine's groups plus each stage's schema) and Hydra's glue.
 
-The stage groups (quant, prune, distill) keep their schemas next to their code.
+Each group's schema lives next to the code it configures (engine/config.py, quant/config.py, ...).
 `register_configs` puts the whole tree into Hydra's ConfigStore so every YAML preset
 in conf/ is type-checked when composed; it is called by the CLI, never at import.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 from distill.config import DistillConfig
+from engine.errors import ShrinkError
+from engine.config import DataConfig, EvalConfig, ModelConfig, PipelineConfig
 from prune.config import PruneConfig
 from quant.config import QuantConfig
-
-
-@dataclass
-class ModelConfig:
-    path: str = "???"
-    # A GGUF file (path, or "pkg:<python package>/<file>") imported once into `path`
-    # as safetensors when `path` does not exist yet.
-    gguf: Optional[str] = None
-    dtype: str = "float32"  # float32 | float16 | bfloat16
-    device: str = "cpu"  # cpu | cuda | auto
-    trust_remote_code: bool = False
-
-
-@dataclass
-class CalibDataConfig:
-    path: str = "???"
-    num_samples: int = 128
-    seq_len: int = 512
-
-
-@dataclass
-class EvalDataConfig:
-    path: str = "???"
-    name: Optional[str] = None  # key in metrics.json; default: the file's stem
-    seq_len: int = 512
-    max_windows: Optional[int] = None  # evaluate only the first N windows (None: all)
-
-
-@dataclass
-class DataConfig:
-    calib: CalibDataConfig = field(default_factory=CalibDataConfig)
-    eval: EvalDataConfig = field(default_factory=EvalDataConfig)
-    text_field: str = "text"
-    cache_dir: Optional[str] = None  # tokenization cache; default ~/.cache/shrink
-
-
-@dataclass
-class EvalConfig:
-    baseline: bool = True  # also evaluate the input model (baseline_ppl)
-    batch_size: int = 4
-    # CUDA only: run 2:4-pruned Linears on semi-structured sparse kernels when evaluating.
-    sparse_kernels: bool = False
-
-
-@dataclass
-class PipelineConfig:
-    name: str = "eval"
-    stages: list[str] = field(default_factory=lambda: ["eval"])
 
 
 @dataclass
@@ -84,3 +40,62 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="shrink_schema", node=ShrinkConfig)
+
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+# Import-time chatter of optional packages that says nothing about this run: torchao (pulled
+# in by gptqmodel, imported by transformers) reports its CUDA-only extensions as "Failed to
+# load" on CPU, and torch's pytree warns about torchao's Enum registrations.
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+def quiet_import_noise() -> None:
+    """Raise the known-noisy third-party loggers to ERROR (their real errors still show)."""
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def asset_path(name: str) -> str:
+    """OmegaConf resolver ${asset:NAME}: a data file shipped inside the package."""
+    return str(Path(__file__).parent / "assets" / name)
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    from engine.gguf_import import import_dir
+
+    OmegaConf.register_new_resolver("asset", asset_path, replace=True)
+    OmegaConf.register_new_resolver("gguf_dir", lambda spec: str(import_dir(spec)), replace=True)
+
+
+def compose(overrides: Sequence[str], config_dir: Path | str = CONF_DIR, config_name: str = "config",
+            jobs: Optional[Sequence[Sequence[str]]] = None) -> Any:
+    """The config(s) the CLI composes: schema and resolvers registered, Hydra's own compose API.
+
+    With `jobs`, one config per job (each job's overrides after the shared ones) is returned
+    as a list; Hydra's errors become one ShrinkError line.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_configs()
+    register_resolvers()
+    try:
+        with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+            if jobs is None:
+                return hydra_compose(config_name=config_name, overrides=list(overrides))
+            return [hydra_compose(config_name=config_name, overrides=list(overrides) + list(job)) for job in jobs]
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ShrinkError(hydra_error_message(exc)) from None
+
+
+def hydra_error_message(exc: BaseException) -> str:
+    """Hydra's message and its cause (e.g. "could not be converted to Integer") on one line,
+    without OmegaConf's full_key/reference_type/object_type trailer."""
+    lines = [str(exc)] + ([str(exc.__cause__)] if exc.__cause__ else [])
+    return "; ".join(line.strip() for text in lines for line in text.splitlines()
+                     if line.strip() and not line.strip().startswith(("full_key", "reference_type", "object_type")))

@@ -13,79 +13,44 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from shrink import data as data_mod
-from shrink.errors import ShrinkError
-from shrink.evaluation import perplexity
-from shrink.gguf_import import import_dir, import_gguf
-from shrink.checkpoint import read_progress, remove_checkpoints, save_checkpoint, write_progress
-from shrink.metrics import peak_memory_bytes, size_metrics, sparsity_report
-from shrink.recipe import check_fingerprints, config_digest, write_recipe
-from shrink.modeling import check_model_folder, folder_size_bytes, load_model, resolve_device
+from engine.errors import ShrinkError
+from engine.evaluation import perplexity
+from engine.gguf_import import import_dir, import_gguf
+from engine.metrics import peak_memory_bytes, size_metrics, sparsity_report
+from engine.modeling import check_model_folder, folder_size_bytes, resolve_device
+from engine.recipe import check_fingerprints, config_digest, write_recipe
+from engine.state import RunState
+from prune.semi_structured import to_semi_structured
+from shrink.model_folder import load_model, save_model_folder
+from shrink.resume import read_progress, remove_checkpoints, save_checkpoint, write_progress
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class RunState:
-    cfg: DictConfig
-    out: Path
-    model: Optional[PreTrainedModel] = None
-    tokenizer: Optional[PreTrainedTokenizerBase] = None
-    changed: bool = False
-    # Set by the quantize stage: export then writes the GPTQ layout with this config.
-    quantization_config: Optional[dict[str, Any]] = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-    _calib: Optional[torch.Tensor] = None
-
-    @property
-    def device(self) -> torch.device:
-        return resolve_device(self.cfg.model.device)
-
-    def calibration(self) -> torch.Tensor:
-        """Calibration windows [num_samples, seq_len], sampled once per run."""
-        if self._calib is None:
-            c = self.cfg.data.calib
-            stream = data_mod.token_stream(c.path, self.tokenizer, self.cfg.data.text_field,
-                                           self.cfg.data.cache_dir, key="data.calib.path")
-            self._calib = data_mod.calibration_windows(stream, c.num_samples, c.seq_len, self.cfg.seed)
-        return self._calib
-
-    def eval_windows(self) -> torch.Tensor:
-        e = self.cfg.data.eval
-        stream = data_mod.token_stream(e.path, self.tokenizer, self.cfg.data.text_field,
-                                       self.cfg.data.cache_dir, key="data.eval.path")
-        return data_mod.eval_windows(stream, e.seq_len, e.max_windows, key="data.eval")
-
-    def eval_name(self) -> str:
-        e = self.cfg.data.eval
-        return e.name or Path(e.path).name.split(".")[0]
-
-    def evaluate(self, label: str) -> float:
-        windows = self.eval_windows()
-        log.info("%s: perplexity on %s (%d windows of %d)", label, self.eval_name(), *windows.shape)
-        model = self.model
-        if self.cfg.eval.sparse_kernels and label != "baseline":
-            from prune.semi_structured import to_semi_structured
-
-            model = copy.deepcopy(self.model).to(self.device)  # sparse weights cannot be exported
-            to_semi_structured(model)
-        model.to(self.device)
-        try:
-            return perplexity(model, windows, self.cfg.eval.batch_size, self.device, label)
-        finally:
-            self.model.to("cpu")
+def evaluate(state: RunState, label: str) -> float:
+    """Perplexity of state.model on the eval windows (2:4 kernels with eval.sparse_kernels)."""
+    windows = state.eval_windows()
+    log.info("%s: perplexity on %s (%d windows of %d)", label, state.eval_name(), *windows.shape)
+    model = state.model
+    if state.cfg.eval.sparse_kernels and label != "baseline":
+        model = copy.deepcopy(state.model).to(state.device)  # sparse weights cannot be exported
+        to_semi_structured(model)
+    model.to(state.device)
+    try:
+        return perplexity(model, windows, state.cfg.eval.batch_size, state.device, label)
+    finally:
+        state.model.to("cpu")
 
 
 def eval_stage(state: RunState) -> dict[str, Any]:
-    ppl = state.evaluate("eval")
+    ppl = evaluate(state, "eval")
     state.metrics.setdefault("ppl", {})[state.eval_name()] = ppl
     log.info("perplexity %s: %.3f", state.eval_name(), ppl)
     return {"ppl": ppl}
@@ -101,14 +66,7 @@ def export_stage(state: RunState) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=state.out))
     try:
         card = model_card(state)
-        if state.quantization_config is not None:
-            from quant.export import save_gptq_model
-
-            save_gptq_model(state.model, tmp, state.quantization_config, overwrite=True)
-            state.tokenizer.save_pretrained(tmp)
-        else:
-            state.model.save_pretrained(tmp, safe_serialization=True)
-            state.tokenizer.save_pretrained(tmp)
+        save_model_folder(state.model, state.tokenizer, tmp, state.quantization_config)
         (tmp / "README.md").write_text(card)
         tmp.chmod(0o755)
         tmp.rename(target)
@@ -129,8 +87,10 @@ def stage_table() -> dict[str, Stage]:
     from distill.plan import check_distill_config
     from distill.stage import distill_stage, pretrain_stage
     from distill.teacher import reloads_teacher
-    from prune.stage import check_prune_config, prune_stage
-    from quant.stage import check_quant_config, quantize_stage
+    from prune.config import check_prune_config
+    from prune.stage import prune_stage
+    from quant.config import check_quant_config
+    from quant.stage import quantize_stage
 
     def check_prune(cfg: DictConfig) -> None:
         check_prune_config(cfg.prune)
@@ -195,7 +155,7 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
     seconds = progress["seconds"]
     if cfg.eval.baseline and "eval" in stages and MODIFYING & set(stages) and "baseline" not in progress["done"]:
         t = time.time()
-        state.metrics["baseline_ppl"] = {state.eval_name(): state.evaluate("baseline")}
+        state.metrics["baseline_ppl"] = {state.eval_name(): evaluate(state, "baseline")}
         seconds["baseline_eval"] = time.time() - t
         finish_step(state, progress, "baseline")
     for i, name in enumerate(stages, 1):

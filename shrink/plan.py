@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from shrink.errors import ShrinkError
+from engine.errors import ShrinkError
 
 log = logging.getLogger(__name__)
 
@@ -154,27 +154,16 @@ def load_config(path: Path, trust_remote_code: bool = False) -> Any:
 
 def load_recipe(args: PlanArgs) -> tuple[list[str], Any, Any]:
     """(stages, quant cfg, prune cfg) composed like a run: conf/config.yaml or a run's recipe.yaml."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from shrink.cli import register_resolvers
-    from shrink.config import register_configs
+    from shrink.config import CONF_DIR, compose
 
     if args.recipe is not None and not args.recipe.is_file():
         raise ShrinkError(f"recipe: {args.recipe} not found (a run's recipe.yaml)")
-    conf_dir = args.recipe.resolve().parent if args.recipe else Path(__file__).resolve().parent.parent / "conf"
+    conf_dir = args.recipe.resolve().parent if args.recipe else CONF_DIR
     name = args.recipe.stem if args.recipe else "config"
-    register_configs()
-    register_resolvers()
     try:
-        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-            cfg = compose(config_name=name, overrides=args.overrides)
-    except (HydraException, OmegaConfBaseException) as exc:
-        # Hydra puts the reason (e.g. "could not be converted to Integer") in the cause.
-        text = f"{exc}\n{exc.__cause__ or ''}"
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        raise ShrinkError(f"plan: {': '.join(lines[:2])}") from None
+        cfg = compose(args.overrides, conf_dir, name)
+    except ShrinkError as exc:
+        raise ShrinkError(f"plan: {exc}") from None
     return list(cfg.pipeline.stages), cfg.quant, cfg.prune
 
 
@@ -225,7 +214,7 @@ def split_units(model: nn.Module) -> tuple[list[Unit], list[Unit], list[Unit], s
     name rule; modules owning no parameters (rotary tables, a tied lm_head) ride with the
     embeddings, which also keeps a tied head on the embedding's device.
     """
-    from shrink.modeling import find_decoder_layers
+    from engine.modeling import find_decoder_layers
 
     layers_name, layers = find_decoder_layers(model)
     owned = _owned_param_names(model)
@@ -406,7 +395,7 @@ def gib(n: float) -> str:
 
 def make_plan(args: PlanArgs) -> tuple[dict[str, Any], dict[str, Any]]:
     """(plan, device_map) for the last stage of the recipe; raises before anything is written."""
-    from shrink.modeling import find_linears
+    from engine.modeling import find_linears
 
     config = load_config(args.model_path, args.trust_remote_code)
     stages, quant, prune = load_recipe(args)

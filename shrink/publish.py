@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from shrink.errors import ShrinkError
+from engine.errors import ShrinkError
 
 log = logging.getLogger(__name__)
 

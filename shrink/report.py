@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import yaml
 
-from shrink.errors import ShrinkError
+from engine.errors import ShrinkError
 
 log = logging.getLogger(__name__)
 

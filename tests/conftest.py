@@ -71,15 +71,9 @@ def tiny_model_dir(tmp_path: Path):
 
 def compose_config(overrides: list[str]):
     """The config the CLI would compose for these overrides."""
-    from hydra import compose, initialize_config_dir
+    from shrink.config import compose
 
-    from shrink.cli import register_resolvers
-    from shrink.config import register_configs
-
-    register_configs()
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    return compose(overrides)
 
 
 def run_shrink(overrides: list[str], out: Path) -> dict:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.capture import QKVCapture, attention_shape, find_qkv
-from shrink.errors import ShrinkError
+from engine.errors import ShrinkError
 from tests.conftest import tiny_model
 from tests.distill.helpers import tiny_llama
 

@@ -27,7 +27,7 @@ def test_two_gloo_processes_agree_and_match_a_single_process(tmp_path: Path, tea
     out = tmp_path / "fsdp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "distill.launch", *common, "distill.batch_size=1", f"out={out}"],
+                           "-m", "shrink", *common, "distill.batch_size=1", f"out={out}"],
                           cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "metrics.json").read_text())["stages"]["distill"]

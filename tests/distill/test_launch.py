@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distill import launch, teacher
+from distill import teacher
+from shrink import launch
 from distill.config import TeacherConfig
 from distill.distributed import DistContext
-from shrink.config import ModelConfig
-from shrink.errors import ShrinkError
+from engine.config import ModelConfig
+from engine.errors import ShrinkError
 from tests.conftest import ROOT
 
 

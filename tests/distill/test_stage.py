@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from distill.trainer import Trainer
-from shrink.errors import ShrinkError
+from engine.errors import ShrinkError
 from tests.conftest import ROOT, STUDENT, needs_shared, run_shrink
 from tests.distill.helpers import tiny_distill, tiny_llama
 

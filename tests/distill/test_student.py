@@ -11,8 +11,8 @@ from transformers import PreTrainedTokenizerFast
 from distill.config import StudentConfig
 from distill.layer_map import evenly_spaced, layer_weights, parse_layer_map
 from distill.student import build_student
-from shrink.errors import ShrinkError
-from shrink.modeling import load_tokenizer
+from engine.errors import ShrinkError
+from engine.modeling import load_tokenizer
 from tests.conftest import TOKENIZER, needs_shared
 from tests.distill.helpers import tiny_llama
 

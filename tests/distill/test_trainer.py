@@ -14,8 +14,8 @@ from distill.plan import make_plan
 from distill.student import skip_student
 from distill.teacher import TopKCache, prepare_teacher
 from distill.trainer import RunFiles, Trainer
-from shrink.config import ModelConfig
-from shrink.errors import ShrinkError
+from engine.config import ModelConfig
+from engine.errors import ShrinkError
 from tests.distill.helpers import random_stream, settings, tiny_llama
 
 CPU = torch.device("cpu")

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from quant.export import load_quantized_model
-from shrink.errors import ShrinkError
-from shrink.metrics import layer_weights
+from engine.errors import ShrinkError
+from engine.metrics import layer_weights
 from tests.conftest import needs_shared, run_shrink, tiny_data_overrides
 
 pytestmark = needs_shared

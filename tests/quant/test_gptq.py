@@ -6,7 +6,7 @@ import torch
 
 from quant.gptq import QuantResult, gptq_quantize, rtn_quantize
 from quant.grid import dequantize_codes, fit_grid, quantize_codes
-from shrink.hessian import HessianError
+from engine.hessian import HessianError
 
 from tests.conftest import correlated_layer
 

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from shrink.errors import ShrinkError
-from shrink.modeling import find_decoder_layers, load_model
-from shrink.config import ModelConfig
-from shrink.pipeline import RunState
+from engine.errors import ShrinkError
+from engine.modeling import find_decoder_layers, load_model
+from engine.config import ModelConfig
+from engine.state import RunState
 from tests.conftest import TEACHER, needs_shared, run_shrink, tiny_data_overrides
 
 pytestmark = needs_shared

@@ -14,7 +14,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from shrink.errors import ShrinkError
+from engine.errors import ShrinkError
 from shrink.plan import (balance, build_meta_model, gptq_bytes, kv_geometry, load_config, make_plan,
                          parse_plan_args, parse_target, run_plan)
 from tests.conftest import ROOT, needs_shared, run_shrink, tiny_config, tiny_data_overrides

@@ -13,7 +13,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from shrink.card import base_model_id, license_of, read_front_matter
-from shrink.errors import ShrinkError
+from engine.errors import ShrinkError
 from shrink.publish import check_folder, publish
 from tests.conftest import (ROOT, TOKENIZER, compose_config, run_shrink, save_with_tokenizer, tiny_data_overrides,
                             tiny_model)
@@ -61,7 +61,7 @@ def test_card_metadata_results_and_loading(exported: Path) -> None:
 
 def test_card_of_a_pruned_model_with_unknown_license(tmp_path: Path) -> None:
     from shrink.card import model_card
-    from shrink.pipeline import RunState
+    from engine.state import RunState
 
     base = tmp_path / "base"
     tiny_model("llama").save_pretrained(base)

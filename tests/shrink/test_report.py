@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from shrink import report as report_mod
-from shrink.errors import ShrinkError
+from engine.errors import ShrinkError
 from shrink.report import build_table, find_runs, pareto_front, write_report
 from tests.conftest import DOCS, ROOT, TOKENIZER, needs_shared, save_with_tokenizer, tiny_model
 

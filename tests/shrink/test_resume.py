@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from shrink.errors import ShrinkError
+from engine.errors import ShrinkError
 from tests.conftest import DOCS, ROOT, needs_shared, run_shrink, tiny_data_overrides
 
 pytestmark = needs_shared

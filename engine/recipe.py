@@ -17,8 +17,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from shrink.data import file_sha256
-from shrink.errors import ShrinkError
+from engine.data import file_sha256
+from engine.errors import ShrinkError
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from shrink.errors import ShrinkError
-from shrink.hessian import HessianAccumulator, HessianError
-from shrink.modeling import find_decoder_layers, find_linears, weight_matrix
+from engine.errors import ShrinkError
+from engine.hessian import HessianAccumulator, HessianError
+from engine.modeling import find_decoder_layers, find_linears, weight_matrix
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from shrink.errors import ShrinkError
+from engine.errors import ShrinkError
 
 log = logging.getLogger(__name__)
 

@@ -10,20 +10,22 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
-from shrink.config import ModelConfig
-from shrink.errors import ShrinkError
+from engine.config import ModelConfig
+from engine.errors import ShrinkError
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WEIGHT_SUFFIXES = (".safetensors",)
+# (folder, device=..., dtype=...) -> model: how a GPTQ folder is loaded (quant.export.load_quantized_model)
+QuantizedLoader = Callable[..., PreTrainedModel]
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -61,18 +63,20 @@ def is_gptq_folder(folder: Path) -> bool:
     return (config.get("quantization_config") or {}).get("quant_method") == "gptq"
 
 
-def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(cfg: ModelConfig, quantized_loader: Optional[QuantizedLoader] = None
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load model + tokenizer from a local folder on the CPU in cfg.dtype, in eval mode.
 
     Models stay on the CPU: the stages move what they need (one layer at a time for
-    calibration, the whole model for evaluation) to cfg.device.
+    calibration, the whole model for evaluation) to cfg.device. A GPTQ folder needs
+    `quantized_loader` (the engine knows no quantization format; quant provides it).
     """
     folder = check_model_folder(cfg.path)
     dtype = resolve_dtype(cfg.dtype)
     if is_gptq_folder(folder):
-        from quant.export import load_quantized_model
-
-        model = load_quantized_model(folder, device="cpu", dtype=dtype)
+        if quantized_loader is None:
+            raise ShrinkError(f"model.path: {folder} is a GPTQ checkpoint; it cannot be used here")
+        model = quantized_loader(folder, device="cpu", dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code
@@ -160,29 +164,6 @@ def set_weight_matrix(module: nn.Module, W: torch.Tensor) -> None:
     target.copy_(W.t() if isinstance(module, Conv1D) else W)
 
 
-def save_model(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    folder: Path,
-    extra_files: dict[str, str] | None = None,
-) -> None:
-    """save_pretrained (safetensors) + tokenizer + text files into an existing empty folder."""
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    for name, text in (extra_files or {}).items():
-        (folder / name).write_text(text)
-
-
 def folder_size_bytes(folder: str | os.PathLike, suffixes: tuple[str, ...] = WEIGHT_SUFFIXES) -> int:
     """Bytes of the weight files in a model folder."""
     return sum(p.stat().st_size for p in Path(folder).iterdir() if p.name.endswith(suffixes))
-
-
-def model_summary(model: PreTrainedModel) -> dict[str, Any]:
-    _, layers = find_decoder_layers(model)
-    return {
-        "class": type(model).__name__,
-        "layers": len(layers),
-        "linears_per_layer": len(find_linears(layers[0])),
-        "params": count_parameters(model),
-    }

@@ -1,4 +1,4 @@
-"""Multi-process distillation: `torchrun --nproc_per_node N -m distill.launch OVERRIDES`.
+"""Multi-process runs: `torchrun --nproc_per_node N -m shrink OVERRIDES`.
 
 OVERRIDES are those of the `shrink` command (out= is required). Rank 0 runs the whole
 pipeline exactly as `shrink` would and writes every artifact; the other ranks wait for
@@ -18,44 +18,18 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from shrink.cli import quiet_import_noise
-from shrink.errors import ShrinkError
+from distill.distributed import DONE, receive, send
+from engine.errors import ShrinkError
+from shrink.config import compose, quiet_import_noise
 
 log = logging.getLogger("shrink")
-
-DONE = "done"
-
-
-def send(message: str) -> None:
-    """Rank 0 -> workers: the name of a stage to join, or DONE."""
-    dist.broadcast_object_list([message], src=0)
-
-
-def receive() -> str:
-    box: list[Optional[str]] = [None]
-    dist.broadcast_object_list(box, src=0)
-    return str(box[0])
-
-
-def compose(overrides: list[str]) -> Any:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from shrink.cli import register_resolvers
-    from shrink.config import register_configs
-
-    register_configs()
-    register_resolvers()
-    conf = Path(__file__).resolve().parent.parent / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
 
 
 def worker(cfg: Any, out: Path) -> None:
     """Join every training rank 0 announces, until it says DONE."""
     from distill.stage import run_training
-    from shrink.modeling import load_model
-    from shrink.pipeline import RunState
+    from engine.state import RunState
+    from shrink.pipeline import load_model
 
     while (stage := receive()) != DONE:
         torch.manual_seed(cfg.seed)
@@ -88,7 +62,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         cfg = compose(overrides)
         if not cfg.out:
-            raise ShrinkError("out: distill.launch needs out=FOLDER")
+            raise ShrinkError("out: a torchrun job needs out=FOLDER")
         if rank == 0:
             from shrink.pipeline import run_pipeline
 

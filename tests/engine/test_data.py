@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from shrink.data import calibration_windows, eval_windows, load_texts, token_stream
-from shrink.errors import ShrinkError
+from engine.data import calibration_windows, eval_windows, load_texts, token_stream
+from engine.errors import ShrinkError
 from tests.conftest import TOKENIZER, needs_shared
 
 pytestmark = needs_shared
@@ -60,7 +60,7 @@ def test_stream_follows_the_protocol_and_is_cached(tmp_path, tokenizer, monkeypa
                 + tokenizer("Second doc here.", add_special_tokens=False)["input_ids"] + [eos])
     assert ids.tolist() == expected
     assert len(list((tmp_path / "cache" / "tokens").glob("*.safetensors"))) == 1
-    monkeypatch.setattr("shrink.data.load_texts", lambda *a, **k: pytest.fail("cache was not used"))
+    monkeypatch.setattr("engine.data.load_texts", lambda *a, **k: pytest.fail("cache was not used"))
     assert token_stream(path, tokenizer, cache_dir=tmp_path / "cache").tolist() == expected
 
 

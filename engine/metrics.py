@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shrink.modeling import count_parameters, find_decoder_layers, find_linears, is_packed_linear, weight_matrix
+from engine.modeling import count_parameters, find_decoder_layers, find_linears, is_packed_linear, weight_matrix
 
 
 def peak_memory_bytes() -> dict[str, int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shrink.hessian import HessianAccumulator, HessianError, inverse_hessian
+from engine.hessian import HessianAccumulator, HessianError, inverse_hessian
 
 
 def inputs(n: int = 300, cols: int = 24, seed: int = 0) -> torch.Tensor:

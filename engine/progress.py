@@ -9,7 +9,7 @@ class Progress:
     def __init__(self, label: str, total: int, unit: str = "it", logger: logging.Logger | None = None,
                  every_s: float = 10.0) -> None:
         self.label, self.total, self.unit = label, total, unit
-        self.log = logger or logging.getLogger("shrink.progress")
+        self.log = logger or logging.getLogger("engine.progress")
         self.every_s = every_s
         self.start = self.last = time.time()
         self.done = 0

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shrink.progress import Progress
+from engine.progress import Progress
 
 
 @torch.inference_mode()

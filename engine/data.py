@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
-from shrink.errors import ShrinkError
+from engine.errors import ShrinkError
 
 log = logging.getLogger(__name__)
 

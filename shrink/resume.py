@@ -15,7 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from shrink.errors import ShrinkError
+from engine.errors import ShrinkError
+from shrink.model_folder import save_model_folder
 
 PROGRESS = "progress.json"
 
@@ -48,13 +49,7 @@ def save_checkpoint(state: Any, index: int, stage: str) -> Path:
     target = root / f"{index}-{stage}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{index}-{stage}.", dir=root))
     try:
-        if state.quantization_config is not None:
-            from quant.export import save_gptq_model
-
-            save_gptq_model(state.model, tmp, state.quantization_config, overwrite=True)
-        else:
-            state.model.save_pretrained(tmp, safe_serialization=True)
-        state.tokenizer.save_pretrained(tmp)
+        save_model_folder(state.model, state.tokenizer, tmp, state.quantization_config)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)

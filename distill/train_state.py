@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from distill.distributed import DistContext, full_state
-from shrink.errors import ShrinkError
+from engine.errors import ShrinkError
 
 SEP = "::"  # between a parameter name and its optimizer-state key
 

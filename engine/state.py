@@ -1,0 +1,50 @@
+"""The state of one run, handed from stage to stage: config, output folder, the model in
+memory, and what a stage leaves for the next (the export config of a quantized model)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from engine import data as data_mod
+from engine.modeling import resolve_device
+
+
+@dataclass
+class RunState:
+    cfg: DictConfig
+    out: Path
+    model: Optional[PreTrainedModel] = None
+    tokenizer: Optional[PreTrainedTokenizerBase] = None
+    changed: bool = False
+    # Set by the quantize stage: export then writes the GPTQ layout with this config.
+    quantization_config: Optional[dict[str, Any]] = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    _calib: Optional[torch.Tensor] = None
+
+    @property
+    def device(self) -> torch.device:
+        return resolve_device(self.cfg.model.device)
+
+    def calibration(self) -> torch.Tensor:
+        """Calibration windows [num_samples, seq_len], sampled once per run."""
+        if self._calib is None:
+            c = self.cfg.data.calib
+            stream = data_mod.token_stream(c.path, self.tokenizer, self.cfg.data.text_field,
+                                           self.cfg.data.cache_dir, key="data.calib.path")
+            self._calib = data_mod.calibration_windows(stream, c.num_samples, c.seq_len, self.cfg.seed)
+        return self._calib
+
+    def eval_windows(self) -> torch.Tensor:
+        e = self.cfg.data.eval
+        stream = data_mod.token_stream(e.path, self.tokenizer, self.cfg.data.text_field,
+                                       self.cfg.data.cache_dir, key="data.eval.path")
+        return data_mod.eval_windows(stream, e.seq_len, e.max_windows, key="data.eval")
+
+    def eval_name(self) -> str:
+        e = self.cfg.data.eval
+        return e.name or Path(e.path).name.split(".")[0]
