@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A real Hydra sweep on the shared 8-layer Llama teacher, gathered by `shrink report`:
-# the table and plot shown in README.md ("Sweeps") are this script's output.
+# the table and plot shown in docs/results.md ("Sweeps and reports") are this script's output.
 #
 #   bash benchmarks/sweep_demo.sh        # ~15 min on 2 busy CPU cores
 #

@@ -1,12 +1,13 @@
-"""Render benchmarks/results/*.json into Markdown tables and splice them into README.md
-between `<!-- BEGIN table:NAME -->` and `<!-- END table:NAME -->` markers.
+"""Render benchmarks/results/*.json into Markdown tables and splice them into README.md and
+docs/results.md (GENERATED) between `<!-- BEGIN table:NAME -->` and `<!-- END table:NAME -->` markers.
 
-    python -m benchmarks.tables  # rewrite README.md in place
+    python -m benchmarks.tables  # rewrite those files in place
 Tables are only ever generated from the JSON, never typed by hand.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -135,11 +136,37 @@ def plans(paths: list[Path]) -> str:
     return text
 
 
-def sweep_report(report_md: Path) -> str:
-    """The table written by `shrink report` for the demo sweep, its picture path fixed for README.md."""
+def sweep_report(report_md: Path, where: Path) -> str:
+    """The table written by `shrink report` for the demo sweep, its picture path relative to `where`."""
     body = report_md.read_text().split("\n", 2)[2].strip()
-    rel = report_md.parent.relative_to(ROOT)
+    rel = Path(os.path.relpath(report_md.parent, where)).as_posix()
     return body.replace("](report.png)", f"]({rel}/report.png)")
+
+
+def summary(loaded: dict[str, dict[str, Any]]) -> str:
+    """The README's headline rows: GPTQ against RTN and SparseGPT against its baselines on llama-teacher."""
+    rows = []
+    quant = loaded.get("quant_quality")
+    if quant:
+        ppl = {(r["method"], r["act_order"], r["bits"], r["group_size"]): r["ppl"] for r in quant["rows"]}
+        for bits, g in ((4, 128), (3, 128)):
+            if ("gptq", False, bits, g) in ppl:
+                rtn = ppl.get(("rtn", False, bits, g))
+                rows.append([f"quantize, {bits}-bit g{g}", rtn and f"RTN {rtn:.3f}",
+                             f"GPTQ {ppl[('gptq', False, bits, g)]:.3f}", "[quantization](docs/results.md#quantization)"])
+    prune = [r for r in loaded.get("prune_quality", {}).get("rows", []) if r["kind"] == "prune"]
+    by = {(r["pattern"], r["sparsity_target"], r["method"], bool(r.get("reconstruct"))): r["ppl"] for r in prune}
+    for pattern, label in (("unstructured", "50% unstructured"), ("2:4", "2:4")):
+        if (pattern, 0.5, "sparsegpt", False) in by:
+            ours = f"SparseGPT {by[(pattern, 0.5, 'sparsegpt', False)]:.3f}"
+            if (pattern, 0.5, "sparsegpt", True) in by:
+                ours += f", + reconstruct {by[(pattern, 0.5, 'sparsegpt', True)]:.3f}"
+            base = ", ".join(f"{name} {by[(pattern, 0.5, m, False)]:.3f}"
+                             for m, name in (("magnitude", "magnitude"), ("wanda", "Wanda")) if (pattern, 0.5, m, False) in by)
+            rows.append([f"prune, {label}", base, ours, "[pruning](docs/results.md#pruning)"])
+    dense = next((r["baseline_ppl"] for r in prune if "baseline_ppl" in r), None)
+    head = f"`llama-teacher`, docs-en test perplexity (dense fp32: {dense:.3f}):\n\n" if dense else ""
+    return head + md(["task", "baselines", "shrink", "details"], rows)
 
 
 def distill_akt(p: dict[str, Any]) -> str:
@@ -162,35 +189,52 @@ def splice(text: str, name: str, block: str) -> str:
     return pattern.sub(lambda m: m.group(1) + block + "\n" + m.group(2), text)
 
 
-def render_all(readme: Path = ROOT / "README.md") -> None:
-    text = readme.read_text()
+# Every file that holds generated tables; each table is spliced wherever its markers stand.
+GENERATED = (ROOT / "README.md", ROOT / "docs" / "results.md")
+
+
+def blocks(where: Path) -> dict[str, str]:
+    """Every table rendered from the committed results, by marker name, for a file in folder `where`."""
     loaded = {name: json.loads(path.read_text()) for name in RENDERERS if (path := RESULTS / f"{name}.json").is_file()}
-    for name, payload in loaded.items():
-        text = splice(text, name, RENDERERS[name](payload))
+    out = {name: RENDERERS[name](payload) for name, payload in loaded.items()}
+    out["summary"] = summary(loaded)
     if (RESULTS / "default_job.json").is_file():
         from benchmarks.default_job import render
 
-        text = splice(text, "default_job", render(json.loads((RESULTS / "default_job.json").read_text())))
+        out["default_job"] = render(json.loads((RESULTS / "default_job.json").read_text()))
     variants = sorted(RESULTS.glob("distill_akt_*.json"))
     if variants:
         from benchmarks.distill_akt import (render_budgets, render_lm_term, render_relations, render_seeds,
                                             render_variants)
 
         payloads = [json.loads(p.read_text()) for p in variants]
-        text = splice(text, "distill_variants", render_variants(payloads))
         base = [loaded["distill_akt"]] if "distill_akt" in loaded else []
-        text = splice(text, "distill_budgets", render_budgets(base + payloads))
-        text = splice(text, "distill_seeds", render_seeds(base + payloads))
-        text = splice(text, "distill_relations", render_relations(base + payloads))
-        text = splice(text, "distill_lm_term", render_lm_term(base + payloads))
+        out["distill_variants"] = render_variants(payloads)
+        out["distill_budgets"] = render_budgets(base + payloads)
+        out["distill_seeds"] = render_seeds(base + payloads)
+        out["distill_relations"] = render_relations(base + payloads)
+        out["distill_lm_term"] = render_lm_term(base + payloads)
     if (RESULTS / "sweep_report" / "report.md").is_file():
-        text = splice(text, "sweep", sweep_report(RESULTS / "sweep_report" / "report.md"))
+        out["sweep"] = sweep_report(RESULTS / "sweep_report" / "report.md", where)
     groups: dict[str, list[Path]] = {}
     for path in sorted(RESULTS.glob("plan_*/plan.json"), key=lambda p: ("4x" in str(p), str(p))):
         groups.setdefault(json.loads(path.read_text())["model"]["path"], []).append(path)
     if groups:
-        text = splice(text, "plan", "\n\n".join(plans(paths) for paths in groups.values()))
-    readme.write_text(text)
+        out["plan"] = "\n\n".join(plans(paths) for paths in groups.values())
+    return out
+
+
+def render(text: str, where: Path) -> str:
+    """`text` (a file in folder `where`) with every table between its markers re-rendered."""
+    for name, block in blocks(where).items():
+        text = splice(text, name, block)
+    return text
+
+
+def render_all(files: tuple[Path, ...] = GENERATED) -> None:
+    for path in files:
+        path.write_text(render(path.read_text(), path.parent))
+
 
 if __name__ == "__main__":
     render_all()

@@ -54,7 +54,7 @@ class DistillConfig:
     relation_heads: int = 8  # R: Q/K/V widths of both models must be divisible by it
     causal_relations: bool = True  # mask relations to later tokens
     # Which relations AKT transfers, any of q, k, v (Yuan: all three). A separately pretrained
-    # student pays for Q/K relations it must unlearn; V alone costs it nothing (README, Results).
+    # student pays for Q/K relations it must unlearn; V alone costs it nothing (docs/results.md, Distillation).
     relations: str = "qkv"
     schedule: str = "joint"  # joint | progressive (one AKT stage per mapped layer, then joint)
     progressive_steps: Optional[int] = None  # steps per layer stage (None: steps)
