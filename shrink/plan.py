@@ -34,6 +34,8 @@ import torch
 from torch import nn
 
 from engine.errors import ShrinkError
+from engine.modeling import linear_dims
+from quant.config import check_quant_config
 
 log = logging.getLogger(__name__)
 
@@ -264,12 +266,6 @@ def gptq_bytes(in_features: int, out_features: int, bits: int, group_size: int) 
     return qweight + qzeros + scales + g_idx
 
 
-def linear_dims(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of an nn.Linear or a GPT-2 Conv1D (weight stored [in, out])."""
-    w = module.weight
-    return (w.shape[0], w.shape[1]) if type(module).__name__ == "Conv1D" else (w.shape[1], w.shape[0])
-
-
 def price_module(module: nn.Module, prefix: str, storage: Storage, dtype_bytes: int,
                  linears: set[str], seen: set[int]) -> int:
     """Bytes of the parameters under `module` in this storage (shared tensors counted once)."""
@@ -304,10 +300,7 @@ def recipe_storages(stages: list[str], quant: Any, prune: Any, dtype: str) -> li
             how = "2:4 semi-structured storage" if semi else "dense storage"
             result.append(Storage("prune", f"{what} ({how})", semi_structured=semi))
         elif stage == "quantize":
-            if quant.bits not in (2, 3, 4, 8):
-                raise ShrinkError(f"quant.bits: {quant.bits} is not supported (2 | 3 | 4 | 8)")
-            if quant.group_size != -1 and quant.group_size <= 0:
-                raise ShrinkError(f"quant.group_size: {quant.group_size} must be -1 (per channel) or positive")
+            check_quant_config(quant)
             g = "per-channel" if quant.group_size == -1 else f"g{quant.group_size}"
             result.append(Storage("quantize", f"{quant.method} {quant.bits}-bit {g}", bits=quant.bits,
                                   group_size=quant.group_size))
