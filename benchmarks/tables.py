@@ -170,7 +170,7 @@ def summary(loaded: dict[str, dict[str, Any]]) -> str:
 
 
 def distill_akt(p: dict[str, Any]) -> str:
-    from benchmarks.distill_akt import render_table
+    from benchmarks.distill_akt_tables import render_table
 
     return render_table(p)
 
@@ -204,8 +204,8 @@ def blocks(where: Path) -> dict[str, str]:
         out["default_job"] = render(json.loads((RESULTS / "default_job.json").read_text()))
     variants = sorted(RESULTS.glob("distill_akt_*.json"))
     if variants:
-        from benchmarks.distill_akt import (render_budgets, render_lm_term, render_relations, render_seeds,
-                                            render_variants)
+        from benchmarks.distill_akt_tables import (render_budgets, render_lm_term, render_relations, render_seeds,
+                                                   render_variants)
 
         payloads = [json.loads(p.read_text()) for p in variants]
         base = [loaded["distill_akt"]] if "distill_akt" in loaded else []

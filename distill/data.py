@@ -15,8 +15,7 @@ from engine.errors import ShrinkError
 
 class WindowSampler:
     def __init__(self, stream: torch.Tensor, seq_len: int, seed: int, key: str = "distill.train_path") -> None:
-        if seq_len <= 1:
-            raise ShrinkError(f"distill.seq_len must be > 1, got {seq_len}")
+        # seq_len > 1 is checked with the distill config; the stream's length only here
         self.num_windows = stream.numel() // seq_len
         if self.num_windows == 0:
             raise ShrinkError(f"{key}: {stream.numel()} tokens is shorter than one window of distill.seq_len={seq_len}")

@@ -102,7 +102,6 @@ def joint_objective(d: Any, pairs: list[tuple[int, int]]) -> Objective:
 
 
 def make_plan(d: Any, pairs: list[tuple[int, int]], student: nn.Module) -> TrainPlan:
-    check_distill_config(d)
     joint = joint_objective(d, pairs)
     phases = [Phase("joint", d.steps, joint)]
     if d.schedule == "progressive":

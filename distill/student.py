@@ -45,8 +45,8 @@ def check_init(s: StudentConfig) -> None:
 def build_student(s: StudentConfig, teacher: PreTrainedModel, teacher_tok: PreTrainedTokenizerBase,
                   calibration: Callable[[], torch.Tensor], seed: int = 0,
                   trust_remote_code: bool = False) -> Student:
-    """The initialized student (fp32, CPU, train mode off) and the tokenizer it reads."""
-    check_init(s)
+    """The initialized student (fp32, CPU, train mode off) and the tokenizer it reads
+    (s.init already checked by check_init, with the rest of the distill config)."""
     n_teacher = len(find_decoder_layers(teacher)[1])
     report: dict[str, Any] = {"init": s.init}
     tokenizer = teacher_tok

@@ -20,22 +20,9 @@ from torch import nn
 
 from distill.distributed import DistContext, full_state
 from engine.errors import ShrinkError
+from engine.modeling import unique_tensors
 
 SEP = "::"  # between a parameter name and its optimizer-state key
-
-
-def dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tied weights once (safetensors refuses shared storage); aliases map the rest back."""
-    first: dict[tuple[int, tuple[int, ...]], str] = {}
-    tensors, aliases = {}, {}
-    for name, tensor in state.items():
-        key = (tensor.untyped_storage().data_ptr(), tuple(tensor.shape))
-        if key in first:
-            aliases[name] = first[key]
-        else:
-            first[key] = name
-            tensors[name] = tensor.contiguous()
-    return tensors, aliases
 
 
 def save_train_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
@@ -48,7 +35,9 @@ def save_train_state(folder: Path, model: nn.Module, optimizer: torch.optim.Opti
                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not ctx.main:
         return
-    tensors, aliases = dedupe(model_state)
+    # tied weights once (safetensors refuses shared storage); the aliases map the rest back
+    unique, aliases = unique_tensors(model_state)
+    tensors = {name: tensor.contiguous() for name, tensor in unique.items()}
     optim_tensors, optim_scalars = {}, {}
     for param, entries in optim_state["state"].items():
         for key, value in entries.items():

@@ -6,7 +6,16 @@ application (shrink/config.py) aggregates them all into one tree for Hydra.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
+
+# Top-level keys of a run's config that say where and how it runs, not what it computes: the
+# config digest (resume, recipe re-runs) and the report's setting columns leave them out.
+VOLATILE = ("out", "resume", "log_level", "fingerprints")
+
+
+def without_volatile(plain: dict[str, Any]) -> dict[str, Any]:
+    """A config as a plain dict, without its VOLATILE keys: the settings that change the result."""
+    return {key: value for key, value in plain.items() if key not in VOLATILE}
 
 
 @dataclass

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.modeling import count_parameters, find_decoder_layers, find_linears, is_packed_linear, weight_matrix
+from engine.modeling import (count_parameters, find_decoder_layers, find_linears, is_packed_linear, unique_tensors,
+                             weight_matrix)
 
 
 def peak_memory_bytes() -> dict[str, int]:
@@ -44,7 +45,14 @@ def sparsity_report(model: nn.Module) -> dict[str, Any]:
     return {"overall": zeros / total if total else 0.0, "per_linear": per_layer}
 
 
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of the model's unique tensors: what safetensors writes, up to its headers."""
+    unique, _ = unique_tensors(model.state_dict())
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
 def size_metrics(model: nn.Module, size_bytes: int) -> dict[str, Any]:
+    """params, size and bits per weight (8 x bytes / params), as metrics.json and the card report them."""
     params = count_parameters(model)
     return {
         "params": params,

@@ -10,7 +10,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -152,6 +152,16 @@ def find_linears(module: nn.Module) -> dict[str, nn.Module]:
     }
 
 
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a GPT-2 style Conv1D (weight stored [in, out])."""
+    if isinstance(module, Conv1D):
+        in_features, out_features = module.weight.shape
+        return int(in_features), int(out_features)
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    raise TypeError(f"not a Linear or Conv1D: {type(module).__name__}")
+
+
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The weight as [out_features, in_features] (Conv1D stores it transposed)."""
     if isinstance(module, Conv1D):
@@ -162,6 +172,27 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
 def set_weight_matrix(module: nn.Module, W: torch.Tensor) -> None:
     target = module.weight.data
     target.copy_(W.t() if isinstance(module, Conv1D) else W)
+
+
+def unique_tensors(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(the first tensor of each storage view, every later name -> the first name of the same view).
+
+    Tied weights are one tensor under two names; safetensors refuses to write both and a size
+    must count it once. A view is its storage, offset, shape and dtype; empty tensors alias nothing.
+    """
+    first: dict[tuple, str] = {}
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for name, tensor in state.items():
+        key = ((tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+               if tensor.numel() else None)
+        if key is not None and key in first:
+            aliases[name] = first[key]
+            continue
+        if key is not None:
+            first[key] = name
+        unique[name] = tensor
+    return unique, aliases
 
 
 def folder_size_bytes(folder: str | os.PathLike, suffixes: tuple[str, ...] = WEIGHT_SUFFIXES) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from engine.config import without_volatile
 from engine.data import file_sha256
 from engine.errors import ShrinkError
 
@@ -25,7 +26,6 @@ log = logging.getLogger(__name__)
 PACKAGES = ("shrink", "torch", "transformers", "tokenizers", "safetensors", "accelerate", "datasets",
             "hydra-core", "gguf", "optimum", "gptqmodel")
 MODEL_FILES = (".json", ".safetensors", ".model", ".txt", ".jinja")
-VOLATILE = ("out", "resume", "log_level", "fingerprints")  # keys that do not change the result
 
 
 def package_versions() -> dict[str, str]:
@@ -57,9 +57,7 @@ def input_fingerprints(cfg: DictConfig) -> dict[str, Any]:
 
 def config_digest(cfg: DictConfig) -> str:
     """Hash of the settings that change the result (not out/resume/logging)."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    for key in VOLATILE:
-        plain.pop(key, None)
+    plain = without_volatile(OmegaConf.to_container(cfg, resolve=True))
     return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(plain)).encode()).hexdigest()
 
 

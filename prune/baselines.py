@@ -53,6 +53,12 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(rows, cols)
 
 
+def has_nm_pattern(W: torch.Tensor, n: int, m: int) -> bool:
+    """At least n zeros in every run of m consecutive input columns of every row (M | in)."""
+    rows, cols = W.shape
+    return cols % m == 0 and bool(((W.reshape(rows, cols // m, m) == 0).sum(-1) >= n).all())
+
+
 def magnitude_prune(
     W: torch.Tensor, sparsity: float, prune_n: int = 0, prune_m: int = 0
 ) -> torch.Tensor:

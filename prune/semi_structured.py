@@ -14,13 +14,9 @@ from torch import nn
 
 from engine.errors import ShrinkError
 from engine.modeling import find_decoder_layers
+from prune.baselines import has_nm_pattern
 
 log = logging.getLogger(__name__)
-
-
-def has_2of4(W: torch.Tensor) -> bool:
-    rows, cols = W.shape
-    return cols % 4 == 0 and bool(((W.reshape(rows, cols // 4, 4) == 0).sum(-1) >= 2).all())
 
 
 def kernel_accepts(W: torch.Tensor) -> bool:
@@ -55,7 +51,7 @@ def to_semi_structured(model: nn.Module) -> int:
             W = module.weight.data
             if W.device.type != "cuda" or W.dtype not in (torch.float16, torch.bfloat16):
                 raise ShrinkError("eval.sparse_kernels: the model must be on CUDA in float16/bfloat16")
-            if has_2of4(W) and kernel_accepts(W):
+            if has_nm_pattern(W, 2, 4) and kernel_accepts(W):
                 module.weight = nn.Parameter(to_sparse_semi_structured(W.contiguous()), requires_grad=False)
                 converted += 1
     log.info("%d Linears run on semi-structured 2:4 kernels", converted)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from prune.baselines import magnitude_prune, wanda_prune
+from prune.baselines import has_nm_pattern, magnitude_prune, wanda_prune
 from prune.config import parse_pattern
 from prune.reconstruct import masked_least_squares
 from prune.sparsegpt import sparsegpt_prune
@@ -26,13 +26,6 @@ if TYPE_CHECKING:
     from engine.state import RunState
 
 log = logging.getLogger(__name__)
-
-def nm_ok(W: torch.Tensor, n: int, m: int) -> bool:
-    """At least N zeros in every group of M consecutive input columns of every row."""
-    rows, cols = W.shape
-    if cols % m:
-        return False
-    return bool(((W.reshape(rows, cols // m, m) == 0).sum(-1) >= n).all())
 
 
 def prune_stage(state: "RunState") -> dict[str, Any]:
@@ -70,7 +63,7 @@ def prune_stage(state: "RunState") -> dict[str, Any]:
         per_linear[job.full_name] = achieved
         stats["sparsity"] = achieved
         if m:
-            stats["pattern_ok"] = nm_ok(weight_matrix(job.module), n, m)
+            stats["pattern_ok"] = has_nm_pattern(weight_matrix(job.module), n, m)
         return stats
 
     windows = None if p.method == "magnitude" and not p.reconstruct else state.calibration()

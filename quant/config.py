@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from engine.errors import ShrinkError
+from quant.grid import SUPPORTED_BITS
 
 
 @dataclass
@@ -29,8 +30,8 @@ METHODS = ("gptq", "rtn")
 def check_quant_config(q: QuantConfig) -> None:
     if q.method not in METHODS:
         raise ShrinkError(f"quant.method: unknown method {q.method!r} (gptq | rtn)")
-    if q.bits not in (2, 3, 4, 8):
-        raise ShrinkError(f"quant.bits: {q.bits} is not supported (2 | 3 | 4 | 8)")
+    if q.bits not in SUPPORTED_BITS:
+        raise ShrinkError(f"quant.bits: {q.bits} is not supported ({' | '.join(map(str, SUPPORTED_BITS))})")
     if q.group_size != -1 and q.group_size <= 0:
         raise ShrinkError(f"quant.group_size: {q.group_size} must be -1 (per channel) or positive")
     if q.static_groups and q.group_size == -1:

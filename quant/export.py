@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from engine.modeling import linear_dims, unique_tensors
 from quant.config import QuantConfig
 from quant.qlinear import QuantLinear
 
@@ -38,17 +39,6 @@ _QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
 
 # ---------------------------------------------------------------------------- modules
-def _linear_dims(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of an nn.Linear or a GPT-2 style Conv1D."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        # transformers' Conv1D stores weight as [in, out] (transposed nn.Linear).
-        in_f, out_f = module.weight.shape
-        return int(in_f), int(out_f)
-    raise TypeError(f"cannot quantize module of type {type(module).__name__}")
-
-
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -69,7 +59,7 @@ def replace_with_quant_linears(
     """
     for name, tensors in packed.items():
         old = model.get_submodule(name)
-        in_f, out_f = _linear_dims(old)
+        in_f, out_f = linear_dims(old)
         bias = old.bias.detach().clone() if getattr(old, "bias", None) is not None else None
         new = QuantLinear.from_packed(tensors, bits, group_size, bias=bias, checkpoint_format=checkpoint_format)
         if (new.in_features, new.out_features) != (in_f, out_f):
@@ -181,20 +171,10 @@ def _dedup_shared(state: dict[str, torch.Tensor], tied: bool) -> tuple[dict[str,
     """safetensors refuses tensors sharing storage. For tied embeddings drop the later key
     (transformers re-ties on load); any other sharing is broken with a clone, because the
     loader would not know to re-share it."""
-    seen: dict[tuple, str] = {}
-    out: dict[str, torch.Tensor] = {}
-    dropped: list[str] = []
-    for k, t in state.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
-        if key is not None and key in seen:
-            if tied:
-                dropped.append(k)
-                continue
-            t = t.clone()
-        elif key is not None:
-            seen[key] = k
-        out[k] = t.contiguous()
-    return out, dropped
+    _, aliases = unique_tensors(state)
+    if tied:
+        return {k: t.contiguous() for k, t in state.items() if k not in aliases}, list(aliases)
+    return {k: (t.clone() if k in aliases else t).contiguous() for k, t in state.items()}, []
 
 
 def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -345,7 +325,7 @@ def load_quantized_model(
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name in qnames:
         old = model.get_submodule(name)
-        in_f, out_f = _linear_dims(old)
+        in_f, out_f = linear_dims(old)
         new = QuantLinear(
             in_f, out_f, bits, group_size, bias=f"{name}.bias" in keys, device="meta",
             cache_weight=cache_weight, checkpoint_format=fmt, bias_dtype=dtype,

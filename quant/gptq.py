@@ -24,11 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from quant.grid import Grid, dequantize_codes, fit_grid, quantize_codes
+from quant.grid import Grid, check_bits, dequantize_codes, fit_grid, quantize_codes
 from engine.hessian import inverse_hessian
 from engine.obs import obs_sweep, prepare_layer
-
-SUPPORTED_BITS = (2, 3, 4, 8)
 
 
 @dataclass
@@ -48,8 +46,7 @@ class QuantResult:
 
 
 def check_quant_args(bits: int, group_size: int, static_groups: bool = False) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    check_bits(bits)
     if group_size != -1 and group_size <= 0:
         raise ValueError(f"group_size must be -1 (one grid per row) or positive, got {group_size}")
     if static_groups and group_size <= 0:

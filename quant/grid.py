@@ -11,6 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
+# The integer widths a grid (and the GPTQ checkpoint packing) supports.
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+
 
 @dataclass
 class Grid:

@@ -39,16 +39,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from quant.grid import check_bits
+
 if TYPE_CHECKING:
     from quant.gptq import QuantResult
 
-SUPPORTED_BITS = (2, 3, 4, 8)
 _MASK32 = (1 << 32) - 1
-
-
-def _check_bits(bits: int) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
 
 
 def _to_int32(words: torch.Tensor) -> torch.Tensor:
@@ -68,7 +64,7 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     stream offset bits*j (low bits first). Values straddling a word boundary (only
     possible for 3 bits) are split: low part in word w, high part at bit 0 of word w+1.
     """
-    _check_bits(bits)
+    check_bits(bits)
     n, m = values.shape
     if n % 32 != 0:
         raise ValueError(f"packed dimension must be a multiple of 32, got {n}")
@@ -88,7 +84,7 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Exact inverse of :func:`pack_rows`: int32 [n*bits/32, m] -> int32 [n, m]."""
-    _check_bits(bits)
+    check_bits(bits)
     rows, m = packed.shape
     if rows % bits != 0:
         raise ValueError(f"packed rows {rows} not a multiple of bits={bits}")
@@ -128,7 +124,7 @@ def pack_gptq(
     g_idx: int [in], group index of each input column.
     Returns {"qweight", "qzeros", "scales", "g_idx"} on codes' device.
     """
-    _check_bits(bits)
+    check_bits(bits)
     out_f, in_f = codes.shape
     n_groups = scale.shape[0]
     if scale.shape != (n_groups, out_f) or zero.shape != (n_groups, out_f):

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.pack import SUPPORTED_BITS, dequantize_gptq, pack_gptq
+from quant.grid import check_bits
+from quant.pack import dequantize_gptq, pack_gptq
 
 
 class QuantLinear(nn.Module):
@@ -42,8 +43,7 @@ class QuantLinear(nn.Module):
         checkpoint_format: str = "gptq",
     ) -> None:
         super().__init__()
-        if bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+        check_bits(bits)
         if in_features % 32 or out_features % 32:
             raise ValueError(
                 f"GPTQ packing needs in/out features divisible by 32, got {in_features}x{out_features}"

@@ -100,26 +100,17 @@ def measured(state: "RunState") -> dict[str, Any]:
     The card is written before the weights (export is atomic), so size is the bytes of the
     unique tensors that will be saved, which is the safetensors size up to its headers.
     """
-    from engine.metrics import sparsity_report
-    from engine.modeling import count_parameters
+    from engine.metrics import size_metrics, sparsity_report, state_bytes
 
     m = state.metrics
     if "size_bytes" in m and "params" in m:
         return {k: m.get(k) for k in ("params", "size_bytes", "bits_per_weight", "sparsity")}
-    seen, size = set(), 0
-    for t in state.model.state_dict().values():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
-        if key not in seen:
-            seen.add(key)
-            size += t.numel() * t.element_size()
-    params = count_parameters(state.model)
     try:
         sparsity = sparsity_report(state.model)["overall"]
     except Exception as exc:  # an architecture without discoverable layers still gets a card
         log.debug("sparsity not measured for the card: %s", exc)
         sparsity = None
-    return {"params": params, "size_bytes": size, "bits_per_weight": 8 * size / params if params else None,
-            "sparsity": sparsity}
+    return {**size_metrics(state.model, state_bytes(state.model)), "sparsity": sparsity}
 
 
 # ---------------------------------------------------------------------------- card

@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 import yaml
 
+from engine.config import without_volatile
 from engine.errors import ShrinkError
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,6 @@ SETTING_ORDER = ("pipeline.name", "model.path", "quant.method", "quant.bits", "q
                  "quant.act_order", "prune.method", "prune.sparsity", "prune.pattern", "prune.joint_quant",
                  "distill.loss", "distill.steps")
 STAGE_OF_SECTION = {"quant": "quantize", "prune": "prune", "distill": "distill"}
-NOT_SETTINGS = ("defaults", "out", "resume", "log_level", "fingerprints", "hydra")
 MIB = 1024**2
 
 
@@ -104,8 +104,10 @@ def flatten_settings(recipe: dict[str, Any]) -> dict[str, Any]:
         else:
             flat[prefix] = ",".join(map(str, value)) if isinstance(value, list) else value
 
-    for key, value in recipe.items():
-        if key in NOT_SETTINGS or (key in STAGE_OF_SECTION and STAGE_OF_SECTION[key] not in stages):
+    # recipe.yaml's own `defaults` list and a multirun's `hydra` node are not settings either
+    settings = {k: v for k, v in without_volatile(recipe).items() if k not in ("defaults", "hydra")}
+    for key, value in settings.items():
+        if key in STAGE_OF_SECTION and STAGE_OF_SECTION[key] not in stages:
             continue
         walk(key, value)
     return flat

@@ -6,7 +6,8 @@ import gzip
 import json
 from pathlib import Path
 
-from benchmarks.distill_akt import ARMS, BUDGETS, overrides, render_table, run_arm
+from benchmarks.distill_akt_arms import ARMS, BUDGETS, overrides, run_arm
+from benchmarks.distill_akt_tables import render_table
 from tests.conftest import compose_config, needs_shared
 
 WEIGHTS = {"lm": 1.0, "logit": 1.0, "akt": 1.0}
@@ -15,9 +16,9 @@ WEIGHTS = {"lm": 1.0, "logit": 1.0, "akt": 1.0}
 def test_every_arm_composes_with_the_same_budget_and_seed() -> None:
     for arm in ARMS:
         cfg = compose_config(overrides(*arm, BUDGETS["cpu"], WEIGHTS))
-        d = cfg.distill
-        assert (d.steps, d.batch_size, d.seq_len, cfg.seed) == (40, 8, 256, 0)
-        assert d.loss == arm[1] and d.schedule == arm[2] and d.student.init == arm[0]
+        distill = cfg.distill
+        assert (distill.steps, distill.batch_size, distill.seq_len, cfg.seed) == (40, 8, 256, 0)
+        assert distill.loss == arm[1] and distill.schedule == arm[2] and distill.student.init == arm[0]
         assert cfg.model.device == "auto"  # the GPU of a lent machine (--full), the CPU here
 
 
@@ -35,7 +36,7 @@ def test_one_arm_at_smoke_size_and_the_table() -> None:
 
 @needs_shared
 def test_dev_arms_distill_and_measure_on_two_halves_of_valid() -> None:
-    from benchmarks.distill_akt import DEFAULT_OPTS, dev_split
+    from benchmarks.distill_akt_arms import DEFAULT_OPTS, dev_split
 
     with dev_split() as files:
         docs = {part: [json.loads(line)["source"] for line in gzip.open(path, "rt")] for part, path in files.items()}
@@ -48,7 +49,7 @@ def test_dev_arms_distill_and_measure_on_two_halves_of_valid() -> None:
 
 
 def test_budget_table_lines_up_the_three_arms_and_skips_non_default_settings() -> None:
-    from benchmarks.distill_akt import render_budgets, render_relations, render_variants
+    from benchmarks.distill_akt_tables import render_budgets, render_relations, render_variants
 
     def payload(budget: str, tokens: int, akt_weight: float, ppl: dict[str, float]) -> dict:
         config = {"budget": budget, "tokens_per_arm": tokens, "weights": {"akt": akt_weight},
@@ -77,7 +78,7 @@ def test_budget_table_lines_up_the_three_arms_and_skips_non_default_settings() -
 
 
 def test_seed_table_gives_each_seeds_gap_and_their_spread() -> None:
-    from benchmarks.distill_akt import render_budgets, render_seeds, render_variants
+    from benchmarks.distill_akt_tables import render_budgets, render_seeds, render_variants
 
     def payload(seed: int, arms: dict[str, float], relations: str = "qkv") -> dict:
         config = {"budget": "cpu8x", "tokens_per_arm": 655_360, "weights": {"akt": 1.0}, "relation_heads": 8,
@@ -109,7 +110,7 @@ def test_seed_table_gives_each_seeds_gap_and_their_spread() -> None:
 
 
 def test_lm_term_table_sets_akt_with_lm_beside_every_arm_it_must_beat() -> None:
-    from benchmarks.distill_akt import render_lm_term
+    from benchmarks.distill_akt_tables import render_lm_term
 
     def payload(relations: str, arms: dict[str, float]) -> dict:
         config = {"budget": "cpu", "tokens_per_arm": 81_920, "weights": {"akt": 1.0}, "relation_heads": 8,

@@ -6,8 +6,8 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from engine.errors import ShrinkError
-from engine.modeling import (check_model_folder, count_parameters, find_decoder_layers, find_linears,
-                             set_weight_matrix, weight_matrix)
+from engine.modeling import (check_model_folder, count_parameters, find_decoder_layers, find_linears, linear_dims,
+                             set_weight_matrix, unique_tensors, weight_matrix)
 from tests.conftest import FAMILIES, tiny_model
 
 EXPECTED_LINEARS = {  # Linears per decoder layer, found without any per-family table
@@ -36,6 +36,28 @@ def test_weight_matrix_is_out_by_in(family: str) -> None:
         with torch.no_grad():
             set_weight_matrix(module, torch.zeros_like(W))
             torch.testing.assert_close(module(x), torch.zeros_like(module(x)) + bias)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_linear_dims_match_the_weight_matrix(family: str) -> None:
+    """(in, out) for nn.Linear and the transposed Conv1D alike; anything else is refused."""
+    _, layers = find_decoder_layers(tiny_model(family))
+    for lname, module in find_linears(layers[0]).items():
+        out_features, in_features = weight_matrix(module).shape
+        assert linear_dims(module) == (in_features, out_features), lname
+    with pytest.raises(TypeError, match="LayerNorm"):
+        linear_dims(torch.nn.LayerNorm(4))
+
+
+def test_unique_tensors_keeps_each_view_once() -> None:
+    """A tied weight is one tensor under two names; other views of one storage stay apart."""
+    base = torch.arange(12.0).reshape(3, 4)
+    state = {"embed": base, "head": base, "row0": base[0], "row1": base[1], "empty": torch.empty(0),
+             "empty2": torch.empty(0), "copy": base.clone()}
+    unique, aliases = unique_tensors(state)
+    assert aliases == {"head": "embed"}
+    assert list(unique) == ["embed", "row0", "row1", "empty", "empty2", "copy"]
+    assert unique["row1"] is state["row1"]
 
 
 def test_gpt2_uses_conv1d() -> None:

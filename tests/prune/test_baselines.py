@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prune.baselines import magnitude_prune, nm_mask, smallest_mask, wanda_prune
+from prune.baselines import has_nm_pattern, magnitude_prune, nm_mask, smallest_mask, wanda_prune
 
 
 def weights(rows: int = 16, cols: int = 64, seed: int = 0) -> torch.Tensor:
@@ -45,6 +45,9 @@ def test_nm_patterns_exact(n, m):
         pruned_max = s.masked_fill(~runs, -1).amax(-1)
         kept_min = s.masked_fill(runs, float("inf")).amin(-1)
         assert torch.all(pruned_max <= kept_min)
+        pruned = W.masked_fill(mask, 0)
+        assert has_nm_pattern(pruned, n, m) and not has_nm_pattern(W, n, m)
+        assert not has_nm_pattern(pruned[:, 1:], n, m)  # M no longer divides the columns
 
 
 def test_helpers_count_exactly_under_ties():

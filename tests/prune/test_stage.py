@@ -115,12 +115,13 @@ def test_semi_structured_kernels_refuse_before_pruning(tmp_path, tiny_model_dir)
 
 def test_semi_structured_conversion_takes_only_what_the_kernels_accept() -> None:
     """2:4 pattern and a shape the picked backend takes (cuSPARSELt: multiples of 16 in fp16)."""
-    from prune.semi_structured import has_2of4, kernel_accepts
+    from prune.baselines import has_nm_pattern
+    from prune.semi_structured import kernel_accepts
 
     W = torch.randn(32, 64).half()
     W.view(32, 16, 4)[..., :2] = 0
-    assert has_2of4(W) and kernel_accepts(W)
-    assert has_2of4(W[:24]) and not kernel_accepts(W[:24])  # 24 rows: not a multiple of 16
+    assert has_nm_pattern(W, 2, 4) and kernel_accepts(W)
+    assert has_nm_pattern(W[:24], 2, 4) and not kernel_accepts(W[:24])  # 24 rows: not a multiple of 16
     assert not kernel_accepts(W.float())  # cuSPARSELt, the default backend, has no fp32 kernels
     W[0, 0] = W[0, 1] = W[0, 2] = 1.0
-    assert not has_2of4(W)
+    assert not has_nm_pattern(W, 2, 4)

@@ -15,8 +15,11 @@ import transformers
 from safetensors import safe_open
 
 from engine.errors import ShrinkError
-from shrink.plan import (balance, build_meta_model, gptq_bytes, kv_geometry, load_config, make_plan,
-                         parse_plan_args, parse_target, run_plan)
+from shrink.plan import run_plan
+from shrink.plan.args import load_config, parse_plan_args, parse_target
+from shrink.plan.compute import compute_plan
+from shrink.plan.memory import build_meta_model, gptq_bytes, kv_geometry
+from shrink.plan.placement import balance
 from tests.conftest import ROOT, needs_shared, run_shrink, tiny_config, tiny_data_overrides
 
 CONFIGS = ROOT / "tests" / "fixtures" / "configs"
@@ -24,7 +27,7 @@ LLAMA70 = CONFIGS / "llama-2-70b.json"
 
 
 def plan_for(*args: str):
-    return make_plan(parse_plan_args(list(args)))
+    return compute_plan(parse_plan_args(list(args)))
 
 
 @pytest.mark.parametrize("name,billions", [("opt-175b", 175), ("bloom-176b", 176), ("llama-2-70b", 69)])
