@@ -17,7 +17,7 @@ from safetensors import safe_open
 from engine.errors import ShrinkError
 from shrink.plan import (balance, build_meta_model, gptq_bytes, kv_geometry, load_config, make_plan,
                          parse_plan_args, parse_target, run_plan)
-from tests.conftest import ROOT, needs_shared, run_shrink, tiny_config, tiny_data_overrides
+from tests.conftest import ROOT, run_shrink, tiny_config, tiny_data_overrides
 
 CONFIGS = ROOT / "tests" / "fixtures" / "configs"
 LLAMA70 = CONFIGS / "llama-2-70b.json"
@@ -110,7 +110,6 @@ def test_device_map_of_every_family_loads_in_transformers(tmp_path: Path, family
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
 
 
-@needs_shared
 def test_quantized_bytes_match_a_real_gptq_export(tmp_path: Path, tiny_model_dir) -> None:
     folder = tiny_model_dir("llama")
     run_shrink(["pipeline=quantize", f"model.path={folder}", *tiny_data_overrides(), "quant.method=rtn",
