@@ -1,6 +1,14 @@
-"""Shared fixtures: paths to ../shared, and tiny random models of every family we claim."""
+"""Shared fixtures: tiny random models of every family we claim, a tokenizer and a corpus built
+from what ships (so behaviour tests run on a fresh clone), and the paths to ../shared, whose
+trained models only the checks of their published figures use (`needs_shared`).
+
+SHRINK_SHARED moves ../shared (as it does for the presets); pointing it at a missing folder runs
+the suite as a fresh clone would.
+"""
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import shutil
 from pathlib import Path
@@ -13,12 +21,14 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("SHRINK_SHARED", ROOT.parent / "shared"))
 TEACHER = SHARED / "models" / "llama-teacher"
 STUDENT = SHARED / "models" / "llama-student"
-TOKENIZER = SHARED / "models" / "tokenizer-docs-en"
-DOCS = SHARED / "data" / "docs-en"
 
-needs_shared = pytest.mark.skipif(not TEACHER.is_dir(), reason="../shared is not present")
+needs_shared = pytest.mark.skipif(not TEACHER.is_dir(), reason="../shared is not present (figures of its models)")
 
-VOCAB = 8192  # the shared docs-en tokenizer, so tiny models can use it
+VOCAB = 8192  # the size of both tokenizers (shared docs-en, and the one trained here)
+# Public-domain Shakespeare shipped in the package (conf/data/shakespeare.yaml)
+SHAKESPEARE_TRAIN = ROOT / "shrink" / "assets" / "shakespeare-train.jsonl.gz"
+SHAKESPEARE_EVAL = ROOT / "shrink" / "assets" / "shakespeare-eval.jsonl.gz"
+EVAL_NAME = "shakespeare"  # the eval set of tiny_data_overrides()
 
 
 def tiny_config(family: str) -> transformers.PretrainedConfig:
@@ -53,19 +63,98 @@ def tiny_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
     return transformers.AutoModelForCausalLM.from_config(tiny_config(family)).eval()
 
 
-def save_with_tokenizer(model: transformers.PreTrainedModel, folder: Path, tokenizer: Path = TOKENIZER) -> Path:
-    """Save `model` into `folder` together with a tokenizer's files (the shared one by default)."""
+def save_with_tokenizer(model: transformers.PreTrainedModel, folder: Path, tokenizer: Path) -> Path:
+    """Save `model` into `folder` together with a tokenizer folder's files."""
     model.save_pretrained(folder)
     for f in tokenizer.iterdir():
         shutil.copy(f, folder / f.name)
     return folder
 
 
+def read_texts(path: Path) -> list[str]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f]
+
+
+def write_jsonl_gz(path: Path, docs: list[dict[str, str]]) -> Path:
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(d) + "\n" for d in docs)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shipped_tokenizer(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer of VOCAB tokens with `<|endoftext|>` = EOS = BOS = PAD = 0, like
+    the shared one, trained on the shipped Shakespeare (a fraction of a second)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(read_texts(SHAKESPEARE_TRAIN), trainer)
+    folder = tmp_path_factory.mktemp("tokenizer")
+    eos = "<|endoftext|>"
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=eos, eos_token=eos, pad_token=eos,
+                                         model_max_length=1024).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def shipped_corpus(tmp_path_factory) -> Path:
+    """docs-en's layout (train, valid, test .jsonl.gz, one {"text", "source"} document per line)
+    cut from the shipped Shakespeare: scenes of The Tempest and Macbeth for train and valid
+    (every third to valid), scenes of Julius Caesar for test."""
+    folder = tmp_path_factory.mktemp("corpus")
+    train = [d for text in read_texts(SHAKESPEARE_TRAIN) for d in documents(text)]
+    write_jsonl_gz(folder / "train.jsonl.gz", [d for i, d in enumerate(train) if i % 3 != 2])
+    write_jsonl_gz(folder / "valid.jsonl.gz", [d for i, d in enumerate(train) if i % 3 == 2])
+    write_jsonl_gz(folder / "test.jsonl.gz", [d for text in read_texts(SHAKESPEARE_EVAL) for d in documents(text)])
+    return folder
+
+
+def documents(text: str, size: int = 3000) -> list[dict[str, str]]:
+    """`text` cut at blank lines into documents of about `size` characters."""
+    docs, current = [], ""
+    for paragraph in text.split("\n\n"):
+        current += paragraph + "\n\n"
+        if len(current) >= size:
+            docs.append(current)
+            current = ""
+    docs += [current] if current.strip() else []
+    return [{"text": d, "source": f"shakespeare-{i}"} for i, d in enumerate(docs)]
+
+
+@pytest.fixture(scope="session")
+def shipped_shared(tmp_path_factory, shipped_tokenizer: Path, shipped_corpus: Path) -> Path:
+    """../shared's layout built from what ships, for the presets (model=llama_teacher,
+    model=llama_student, data=docs_en) on a fresh clone: tiny random models shaped like the shared
+    ones (teacher 8 layers, GQA 4/2, tied embeddings; a narrower 4-layer student, 2/1 heads), the
+    trained tokenizer and the Shakespeare corpus. Only their shapes are the shared models'."""
+    from tests.distill.helpers import tiny_llama
+
+    root = tmp_path_factory.mktemp("shared")
+    shutil.copytree(shipped_tokenizer, root / "models" / "tokenizer-docs-en")
+    shutil.copytree(shipped_corpus, root / "data" / "docs-en")
+    save_with_tokenizer(tiny_llama(layers=8), root / "models" / "llama-teacher", shipped_tokenizer)
+    save_with_tokenizer(tiny_llama(layers=4, hidden=32, heads=2, kv=1, seed=1), root / "models" / "llama-student",
+                        shipped_tokenizer)
+    return root
+
+
 @pytest.fixture
-def tiny_model_dir(tmp_path: Path):
-    """Factory: save a tiny random model of a family with the shared tokenizer, return its folder."""
+def on_shipped_shared(monkeypatch, shipped_shared: Path) -> Path:
+    """SHRINK_SHARED points the presets (in this process and in subprocesses) at shipped_shared."""
+    monkeypatch.setenv("SHRINK_SHARED", str(shipped_shared))
+    return shipped_shared
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path, shipped_tokenizer: Path):
+    """Factory: save a tiny random model of a family with the shipped tokenizer, return its folder."""
     def make(family: str = "llama", name: str | None = None) -> Path:
-        return save_with_tokenizer(tiny_model(family), tmp_path / (name or family))
+        return save_with_tokenizer(tiny_model(family), tmp_path / (name or family), shipped_tokenizer)
     return make
 
 
@@ -85,9 +174,10 @@ def run_shrink(overrides: list[str], out: Path) -> dict:
 
 
 def tiny_data_overrides(seq_len: int = 32, windows: int = 4) -> list[str]:
-    """docs-en with short windows so tiny-model pipelines take seconds."""
-    return ["data=docs_en", f"data.calib.path={DOCS / 'valid.jsonl.gz'}", "data.calib.num_samples=8",
-            f"data.calib.seq_len={seq_len}", f"data.eval.seq_len={seq_len}", f"data.eval.max_windows={windows}"]
+    """The shipped Shakespeare (eval set EVAL_NAME) with short windows, so tiny-model pipelines
+    take seconds."""
+    return ["data=shakespeare", "data.calib.num_samples=8", f"data.calib.seq_len={seq_len}",
+            f"data.eval.seq_len={seq_len}", f"data.eval.max_windows={windows}"]
 
 
 def correlated_layer(seed: int, dtype: torch.dtype, rows: int, cols: int, n: int):

@@ -11,9 +11,9 @@ from tests.distill.helpers import tiny_llama
 
 
 @pytest.fixture(scope="session")
-def teacher_dir(tmp_path_factory) -> Path:
-    """A 4-layer tiny Llama teacher (GQA 4/2, tied embeddings) with the shared tokenizer."""
-    return save_with_tokenizer(tiny_llama(layers=4), tmp_path_factory.mktemp("teacher") / "teacher")
+def teacher_dir(tmp_path_factory, shipped_tokenizer: Path) -> Path:
+    """A 4-layer tiny Llama teacher (GQA 4/2, tied embeddings) with the shipped tokenizer."""
+    return save_with_tokenizer(tiny_llama(layers=4), tmp_path_factory.mktemp("teacher") / "teacher", shipped_tokenizer)
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ import transformers
 from omegaconf import OmegaConf
 
 from distill.config import DistillConfig
-from tests.conftest import DOCS, VOCAB, tiny_data_overrides
+from tests.conftest import SHAKESPEARE_TRAIN, VOCAB, tiny_data_overrides
 
 H = 64
 
@@ -36,8 +36,8 @@ def random_stream(n: int = 4096, vocab: int = VOCAB, seed: int = 0) -> torch.Ten
 
 
 def tiny_distill(teacher_dir: Path, *extra: str) -> list[str]:
-    """Overrides of a seconds-long distill pipeline on a tiny teacher and docs-en valid."""
+    """Overrides of a seconds-long distill pipeline on a tiny teacher and the shipped Shakespeare."""
     return [f"model.path={teacher_dir}", "pipeline=distill", *tiny_data_overrides(seq_len=32, windows=2),
-            f"distill.train_path={DOCS / 'valid.jsonl.gz'}", "distill.seq_len=16", "distill.batch_size=2",
+            f"distill.train_path={SHAKESPEARE_TRAIN}", "distill.seq_len=16", "distill.batch_size=2",
             "distill.steps=3", "distill.relation_heads=4", "distill.student.num_layers=2",
             "distill.checkpoint_every=0", *extra]

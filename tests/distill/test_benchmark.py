@@ -8,7 +8,7 @@ from pathlib import Path
 
 from benchmarks.distill_akt_arms import ARMS, BUDGETS, overrides, run_arm
 from benchmarks.distill_akt_tables import render_table
-from tests.conftest import compose_config, needs_shared
+from tests.conftest import compose_config
 
 WEIGHTS = {"lm": 1.0, "logit": 1.0, "akt": 1.0}
 
@@ -22,8 +22,7 @@ def test_every_arm_composes_with_the_same_budget_and_seed() -> None:
         assert cfg.model.device == "auto"  # the GPU of a lent machine (--full), the CPU here
 
 
-@needs_shared
-def test_one_arm_at_smoke_size_and_the_table() -> None:
+def test_one_arm_at_smoke_size_and_the_table(on_shipped_shared: Path) -> None:
     row = run_arm("skip", "akt", "progressive", BUDGETS["smoke"], WEIGHTS)
     assert row["steps"] == 4 * 1 + 2 and row["tokens"] == row["steps"] * 2 * 64 and row["ppl"] > 1
     assert [p["name"] for p in row["phases"]] == ["layer0", "layer1", "layer2", "layer3", "joint"]
@@ -34,15 +33,18 @@ def test_one_arm_at_smoke_size_and_the_table() -> None:
     assert "AKT (Q/K/V) + logit KD progressive" in table and "| student init=skip" in table
 
 
-@needs_shared
-def test_dev_arms_distill_and_measure_on_two_halves_of_valid() -> None:
-    from benchmarks.distill_akt_arms import DEFAULT_OPTS, dev_split
+def test_dev_arms_distill_and_measure_on_two_halves_of_valid(on_shipped_shared: Path) -> None:
+    from benchmarks.distill_akt_arms import DEFAULT_OPTS, DEV_EVERY, dev_split
+
+    with gzip.open(on_shipped_shared / "data" / "docs-en" / "valid.jsonl.gz", "rt") as f:
+        valid = len(f.readlines())
 
     with dev_split() as files:
         docs = {part: [json.loads(line)["source"] for line in gzip.open(path, "rt")] for part, path in files.items()}
         cfg = compose_config(overrides("pretrained", "akt", "joint", BUDGETS["cpu"], WEIGHTS,
                                        {**DEFAULT_OPTS, "dev": files, "relations": "v"}))
-    assert len(docs["eval"]) == 6 and len(docs["train"]) == 28 and not set(docs["eval"]) & set(docs["train"])
+    assert len(docs["eval"]) == valid // DEV_EVERY and len(docs["train"]) == valid - valid // DEV_EVERY
+    assert not set(docs["eval"]) & set(docs["train"])
     assert cfg.data.eval.path == files["eval"] and cfg.data.eval.name == "docs-en-dev"
     assert cfg.distill.train_path == files["train"] and cfg.distill.relations == "v"
     assert not Path(files["eval"]).exists()  # the split lives only as long as the run

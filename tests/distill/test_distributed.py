@@ -11,10 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, needs_shared, run_shrink
+from tests.conftest import ROOT, run_shrink
 from tests.distill.helpers import tiny_distill
-
-pytestmark = needs_shared
 
 
 # progressive: its AKT-only phases put no module output on the loss path, which FSDP2's hooks need

@@ -16,10 +16,8 @@ from transformers import AutoModelForCausalLM
 
 from distill.trainer import Trainer
 from engine.errors import ShrinkError
-from tests.conftest import ROOT, STUDENT, needs_shared, run_shrink
+from tests.conftest import ROOT, run_shrink
 from tests.distill.helpers import tiny_distill, tiny_llama
-
-pytestmark = needs_shared
 
 
 def shrink_cli(*args: str) -> subprocess.Popen:
@@ -27,11 +25,13 @@ def shrink_cli(*args: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"})
 
 
-def test_cli_distills_the_shared_student_into_a_loadable_model(tmp_path: Path) -> None:
-    """The preset for a pretrained student (conf/distill/akt_pretrained.yaml), as a user runs it."""
+def test_cli_distills_a_pretrained_student_into_a_loadable_model(tmp_path: Path, on_shipped_shared: Path) -> None:
+    """The preset for a pretrained student (conf/distill/akt_pretrained.yaml), as a user runs it,
+    on the presets' models and data (../shared's layout, here built from what ships)."""
     out = tmp_path / "out"
+    student = on_shipped_shared / "models" / "llama-student"
     proc = shrink_cli("pipeline=distill", "model=llama_teacher", "data=docs_en", "distill=akt_pretrained",
-                      f"distill.student.path={STUDENT}", "distill.steps=2", "distill.seq_len=32",
+                      f"distill.student.path={student}", "distill.steps=2", "distill.seq_len=32",
                       "distill.batch_size=2", "data.eval.seq_len=64", "data.eval.max_windows=2", f"out={out}")
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-2000:]
@@ -43,7 +43,8 @@ def test_cli_distills_the_shared_student_into_a_loadable_model(tmp_path: Path) -
     assert report["layer_map"] == [[0, 0], [1, 2], [2, 5], [3, 7]]
     assert set(report["final"]) >= {"loss", "lm", "logit", "akt.0", "akt.3"}
     model = AutoModelForCausalLM.from_pretrained(out / "model")
-    assert model.config.num_hidden_layers == 4 and model.config.hidden_size == 256
+    shape = json.loads((student / "config.json").read_text())
+    assert model.config.num_hidden_layers == 4 and model.config.hidden_size == shape["hidden_size"]
     assert not (out / "checkpoints").exists()
 
 

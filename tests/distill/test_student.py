@@ -13,7 +13,7 @@ from distill.layer_map import evenly_spaced, layer_weights, parse_layer_map
 from distill.student import build_student
 from engine.errors import ShrinkError
 from engine.modeling import load_tokenizer
-from tests.conftest import TOKENIZER, needs_shared
+from tests.conftest import TEACHER, needs_shared
 from tests.distill.helpers import tiny_llama
 
 
@@ -27,10 +27,8 @@ def teacher():
 
 
 @pytest.fixture(scope="module")
-def teacher_tok():
-    if not TOKENIZER.is_dir():
-        pytest.skip("../shared is not present (the shared tokenizer)")
-    return load_tokenizer(TOKENIZER)
+def teacher_tok(shipped_tokenizer):
+    return load_tokenizer(shipped_tokenizer)
 
 
 def test_skip_keeps_every_kth_layer_and_copies_weights_exactly(teacher, teacher_tok) -> None:
@@ -116,14 +114,20 @@ def test_pretrained_student_with_another_tokenizer_is_refused_or_mapped(tmp_path
     assert mapped.report["vocab"]["shared_tokens"] > 200
 
 
-@needs_shared
-def test_the_shared_pretrained_student_loads_with_the_same_tokenizer(teacher_tok) -> None:
-    from tests.conftest import STUDENT, TEACHER
+def test_a_pretrained_student_with_the_teachers_tokenizer_loads_as_it_is(shipped_shared, teacher_tok) -> None:
+    s = build_student(StudentConfig(init="pretrained", path=str(shipped_shared / "models" / "llama-student")),
+                      tiny_llama(layers=2), teacher_tok, calibration)
+    assert s.report["layers"] == 4 and s.report["hidden_size"] == 32 and not s.report["vocab"]["mapped"]
+    assert s.tokenizer is teacher_tok
 
-    s = build_student(StudentConfig(init="pretrained", path=str(STUDENT)), tiny_llama(layers=2), teacher_tok,
-                      calibration)
+
+@needs_shared
+def test_the_shared_pretrained_student_loads_with_the_shared_teachers_tokenizer() -> None:
+    from tests.conftest import STUDENT
+
+    s = build_student(StudentConfig(init="pretrained", path=str(STUDENT)), tiny_llama(layers=2),
+                      load_tokenizer(TEACHER), calibration)
     assert s.report["layers"] == 4 and s.report["hidden_size"] == 256 and not s.report["vocab"]["mapped"]
-    assert TEACHER.is_dir()
 
 
 def test_layer_maps() -> None:

@@ -6,7 +6,7 @@ import torch
 
 from engine.calibration import LinearJob, accumulate, capture_layer_calls, compress_model, input_groups, run_layer
 from engine.errors import ShrinkError
-from engine.modeling import find_decoder_layers, find_linears, set_weight_matrix, weight_matrix
+from engine.modeling import find_decoder_layers, set_weight_matrix, weight_matrix
 from tests.conftest import FAMILIES, tiny_model
 
 CPU = torch.device("cpu")

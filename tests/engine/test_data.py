@@ -10,14 +10,11 @@ from transformers import AutoTokenizer
 
 from engine.data import calibration_windows, eval_windows, load_texts, token_stream
 from engine.errors import ShrinkError
-from tests.conftest import TOKENIZER, needs_shared
-
-pytestmark = needs_shared
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(TOKENIZER)
+def tokenizer(shipped_tokenizer):
+    return AutoTokenizer.from_pretrained(shipped_tokenizer)
 
 
 def write_jsonl(path, docs, field="text"):

@@ -9,8 +9,6 @@ from engine.errors import ShrinkError
 from engine.metrics import layer_weights
 from tests.conftest import needs_shared, run_shrink, tiny_data_overrides
 
-pytestmark = needs_shared
-
 
 def nm_pattern_holds(W: torch.Tensor, n: int, m: int) -> bool:
     return bool(((W.reshape(W.shape[0], -1, m) == 0).sum(-1) >= n).all())
@@ -89,6 +87,7 @@ def test_bad_settings_are_refused_and_nothing_is_written(tmp_path, tiny_model_di
     assert not (out / "model").exists()
 
 
+@needs_shared
 def test_sparsegpt_beats_magnitude_by_far_on_the_shared_teacher(tmp_path) -> None:
     common = ["pipeline=prune", "model=llama_teacher", "data=docs_en", "data.calib.num_samples=32",
               "data.eval.max_windows=48", "eval.batch_size=8", "prune.sparsity=0.5"]

@@ -73,7 +73,8 @@ def assert_invariant(r: QuantResult, shape) -> None:
     assert r.codes.dtype == torch.int32 and r.g_idx.dtype == torch.int32
     assert r.scale.dtype == torch.float32 and r.zero.dtype == torch.float32
     assert r.scale.shape == r.zero.shape == (int(r.g_idx.max()) + 1, shape[0])
-    assert int(r.codes.min()) >= 0 and int(r.codes.max()) <= 2**r.bits - 1
+    # the codes are clamped into [0, maxq]; a min/max grid must also reach both ends (no wasted level)
+    assert int(r.codes.min()) == 0 and int(r.codes.max()) == 2**r.bits - 1
     assert torch.equal(r.zero, r.zero.round())
     g = r.g_idx.long()
     assert torch.equal(r.Q, (r.codes.float() - r.zero[g].T) * r.scale[g].T)

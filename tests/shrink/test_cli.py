@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from engine.errors import ShrinkError
 from shrink.config import compose
-from tests.conftest import DOCS, ROOT, TEACHER, needs_shared
+from tests.conftest import ROOT, SHAKESPEARE_EVAL, TEACHER, needs_shared
 
 CONF = ROOT / "conf"
 
@@ -41,13 +41,13 @@ def shrink(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           cwd=cwd or ROOT, env=env, timeout=600)
 
 
-@needs_shared
 def test_bad_inputs_exit_nonzero_with_one_line_and_no_model_folder(tmp_path, tiny_model_dir) -> None:
     out = tmp_path / "out"
+    model = tiny_model_dir("llama")
     cases = {
         "model.path": ["pipeline=eval", f"model.path={tmp_path / 'nope'}"],
-        "data.eval.path": ["pipeline=eval", f"model.path={TEACHER}", f"data.eval.path={tmp_path / 'none.jsonl'}"],
-        "pipeline.stages": ["pipeline=eval", f"model.path={TEACHER}", "pipeline.stages=[eval,compile]"],
+        "data.eval.path": ["pipeline=eval", f"model.path={model}", f"data.eval.path={tmp_path / 'none.jsonl'}"],
+        "pipeline.stages": ["pipeline=eval", f"model.path={model}", "pipeline.stages=[eval,compile]"],
     }
     for key, args in cases.items():
         result = shrink(*args, f"out={out}")
@@ -77,16 +77,16 @@ def test_every_job_of_a_sweep_is_checked_before_anything_is_written(tmp_path) ->
         assert not sweep.exists()
 
 
-@needs_shared
-def test_tokenizer_vocab_larger_than_embedding_is_refused(tmp_path) -> None:
+def test_tokenizer_vocab_larger_than_embedding_is_refused(tmp_path, shipped_tokenizer) -> None:
     import transformers
 
     from tests.conftest import save_with_tokenizer, tiny_config
 
     config = tiny_config("llama")
     config.vocab_size = 1000
-    folder = save_with_tokenizer(transformers.AutoModelForCausalLM.from_config(config), tmp_path / "small-vocab")
-    result = shrink("pipeline=eval", f"model.path={folder}", f"data.eval.path={DOCS / 'test.jsonl.gz'}",
+    folder = save_with_tokenizer(transformers.AutoModelForCausalLM.from_config(config), tmp_path / "small-vocab",
+                                 shipped_tokenizer)
+    result = shrink("pipeline=eval", f"model.path={folder}", f"data.eval.path={SHAKESPEARE_EVAL}",
                     f"out={tmp_path / 'out'}")
     assert result.returncode == 2 and "tokenizer/vocab mismatch" in result.stderr
 

@@ -20,7 +20,7 @@ from shrink.plan.args import load_config, parse_plan_args, parse_target
 from shrink.plan.compute import compute_plan
 from shrink.plan.memory import build_meta_model, gptq_bytes, kv_geometry
 from shrink.plan.placement import balance
-from tests.conftest import ROOT, needs_shared, run_shrink, tiny_config, tiny_data_overrides
+from tests.conftest import ROOT, run_shrink, tiny_config, tiny_data_overrides
 
 CONFIGS = ROOT / "tests" / "fixtures" / "configs"
 LLAMA70 = CONFIGS / "llama-2-70b.json"
@@ -113,7 +113,6 @@ def test_device_map_of_every_family_loads_in_transformers(tmp_path: Path, family
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
 
 
-@needs_shared
 def test_quantized_bytes_match_a_real_gptq_export(tmp_path: Path, tiny_model_dir) -> None:
     folder = tiny_model_dir("llama")
     run_shrink(["pipeline=quantize", f"model.path={folder}", *tiny_data_overrides(), "quant.method=rtn",

@@ -15,17 +15,15 @@ from safetensors.torch import load_file, save_file
 from shrink.card import base_model_id, license_of, read_front_matter
 from engine.errors import ShrinkError
 from shrink.publish import check_folder, publish
-from tests.conftest import (ROOT, TOKENIZER, compose_config, run_shrink, save_with_tokenizer, tiny_data_overrides,
+from tests.conftest import (EVAL_NAME, ROOT, compose_config, run_shrink, save_with_tokenizer, tiny_data_overrides,
                             tiny_model)
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Path:
+def exported(tmp_path_factory, shipped_tokenizer: Path) -> Path:
     """A GPTQ export of a tiny Llama whose input card says MIT."""
-    if not TOKENIZER.is_dir():
-        pytest.skip("../shared is not present")
     root = tmp_path_factory.mktemp("publish")
-    model = save_with_tokenizer(tiny_model("llama"), root / "tiny-base")
+    model = save_with_tokenizer(tiny_model("llama"), root / "tiny-base", shipped_tokenizer)
     (model / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
     run_shrink(["pipeline=quantize", f"model.path={model}", *tiny_data_overrides(), "quant.method=rtn",
                 "quant.bits=4", "quant.group_size=32"], root / "run")
@@ -54,7 +52,7 @@ def test_card_metadata_results_and_loading(exported: Path) -> None:
     assert {"shrink", "gptq", "4-bit", "quantized"} <= set(meta["tags"])
     assert meta["quantized_by"] == "shrink" and meta["quantization"]["bits"] == 4
     assert meta["quantization"]["group_size"] == 32 and meta["base_model_relation"] == "quantized"
-    assert "| docs-en-test |" in text and "bits per weight" in text
+    assert f"| {EVAL_NAME} |" in text and "bits per weight" in text
     assert "load_quantized_model" in text and "optimum" in text
     assert "quant.bits=4" in text and "```yaml" in text
 

@@ -14,7 +14,7 @@ import yaml
 from shrink import report as report_mod
 from engine.errors import ShrinkError
 from shrink.report import build_table, find_runs, pareto_front, write_report
-from tests.conftest import DOCS, ROOT, TOKENIZER, needs_shared, save_with_tokenizer, tiny_model
+from tests.conftest import EVAL_NAME, ROOT, save_with_tokenizer, tiny_data_overrides, tiny_model
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -26,33 +26,28 @@ def shrink(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory) -> Path:
+def sweep(tmp_path_factory, shipped_tokenizer: Path) -> Path:
     """`shrink -m` over quant.bits=2,4 on a tiny model: Hydra's own multirun layout."""
-    if not TOKENIZER.is_dir():
-        pytest.skip("../shared is not present")
     root = tmp_path_factory.mktemp("sweep")
-    model = save_with_tokenizer(tiny_model("llama"), root / "tiny")
-    result = shrink("-m", "pipeline=quantize", f"model.path={model}", "data=docs_en",
-                    f"data.calib.path={DOCS / 'valid.jsonl.gz'}", "data.calib.num_samples=8", "data.calib.seq_len=32",
-                    "data.eval.seq_len=32", "data.eval.max_windows=4", "quant.method=rtn", "quant.bits=2,4",
-                    "quant.group_size=32", f"hydra.sweep.dir={root / 'multirun'}")
+    model = save_with_tokenizer(tiny_model("llama"), root / "tiny", shipped_tokenizer)
+    result = shrink("-m", "pipeline=quantize", f"model.path={model}", *tiny_data_overrides(), "quant.method=rtn",
+                    "quant.bits=2,4", "quant.group_size=32", f"hydra.sweep.dir={root / 'multirun'}")
     assert result.returncode == 0, result.stderr[-2000:]
     return root / "multirun"
 
 
-@needs_shared
 def test_report_of_a_multirun_sweep(sweep: Path, tmp_path: Path) -> None:
     result = shrink("report", str(sweep), "--out", str(tmp_path / "r"))
     assert result.returncode == 0, result.stderr[-2000:]
     md = (tmp_path / "r" / "report.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| run"))
-    assert "quant.bits" in header and "ppl docs-en-test" in header and "size (MiB)" in header
+    assert "quant.bits" in header and f"ppl {EVAL_NAME}" in header and "size (MiB)" in header
     assert "quant.method" not in header  # the same in every run: not a varying setting
     rows = list(csv.DictReader((tmp_path / "r" / "report.csv").open()))
     assert [r["run"] for r in rows] == ["0", "1"] and [r["quant.bits"] for r in rows] == ["2", "4"]
     for row in rows:
         metrics = json.loads((sweep / row["run"] / "metrics.json").read_text())
-        assert float(row["ppl:docs-en-test"]) == pytest.approx(metrics["ppl"]["docs-en-test"])
+        assert float(row[f"ppl:{EVAL_NAME}"]) == pytest.approx(metrics["ppl"][EVAL_NAME])
         assert int(row["size_bytes"]) == metrics["size_bytes"]
         assert float(row["seconds"]) == pytest.approx(metrics["seconds"]["total"])
     png = (tmp_path / "r" / "report.png").read_bytes()
@@ -60,7 +55,6 @@ def test_report_of_a_multirun_sweep(sweep: Path, tmp_path: Path) -> None:
     assert not list((tmp_path / "r").glob(".*"))  # no temporary files left
 
 
-@needs_shared
 def test_default_out_is_the_first_dir(sweep: Path) -> None:
     write_report([sweep])
     assert {"report.md", "report.csv", "report.png"} <= {p.name for p in sweep.iterdir()}

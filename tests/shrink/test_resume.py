@@ -9,9 +9,7 @@ import pytest
 import yaml
 
 from engine.errors import ShrinkError
-from tests.conftest import DOCS, ROOT, needs_shared, run_shrink, tiny_data_overrides
-
-pytestmark = needs_shared
+from tests.conftest import ROOT, SHAKESPEARE_EVAL, SHAKESPEARE_TRAIN, run_shrink, tiny_data_overrides
 
 
 def prune_quantize(folder, extra=()) -> list[str]:
@@ -38,10 +36,10 @@ def test_rerunning_recipe_yaml_reproduces_the_weights_byte_for_byte(tmp_path, ti
 
 def test_a_recipe_refuses_changed_inputs(tmp_path, tiny_model_dir) -> None:
     calib = tmp_path / "calib.jsonl.gz"
-    shutil.copy(DOCS / "valid.jsonl.gz", calib)
+    shutil.copy(SHAKESPEARE_TRAIN, calib)
     first = tmp_path / "first"
     run_shrink(prune_quantize(tiny_model_dir("llama"), [f"data.calib.path={calib}"]), first)
-    shutil.copy(DOCS / "test.jsonl.gz", calib)  # the data changed under the recipe
+    shutil.copy(SHAKESPEARE_EVAL, calib)  # the data changed under the recipe
     result = subprocess.run([sys.executable, "-m", "shrink.cli", "--config-dir", str(first), "--config-name", "recipe",
                              f"out={tmp_path / 'second'}"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 2 and "data.calib.path" in result.stderr and "sha256" in result.stderr

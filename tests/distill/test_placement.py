@@ -1,5 +1,6 @@
-"""GPU wiring of the multi-process path that the gloo tests cannot reach: each rank on its own
-GPU, collectives on the device the backend serves, the teacher's placement under torchrun."""
+"""GPU wiring of distillation that the gloo tests cannot reach: collectives on the device the
+backend serves, the teacher's placement under torchrun, each rank on its own GPU. (The ranks'
+backend set-up is shrink/launch.py's: tests/shrink/test_launch.py.)"""
 from __future__ import annotations
 
 from typing import Any
@@ -9,32 +10,11 @@ import torch
 import torch.distributed as dist
 
 from distill import teacher
-from shrink import launch
 from distill.config import TeacherConfig
 from distill.distributed import DistContext
 from engine.config import ModelConfig
 from engine.errors import ShrinkError
 from tests.conftest import ROOT
-
-
-def test_nccl_ranks_each_take_their_local_gpu_before_the_first_collective(monkeypatch) -> None:
-    calls: list[tuple[str, Any]] = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
-    monkeypatch.setattr(dist, "init_process_group",
-                        lambda backend, **kw: calls.append(("init", (backend, kw["device_id"]))))
-    monkeypatch.setenv("LOCAL_RANK", "3")
-    launch.init_backend()
-    gpu = torch.device("cuda", 3)
-    assert calls == [("set_device", gpu), ("init", ("cpu:gloo,cuda:nccl", gpu))]
-
-
-def test_cpu_ranks_use_gloo(monkeypatch) -> None:
-    calls: list[str] = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append(backend))
-    launch.init_backend()
-    assert calls == ["gloo"]
 
 
 def test_mean_all_reduces_on_the_context_device_and_returns_where_it_was(monkeypatch) -> None:
