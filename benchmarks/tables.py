@@ -164,9 +164,12 @@ def splice(text: str, name: str, block: str) -> str:
 
 def render_all(readme: Path = ROOT / "README.md") -> None:
     text = readme.read_text()
-    loaded = {name: json.loads(path.read_text()) for name in RENDERERS if (path := RESULTS / f"{name}.json").is_file()}
+    from benchmarks.task_accuracy import render as task_accuracy
+
+    renderers = {**RENDERERS, "task_accuracy": task_accuracy}
+    loaded = {name: json.loads(path.read_text()) for name in renderers if (path := RESULTS / f"{name}.json").is_file()}
     for name, payload in loaded.items():
-        text = splice(text, name, RENDERERS[name](payload))
+        text = splice(text, name, renderers[name](payload))
     if (RESULTS / "default_job.json").is_file():
         from benchmarks.default_job import render
 
