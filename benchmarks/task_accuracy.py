@@ -3,8 +3,8 @@ llama-teacher and its GPTQ 4-bit g128 quantization. Tasks: the package's Shakesp
 (shrink/assets/tasks) and the same pair built now from docs-en test (held out from training)
 by benchmarks/make_tasks.py into a temporary folder. Writes benchmarks/results/task_accuracy.json.
 
-    python -m benchmarks.task_accuracy            # 300 items per task (~30 min on 2 shared cores)
-    python -m benchmarks.task_accuracy --limit 50
+    python -m benchmarks.task_accuracy                          # 300 items per task, every window
+    python -m benchmarks.task_accuracy --limit 200 --windows 64  # what the README table ran
 """
 from __future__ import annotations
 
@@ -29,12 +29,13 @@ ARMS = [("dense fp32", ["pipeline=eval"]),
 
 def task_row(label: str, m: dict[str, Any]) -> dict[str, Any]:
     return {"label": label, "ppl": m["ppl"]["docs-en-test"], "bits_per_byte": m["bits_per_byte"]["docs-en-test"],
-            "tasks": m["tasks"], "size_bytes": m["size_bytes"]}
+            "windows": m["eval_windows"]["docs-en-test"], "tasks": m["tasks"], "size_bytes": m["size_bytes"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--limit", type=int, default=300, help="items per task")
+    parser.add_argument("--windows", type=int, default=None, help="perplexity on the first N windows only")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -43,6 +44,7 @@ def main() -> None:
         make_tasks(DOCS_TEST, task_dir, "docs_en", items=args.limit)
         base = ["model=llama_teacher", "data=docs_en", "eval.batch_size=8", f"eval.task_dir={task_dir}",
                 f"eval.tasks=[{','.join(TASKS)}]", f"eval.limit={args.limit}"]
+        base += [f"data.eval.max_windows={args.windows}"] if args.windows else []
         results = Results("task_accuracy", {"overrides": [b for b in base if "task_dir" not in b],
                                             "tasks from": "benchmarks/make_tasks.py (docs-en test, seed 0) and "
                                                           "shrink/assets/tasks", "chance": CHANCE,
@@ -62,5 +64,6 @@ def render(p: dict[str, Any]) -> str:
     chance = {t: p["config"]["chance"]["_".join(t.split("_")[-2:])] for t in tasks}  # by kind: next_line, ...
     heads = [f"{t} ({'acc_norm' if 'acc_norm' in p['rows'][0]['tasks'][t] else 'acc'}; chance {chance[t]:.2f})"
              for t in tasks]
-    rows = [[r["label"], r["ppl"], f"{r['bits_per_byte']:.4f}", *[cell(r["tasks"][t]) for t in tasks]] for r in p["rows"]]
-    return md(["model", "ppl docs-en test", "bits/byte", *heads], rows) + footer(p)
+    rows = [[r["label"], r["ppl"], f"{r['bits_per_byte']:.4f}", f"{r['windows']['evaluated']} of {r['windows']['total']}",
+             *[cell(r["tasks"][t]) for t in tasks]] for r in p["rows"]]
+    return md(["model", "ppl docs-en test", "bits/byte", "windows", *heads], rows) + footer(p)
