@@ -195,8 +195,11 @@ GENERATED = (ROOT / "README.md", ROOT / "docs" / "results.md")
 
 def blocks(where: Path) -> dict[str, str]:
     """Every table rendered from the committed results, by marker name, for a file in folder `where`."""
-    loaded = {name: json.loads(path.read_text()) for name in RENDERERS if (path := RESULTS / f"{name}.json").is_file()}
-    out = {name: RENDERERS[name](payload) for name, payload in loaded.items()}
+    from benchmarks.task_accuracy import render as task_accuracy
+
+    renderers = {**RENDERERS, "task_accuracy": task_accuracy}
+    loaded = {name: json.loads(path.read_text()) for name in renderers if (path := RESULTS / f"{name}.json").is_file()}
+    out = {name: renderers[name](payload) for name, payload in loaded.items()}
     out["summary"] = summary(loaded)
     if (RESULTS / "default_job.json").is_file():
         from benchmarks.default_job import render

@@ -140,7 +140,7 @@ def check_relation_heads(plan: TrainPlan, teacher: Any, student: Any, heads: int
 
 
 def evaluate(state: "RunState", student: Student, device: torch.device) -> float:
-    windows = state.eval_windows()
+    windows, _ = state.eval_windows()
     student.model.to(device)
     try:
         return perplexity(student.model, windows, state.cfg.eval.batch_size, device, "student init")

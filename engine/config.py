@@ -6,7 +6,10 @@ application (shrink/config.py) aggregates them all into one tree for Hydra.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
+
+from engine.errors import ShrinkError
 
 # Top-level keys of a run's config that say where and how it runs, not what it computes: the
 # config digest (resume, recipe re-runs) and the report's setting columns leave them out.
@@ -37,17 +40,40 @@ class CalibDataConfig:
 
 
 @dataclass
+class EvalPreset:
+    """A data preset's own eval file with the name and window cap that belong to that file:
+    they apply only while `path` is this file, so an overridden path never inherits them."""
+    path: Optional[str] = None
+    name: Optional[str] = None
+    max_windows: Optional[int] = None
+
+
+@dataclass
 class EvalDataConfig:
+    """One eval set (`data.eval`); `data.eval` may also be a list or a {name: set} map of them."""
     path: str = "???"
     name: Optional[str] = None  # key in metrics.json; default: the file's stem
     seq_len: int = 512
     max_windows: Optional[int] = None  # evaluate only the first N windows (None: all)
+    preset: EvalPreset = field(default_factory=EvalPreset)
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One eval set as it will be measured: its name, file, window length and cap."""
+    name: str
+    path: str
+    seq_len: int
+    max_windows: Optional[int]
+    key: str  # config key it came from, for error messages ("data.eval", "data.eval[1]", ...)
 
 
 @dataclass
 class DataConfig:
     calib: CalibDataConfig = field(default_factory=CalibDataConfig)
-    eval: EvalDataConfig = field(default_factory=EvalDataConfig)
+    # One EvalDataConfig, a list of them, or a {name: EvalDataConfig} map (checked by eval_sets;
+    # typed Any so that a preset or `data.eval=null 'data.eval=[{path: A}, {path: B}]'` can pick the form).
+    eval: Any = None
     text_field: str = "text"
     cache_dir: Optional[str] = None  # tokenization cache; default ~/.cache/shrink
 
@@ -58,9 +84,60 @@ class EvalConfig:
     batch_size: int = 4
     # CUDA only: run 2:4-pruned Linears on semi-structured sparse kernels when evaluating.
     sparse_kernels: bool = False
+    # lm-evaluation-harness tasks (the `eval` extra): names of lm-eval tasks, groups or tags;
+    # the package's own offline tasks (shrink/assets/tasks) are always found.
+    tasks: list[str] = field(default_factory=list)
+    task_dir: Optional[str] = None  # a folder of local lm-eval task YAMLs (lm-eval's include_path)
+    num_fewshot: Optional[int] = None  # None: each task's own default
+    limit: Optional[float] = None  # items per task (>= 1) or a fraction of them (< 1); None: all
 
 
 @dataclass
 class PipelineConfig:
     name: str = "eval"
     stages: list[str] = field(default_factory=lambda: ["eval"])
+
+
+def eval_sets(node: Any) -> list[EvalSet]:
+    """The eval sets of `data.eval` (one set, a list or a named map), typed and named, names unique."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if node is None:
+        raise ShrinkError("data.eval: no eval set (give data.eval.path)")
+    if isinstance(node, ListConfig) or isinstance(node, list):
+        entries = [(f"data.eval[{i}]", None, item) for i, item in enumerate(node)]
+    elif "path" in node or not all(isinstance(v, (dict, DictConfig)) for v in node.values()):
+        entries = [("data.eval", None, node)]
+    else:
+        entries = [(f"data.eval.{name}", str(name), item) for name, item in node.items()]
+    if not entries:
+        raise ShrinkError("data.eval: the list of eval sets is empty")
+    sets, seen = [], {}
+    for key, map_name, item in entries:
+        try:
+            typed = OmegaConf.merge(OmegaConf.structured(EvalDataConfig), item)
+            e = EvalDataConfig(**{k: typed[k] for k in ("path", "name", "seq_len", "max_windows")},
+                               preset=EvalPreset(**OmegaConf.to_container(typed.preset, resolve=True)))
+        except Exception as exc:  # OmegaConf's validation errors: wrong type, unknown key, missing path
+            raise ShrinkError(f"{key}: {str(exc).splitlines()[0]}") from None
+        sets.append(resolve_set(e, key, map_name))
+        if sets[-1].name in seen:
+            raise ShrinkError(f"{key}.name: two eval sets are named {sets[-1].name!r} "
+                              f"({seen[sets[-1].name]} and {key}); give each its own data.eval name")
+        seen[sets[-1].name] = key
+    return sets
+
+
+def resolve_set(e: EvalDataConfig, key: str, map_name: Optional[str]) -> EvalSet:
+    """Name and cap: given ones first, then the preset's when the path is the preset's file,
+    else the file's stem and every window."""
+    same_file = e.preset.path is not None and same_path(e.path, e.preset.path)
+    name = e.name or map_name or (e.preset.name if same_file else None) or Path(e.path).name.split(".")[0]
+    cap = e.max_windows if e.max_windows is not None else (e.preset.max_windows if same_file else None)
+    if cap is not None and cap <= 0:
+        raise ShrinkError(f"{key}.max_windows must be positive, got {cap}")
+    return EvalSet(name=name, path=e.path, seq_len=e.seq_len, max_windows=cap, key=key)
+
+
+def same_path(a: str, b: str) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()

@@ -103,14 +103,61 @@ def token_stream(
 
 def eval_windows(stream: torch.Tensor, seq_len: int, max_windows: int | None = None, key: str = "data.eval") -> torch.Tensor:
     """Non-overlapping windows [n, seq_len]; the remainder is dropped."""
+    n = window_count(stream, seq_len, key)
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return stream[: n * seq_len].view(n, seq_len)
+
+
+def window_count(stream: torch.Tensor, seq_len: int, key: str = "data.eval") -> int:
+    """Complete windows of seq_len in the stream (the file's total); ShrinkError if none."""
     if seq_len <= 1:
         raise ShrinkError(f"{key}.seq_len must be > 1, got {seq_len}")
     n = stream.numel() // seq_len
-    if max_windows is not None:
-        n = min(n, max_windows)
     if n == 0:
-        raise ShrinkError(f"{key}: {stream.numel()} tokens is shorter than one window of {seq_len}")
-    return stream[: n * seq_len].view(n, seq_len)
+        raise ShrinkError(f"{key}: {stream.numel()} tokens is shorter than one window of {seq_len} "
+                          f"(no complete window to evaluate)")
+    return n
+
+
+def byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte (the inverse of bytes_to_unicode)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {b: b for b in printable}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = 256 + extra
+            extra += 1
+    return {chr(c): b for b, c in chars.items()}
+
+
+def token_bytes(tokenizer: PreTrainedTokenizerBase) -> list[bytes]:
+    """The UTF-8 bytes each token id stands for (b"" for special tokens): exact for byte-level
+    BPE; for SentencePiece-style vocabularies "▁" is a space and <0xNN> one byte."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    byte_level = backend is not None and '"ByteLevel"' in json.dumps(json.loads(backend.to_str()).get("decoder"))
+    decoder = byte_level_decoder()
+    special = set(tokenizer.all_special_ids)
+    result = []
+    for i, tok in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+        if tok is None or i in special:
+            result.append(b"")
+        elif byte_level and all(c in decoder for c in tok):
+            result.append(bytes(decoder[c] for c in tok))
+        elif len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
+            result.append(bytes([int(tok[3:5], 16)]))
+        else:
+            result.append(tok.replace("\u2581", " ").encode("utf-8"))
+    return result
+
+
+def token_text_lengths(tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token id: UTF-8 bytes it covers, and characters that start in it (bytes that are
+    not UTF-8 continuation bytes), so summing over a token span counts its characters."""
+    pieces = token_bytes(tokenizer)
+    nbytes = torch.tensor([len(p) for p in pieces], dtype=torch.int64)
+    nchars = torch.tensor([sum(1 for b in p if b & 0xC0 != 0x80) for p in pieces], dtype=torch.int64)
+    return nbytes, nchars
 
 
 def calibration_windows(stream: torch.Tensor, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:

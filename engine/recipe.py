@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from engine.config import without_volatile
+from engine.config import eval_sets, without_volatile
 from engine.data import file_sha256
 from engine.errors import ShrinkError
 
@@ -43,11 +43,11 @@ def input_fingerprints(cfg: DictConfig) -> dict[str, Any]:
     model_dir = Path(cfg.model.path).expanduser()
     model = {p.name: file_sha256(p) for p in sorted(model_dir.iterdir())
              if p.is_file() and p.name.endswith(MODEL_FILES) and p.name != "metrics.json"}
-    data = {}
-    for key in ("calib", "eval"):
-        path = Path(str(cfg.data[key].path)).expanduser()
-        if path.is_file():
-            data[f"data.{key}.path"] = file_sha256(path)
+    files = {"data.calib.path": cfg.data.calib.path}
+    sets = eval_sets(cfg.data.eval)
+    files.update({"data.eval.path": sets[0].path} if len(sets) == 1 else {f"{s.key}.path": s.path for s in sets})
+    data = {key: file_sha256(Path(str(path)).expanduser()) for key, path in files.items()
+            if Path(str(path)).expanduser().is_file()}
     student = cfg.distill.student.path
     if "distill" in cfg.pipeline.stages and student and Path(student).is_dir():
         data["distill.student.path"] = {p.name: file_sha256(p) for p in sorted(Path(student).iterdir())

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from engine import data as data_mod
+from engine.config import EvalSet, eval_sets
 from engine.modeling import resolve_device
 
 
@@ -25,6 +26,7 @@ class RunState:
     quantization_config: Optional[dict[str, Any]] = None
     metrics: dict[str, Any] = field(default_factory=dict)
     _calib: Optional[torch.Tensor] = None
+    _text_lengths: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     @property
     def device(self) -> torch.device:
@@ -39,12 +41,19 @@ class RunState:
             self._calib = data_mod.calibration_windows(stream, c.num_samples, c.seq_len, self.cfg.seed)
         return self._calib
 
-    def eval_windows(self) -> torch.Tensor:
-        e = self.cfg.data.eval
-        stream = data_mod.token_stream(e.path, self.tokenizer, self.cfg.data.text_field,
-                                       self.cfg.data.cache_dir, key="data.eval.path")
-        return data_mod.eval_windows(stream, e.seq_len, e.max_windows, key="data.eval")
+    def eval_sets(self) -> list[EvalSet]:
+        return eval_sets(self.cfg.data.eval)
 
-    def eval_name(self) -> str:
-        e = self.cfg.data.eval
-        return e.name or Path(e.path).name.split(".")[0]
+    def eval_windows(self, eval_set: Optional[EvalSet] = None) -> tuple[torch.Tensor, int]:
+        """Windows [n, seq_len] of one eval set (the first by default) and the file's total count."""
+        e = eval_set or self.eval_sets()[0]
+        stream = data_mod.token_stream(e.path, self.tokenizer, self.cfg.data.text_field,
+                                       self.cfg.data.cache_dir, key=f"{e.key}.path")
+        return (data_mod.eval_windows(stream, e.seq_len, e.max_windows, key=e.key),
+                data_mod.window_count(stream, e.seq_len, key=e.key))
+
+    def text_lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """UTF-8 bytes and characters per token id of the run's tokenizer (bits per byte)."""
+        if self._text_lengths is None:
+            self._text_lengths = data_mod.token_text_lengths(self.tokenizer)
+        return self._text_lengths

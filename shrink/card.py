@@ -163,12 +163,21 @@ def results_section(state: "RunState") -> list[str]:
     lines = ["## Results", ""]
     ppl, base = state.metrics.get("ppl", {}), state.metrics.get("baseline_ppl", {})
     if ppl or base:
-        lines += ["| eval set | perplexity | baseline | change |", "|---|---|---|---|"]
+        bpb, base_bpb = state.metrics.get("bits_per_byte", {}), state.metrics.get("baseline_bits_per_byte", {})
+        windows = state.metrics.get("eval_windows", {})
+        lines += ["| eval set | perplexity | baseline | change | bits per byte | baseline | windows |",
+                  "|---|---|---|---|---|---|---|"]
         for name in dict.fromkeys([*ppl, *base]):
             p, b = ppl.get(name), base.get(name)
             change = f"{(p / b - 1):+.1%}" if p is not None and b else ""
-            lines.append(f"| {name} | {'' if p is None else f'{p:.3f}'} | {'' if b is None else f'{b:.3f}'} | {change} |")
-        lines += ["", "Perplexity: exp(mean NLL) over non-overlapping windows (GPTQ/SparseGPT protocol).", ""]
+            w = windows.get(name)
+            counted = f"{w['evaluated']} of {w['total']}" if w else ""
+            lines.append(f"| {name} | {num(p, '.3f')} | {num(b, '.3f')} | {change} | {num(bpb.get(name), '.4f')} | "
+                         f"{num(base_bpb.get(name), '.4f')} | {counted} |")
+        lines += ["", "Perplexity: exp(mean NLL) over non-overlapping windows (GPTQ/SparseGPT protocol); bits per "
+                  "byte: the same NLL / ln 2 / the UTF-8 bytes the predicted tokens cover (compares across "
+                  "tokenizers); windows: evaluated of the file's total.", ""]
+    lines += tasks_section(state.metrics)
     m = measured(state)
     fmt = {"params": lambda v: f"{v / 1e6:.1f}M", "size_bytes": lambda v: f"{v / MIB:.2f} MiB",
            "bits_per_weight": lambda v: f"{v:.2f}", "sparsity": lambda v: f"{v:.1%}"}
@@ -176,6 +185,24 @@ def results_section(state: "RunState") -> list[str]:
     lines += ["| parameters | weights size | bits per weight | sparsity |", "|---|---|---|---|",
               "| " + " | ".join(cells) + " |", ""]
     return lines
+
+
+def num(value: Any, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def tasks_section(metrics: dict[str, Any]) -> list[str]:
+    """lm-eval task accuracy ± stderr, before (baseline) and after."""
+    tasks, base = metrics.get("tasks") or {}, metrics.get("baseline_tasks") or {}
+    if not tasks and not base:
+        return []
+    lines = ["| task | metric | this model | baseline | items |", "|---|---|---|---|---|"]
+    for name in dict.fromkeys([*tasks, *base]):
+        figures, before = tasks.get(name) or {}, base.get(name) or {}
+        for key in [k for k in ("acc", "acc_norm") if k in figures or k in before]:
+            cells = [f"{f[key]:.3f} ± {f.get(key + '_stderr', 0.0):.3f}" if key in f else "" for f in (figures, before)]
+            lines.append(f"| {name} | {key} | {cells[0]} | {cells[1]} | {figures.get('samples', before.get('samples', ''))} |")
+    return lines + ["", "Tasks: lm-evaluation-harness, accuracy ± its standard error.", ""]
 
 
 def load_section(quantized: bool) -> list[str]:

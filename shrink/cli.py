@@ -46,7 +46,14 @@ def hydra_main() -> None:
             sys.exit(2)
         for name, ppl in metrics.get("ppl", {}).items():
             base = metrics.get("baseline_ppl", {}).get(name)
-            print(f"ppl[{name}] = {ppl:.3f}" + (f" (baseline {base:.3f})" if base is not None else ""))
+            bpb = metrics.get("bits_per_byte", {}).get(name)
+            print(f"ppl[{name}] = {ppl:.3f}" + (f" (baseline {base:.3f})" if base is not None else "")
+                  + (f", {bpb:.4f} bits/byte" if bpb is not None else ""))
+        for name, figures in (metrics.get("tasks") or {}).items():
+            before = (metrics.get("baseline_tasks") or {}).get(name, {})
+            for key in [k for k in ("acc", "acc_norm") if k in figures]:
+                was = f" (baseline {before[key]:.3f})" if key in before else ""
+                print(f"{key}[{name}] = {figures[key]:.3f} ± {figures.get(key + '_stderr', 0.0):.3f}{was}")
         print(f"out: {out}")
 
     _run()

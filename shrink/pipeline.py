@@ -20,40 +20,74 @@ from typing import Any, Callable, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from engine.config import EvalSet, eval_sets
+from engine.data import token_stream, window_count
 from engine.errors import ShrinkError
-from engine.evaluation import perplexity
+from engine.evaluation import measure
 from engine.gguf_import import import_dir, import_gguf
 from engine.metrics import peak_memory_bytes, size_metrics, sparsity_report
-from engine.modeling import check_model_folder, folder_size_bytes, resolve_device
+from engine.modeling import check_model_folder, folder_size_bytes, load_tokenizer, resolve_device
 from engine.recipe import check_fingerprints, config_digest, write_recipe
 from engine.state import RunState
 from prune.semi_structured import to_semi_structured
 from shrink.model_folder import load_model, save_model_folder
 from shrink.resume import read_progress, remove_checkpoints, save_checkpoint, write_progress
+from shrink.tasks import check_tasks, run_tasks
 
 log = logging.getLogger(__name__)
 
 
-def evaluate(state: RunState, label: str) -> float:
-    """Perplexity of state.model on the eval windows (2:4 kernels with eval.sparse_kernels)."""
-    windows = state.eval_windows()
-    log.info("%s: perplexity on %s (%d windows of %d)", label, state.eval_name(), *windows.shape)
+def evaluate(state: RunState, label: str) -> dict[str, dict[str, Any]]:
+    """Each eval set's figures for state.model (2:4 kernels with eval.sparse_kernels): ppl,
+    bits per byte and per character on the same windows, and windows evaluated of the total;
+    and under "tasks" the lm-eval results of eval.tasks."""
     model = state.model
     if state.cfg.eval.sparse_kernels and label != "baseline":
         model = copy.deepcopy(state.model).to(state.device)  # sparse weights cannot be exported
         to_semi_structured(model)
     model.to(state.device)
+    figures = {}
     try:
-        return perplexity(model, windows, state.cfg.eval.batch_size, state.device, label)
+        for eval_set in state.eval_sets():
+            windows, total = state.eval_windows(eval_set)
+            n, seq_len = windows.shape
+            capped = f" (capped by {eval_set.key}.max_windows)" if n < total else ""
+            log.info("%s: %s, %d of %d windows of %d tokens%s", label, eval_set.name, n, total, seq_len, capped)
+            m = measure(model, windows, state.cfg.eval.batch_size, state.device, f"{label} {eval_set.name}",
+                        state.text_lengths())
+            figures[eval_set.name] = {"ppl": m.ppl, "bits_per_byte": m.bits_per_byte,
+                                      "bits_per_char": m.bits_per_char,
+                                      "windows": {"evaluated": n, "total": total, "seq_len": seq_len},
+                                      "tokens": m.tokens, "bytes": m.bytes, "chars": m.chars}
+        tasks = run_tasks(model, state.tokenizer, state.cfg, label) if state.cfg.eval.tasks else None
     finally:
         state.model.to("cpu")
+    return {"sets": figures, "tasks": tasks}
+
+
+FIGURES = ("ppl", "bits_per_byte", "bits_per_char")
+
+
+def record(metrics: dict[str, Any], result: dict[str, Any], prefix: str = "") -> None:
+    """metrics.json keys per eval set: ppl, bits_per_byte, bits_per_char (baseline_ for the input
+    model) and eval_windows (how many of the file's windows were evaluated); tasks per task."""
+    figures = result["sets"]
+    for key in FIGURES:
+        metrics.setdefault(prefix + key, {}).update({name: f[key] for name, f in figures.items()})
+    metrics.setdefault("eval_windows", {}).update({name: f["windows"] for name, f in figures.items()})
+    if result["tasks"] is not None:
+        metrics[prefix + "tasks"] = result["tasks"]
 
 
 def eval_stage(state: RunState) -> dict[str, Any]:
-    ppl = evaluate(state, "eval")
-    state.metrics.setdefault("ppl", {})[state.eval_name()] = ppl
-    log.info("perplexity %s: %.3f", state.eval_name(), ppl)
-    return {"ppl": ppl}
+    result = evaluate(state, "eval")
+    record(state.metrics, result)
+    figures = result["sets"]
+    for name, f in figures.items():
+        bpb = f"{f['bits_per_byte']:.4f}" if f["bits_per_byte"] is not None else "-"
+        log.info("%s: perplexity %.3f, %s bits per byte (%d of %d windows)", name, f["ppl"], bpb,
+                 f["windows"]["evaluated"], f["windows"]["total"])
+    return figures
 
 
 def export_stage(state: RunState) -> dict[str, Any]:
@@ -112,7 +146,10 @@ def stage_table() -> dict[str, Stage]:
 
 
 def check_eval(cfg: DictConfig) -> None:
-    """eval.sparse_kernels needs what the 2:4 kernels need, known before any stage runs."""
+    """The eval sets (typed, names unique, each with a complete window) and eval.sparse_kernels'
+    needs, known before any stage runs or anything is written."""
+    check_eval_windows(cfg, eval_sets(cfg.data.eval))
+    check_tasks(cfg)
     if not cfg.eval.sparse_kernels:
         return
     if cfg.model.dtype not in ("float16", "bfloat16"):
@@ -120,6 +157,20 @@ def check_eval(cfg: DictConfig) -> None:
                           f"model.dtype={cfg.model.dtype}")
     if resolve_device(cfg.model.device).type != "cuda":
         raise ShrinkError("eval.sparse_kernels: semi-structured 2:4 kernels need a CUDA GPU (model.device)")
+
+
+def check_eval_windows(cfg: DictConfig, sets: list[EvalSet]) -> None:
+    """Every eval file holds at least one complete window under the input model's tokenizer
+    (tokenized once; the stream is cached for the run). Skipped while the model folder does
+    not exist yet (a GGUF import), where the run checks it after importing."""
+    folder = Path(cfg.model.path).expanduser()
+    if not (folder / "tokenizer_config.json").is_file():
+        return
+    tokenizer = load_tokenizer(folder, cfg.model.trust_remote_code)
+    for eval_set in sets:
+        stream = token_stream(eval_set.path, tokenizer, cfg.data.text_field, cfg.data.cache_dir,
+                              key=f"{eval_set.key}.path")
+        window_count(stream, eval_set.seq_len, eval_set.key)
 
 
 def check_config(cfg: DictConfig) -> list[str]:
@@ -155,7 +206,7 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
     seconds = progress["seconds"]
     if cfg.eval.baseline and "eval" in stages and MODIFYING & set(stages) and "baseline" not in progress["done"]:
         t = time.time()
-        state.metrics["baseline_ppl"] = {state.eval_name(): evaluate(state, "baseline")}
+        record(state.metrics, evaluate(state, "baseline"), "baseline_")
         seconds["baseline_eval"] = time.time() - t
         finish_step(state, progress, "baseline")
     for i, name in enumerate(stages, 1):
@@ -214,7 +265,9 @@ def finish_step(state: RunState, progress: dict[str, Any], step: str) -> None:
 def finalize_metrics(state: RunState, seconds: dict[str, float], elapsed: float) -> None:
     metrics = state.metrics
     if "baseline_ppl" not in metrics and "ppl" in metrics and not state.changed:
-        metrics["baseline_ppl"] = dict(metrics["ppl"])
+        for key in FIGURES + ("tasks",):
+            if key in metrics:
+                metrics["baseline_" + key] = copy.deepcopy(metrics[key])
     exported = state.out / "model"
     size = folder_size_bytes(exported) if exported.is_dir() else folder_size_bytes(state.cfg.model.path)
     metrics.update(size_metrics(state.model, size))

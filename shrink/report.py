@@ -8,7 +8,8 @@ run that stage, since e.g. quant.bits of a prune-only run is a default nobody ch
 
 Outputs (written to temporary files, then renamed, so a failure leaves no partial report):
 report.md, report.csv, report.png (perplexity against size on disk; the Pareto front,
-runs that no other run beats on both, is marked and connected).
+runs that no other run beats on both, is marked and connected; bits per byte beside perplexity;
+lm-eval task accuracy ± stderr as columns and as panels of accuracy against size).
 """
 from __future__ import annotations
 
@@ -45,6 +46,20 @@ class Run:
 
     def ppl(self, name: str) -> Optional[float]:
         return self.metrics.get("ppl", {}).get(name)
+
+    def task(self, name: str, prefix: str = "") -> tuple[Optional[float], Optional[float]]:
+        """A task's headline accuracy and its stderr (prefix "baseline_" for the input model's)."""
+        return task_score((self.metrics.get(prefix + "tasks") or {}).get(name))
+
+
+def task_metric(figures: Optional[dict[str, Any]]) -> Optional[str]:
+    """The headline metric of an lm-eval task: acc_norm where the task has it, else acc."""
+    return next((k for k in ("acc_norm", "acc") if figures and k in figures), None)
+
+
+def task_score(figures: Optional[dict[str, Any]]) -> tuple[Optional[float], Optional[float]]:
+    key = task_metric(figures)
+    return (figures[key], figures.get(f"{key}_stderr")) if key else (None, None)
 
 
 # ---------------------------------------------------------------------------- gathering
@@ -124,10 +139,11 @@ def setting_columns(runs: list[Run]) -> list[str]:
     return sorted(varying, key=lambda k: (rank.get(k, len(rank)), k))
 
 
-def eval_sets(runs: list[Run]) -> list[str]:
+def eval_sets(runs: list[Run], key: str = "ppl") -> list[str]:
+    """Names under metrics[key] across runs, in first-seen order (eval sets, or tasks)."""
     names: list[str] = []
     for r in runs:
-        names += [n for n in r.metrics.get("ppl", {}) if n not in names]
+        names += [n for n in (r.metrics.get(key) or {}) if n not in names]
     return names
 
 
@@ -146,20 +162,26 @@ class Table:
     evals: list[str]
     baselines: dict[str, Optional[float]]  # eval set -> the common baseline, None if it differs
     pareto: set[int]
+    tasks: list[str]  # lm-eval tasks (metrics.json "tasks")
+    task_baselines: dict[str, Optional[float]]  # task -> the common baseline accuracy
 
 
 def build_table(runs: list[Run]) -> Table:
-    evals = eval_sets(runs)
+    evals, tasks = eval_sets(runs), eval_sets(runs, "tasks")
     baselines: dict[str, Optional[float]] = {}
     for name in evals:
         values = {r.metrics.get("baseline_ppl", {}).get(name) for r in runs} - {None}
         baselines[name] = values.pop() if len(values) == 1 else None
+    task_baselines: dict[str, Optional[float]] = {}
+    for name in tasks:
+        values = {r.task(name, "baseline_")[0] for r in runs} - {None}
+        task_baselines[name] = values.pop() if len(values) == 1 else None
     pareto: set[int] = set()
     if evals:
         idx = [i for i, r in enumerate(runs) if r.ppl(evals[0]) is not None and "size_bytes" in r.metrics]
         points = [(float(runs[i].metrics["size_bytes"]), float(runs[i].ppl(evals[0]))) for i in idx]
         pareto = {idx[j] for j in pareto_front(points)}
-    return Table(runs, setting_columns(runs), evals, baselines, pareto)
+    return Table(runs, setting_columns(runs), evals, baselines, pareto, tasks, task_baselines)
 
 
 def total_seconds(metrics: dict[str, Any]) -> Optional[float]:
@@ -176,6 +198,12 @@ def csv_rows(table: Table) -> list[dict[str, Any]]:
         for name in table.evals:
             row[f"ppl:{name}"] = r.ppl(name)
             row[f"baseline_ppl:{name}"] = m.get("baseline_ppl", {}).get(name)
+            row[f"bits_per_byte:{name}"] = (m.get("bits_per_byte") or {}).get(name)
+        for name in table.tasks:
+            figures = (m.get("tasks") or {}).get(name) or {}
+            for key in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr"):
+                row[f"task:{name}:{key}"] = figures.get(key)
+            row[f"baseline_task:{name}"] = r.task(name, "baseline_")[0]
         row.update({"size_bytes": m.get("size_bytes"), "bits_per_weight": m.get("bits_per_weight"),
                     "sparsity": m.get("sparsity"), "seconds": total_seconds(m), "pareto": i in table.pareto})
         rows.append(row)
@@ -196,22 +224,33 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def render_markdown(table: Table, plot_name: str = "report.png") -> str:
-    head = ["run", *table.settings, *[f"ppl {n}" for n in table.evals],
-            "size (MiB)", "bits/weight", "sparsity", "time (s)", "Pareto"]
+    metric = {t: next((task_metric((r.metrics.get("tasks") or {}).get(t)) for r in table.runs
+                       if task_metric((r.metrics.get("tasks") or {}).get(t))), "acc") for t in table.tasks}
+    head = ["run", *table.settings, *[f"ppl {n}" for n in table.evals], *[f"bits/byte {n}" for n in table.evals],
+            *[f"{t} {metric[t]}" for t in table.tasks], "size (MiB)", "bits/weight", "sparsity", "time (s)", "Pareto"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, r in enumerate(table.runs):
         m = r.metrics
         size = m.get("size_bytes")
         cells = [r.label, *[str(r.settings.get(k, "")) for k in table.settings],
-                 *[_fmt(r.ppl(n), ".3f") for n in table.evals], _fmt(size / MIB if size else None, ".2f"),
+                 *[_fmt(r.ppl(n), ".3f") for n in table.evals],
+                 *[_fmt((m.get("bits_per_byte") or {}).get(n), ".4f") for n in table.evals],
+                 *[_accuracy(*r.task(t)) for t in table.tasks], _fmt(size / MIB if size else None, ".2f"),
                  _fmt(m.get("bits_per_weight"), ".2f"), _fmt(m.get("sparsity"), ".3f"),
                  _fmt(total_seconds(m), ".1f"), "yes" if i in table.pareto else ""]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"Baseline perplexity on {n}: {b:.3f}." for n, b in table.baselines.items() if b is not None]
+    notes += [f"Baseline {metric[t]} on {t}: {b:.3f}." for t, b in table.task_baselines.items() if b is not None]
+    if table.tasks:
+        notes.append("Task accuracy from lm-evaluation-harness, ± its standard error.")
     if table.evals:
         notes.append(f"Pareto: no other run has both lower perplexity on {table.evals[0]} and a smaller size.")
     return "\n".join([f"# Sweep report ({len(table.runs)} runs)", "", *lines, "", *notes, "",
                       f"![perplexity vs size]({plot_name})", ""])
+
+
+def _accuracy(value: Optional[float], stderr: Optional[float]) -> str:
+    return "" if value is None else f"{value:.3f}" + (f" ± {stderr:.3f}" if stderr is not None else "")
 
 
 # ---------------------------------------------------------------------------- plot
@@ -226,26 +265,30 @@ def render_plot(table: Table, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    panels = table.evals or ["(no perplexity)"]
+    panels = [(name, False) for name in table.evals or ["(no perplexity)"]] + [(t, True) for t in table.tasks]
     fig = Figure(figsize=(6.5 * len(panels), 4.8), dpi=110)
     FigureCanvasAgg(fig)
-    for k, name in enumerate(panels):
+    for k, (name, is_task) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), k + 1)
-        idx = [i for i, r in enumerate(table.runs) if r.ppl(name) is not None and r.metrics.get("size_bytes")]
-        points = [(table.runs[i].metrics["size_bytes"] / MIB, table.runs[i].ppl(name)) for i in idx]
+        value = (lambda r: r.task(name)[0]) if is_task else (lambda r: r.ppl(name))
+        idx = [i for i, r in enumerate(table.runs) if value(r) is not None and r.metrics.get("size_bytes")]
+        points = [(table.runs[i].metrics["size_bytes"] / MIB, value(table.runs[i])) for i in idx]
         ax.scatter([p[0] for p in points], [p[1] for p in points], color="tab:gray", zorder=2, label="run")
         for i, (x, y) in zip(idx, points):
             ax.annotate(short_label(table.runs[i], table.settings), (x, y), fontsize=7,
                         xytext=(4, 4), textcoords="offset points")
-        front = [points[j] for j in pareto_front(points)]
+        front = [] if is_task else [points[j] for j in pareto_front(points)]
+        if is_task:
+            errors = [table.runs[i].task(name)[1] or 0.0 for i in idx]
+            ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=errors, fmt="none", ecolor="tab:gray")
         if front:
             ax.plot([p[0] for p in front], [p[1] for p in front], "-o", color="tab:red", zorder=3,
                     label="Pareto front")
-        base = table.baselines.get(name)
+        base = (table.task_baselines if is_task else table.baselines).get(name)
         if base is not None:
             ax.axhline(base, color="tab:blue", linestyle="--", linewidth=1, label=f"baseline {base:.2f}")
         ax.set_xlabel("size on disk (MiB)")
-        ax.set_ylabel(f"perplexity ({name})")
+        ax.set_ylabel(f"accuracy ({name}, ± stderr)" if is_task else f"perplexity ({name})")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

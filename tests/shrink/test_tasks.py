@@ -1,0 +1,92 @@
+"""eval.tasks: lm-evaluation-harness on the in-memory model of a stage, results beside the
+baseline's in metrics.json, the model card and `shrink report`; bad task input fails early."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from engine.config import ModelConfig
+from engine.errors import ShrinkError
+from shrink.model_folder import load_model
+from shrink.pipeline import check_config
+from shrink.report import write_report
+from shrink.tasks import SHIPPED
+from tests.conftest import TEACHER, compose_config, needs_shared, run_shrink, tiny_data_overrides
+from tests.shrink.test_cli import shrink
+
+pytest.importorskip("lm_eval")
+pytestmark = needs_shared
+LIMIT = 8
+
+
+@pytest.fixture(autouse=True)
+def hub_offline(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@torch.no_grad()
+def next_line_by_hand(model: transformers.PreTrainedModel, tokenizer) -> tuple[float, float]:
+    """acc and acc_norm of the first LIMIT items: the choice of highest log-likelihood after the
+    passage (acc_norm: per character of the choice), continuation tokens split as lm-eval does
+    (the passage's trailing newline is scored as the continuation's first token)."""
+    items = [json.loads(line) for line in (SHIPPED / "shakespeare_next_line.jsonl").read_text().splitlines()[:LIMIT]]
+    acc = acc_norm = 0
+    for item in items:
+        context = item["passage"]
+        lls = []
+        for choice in item["choices"]:
+            whole = tokenizer(context + "\n" + choice, add_special_tokens=False)["input_ids"]
+            n_ctx = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+            logp = torch.log_softmax(model(input_ids=torch.tensor([whole])).logits[0, :-1].float(), dim=-1)
+            lls.append(float(logp[torch.arange(n_ctx - 1, len(whole) - 1), torch.tensor(whole[n_ctx:])].sum()))
+        acc += max(range(4), key=lambda i: lls[i]) == item["label"]
+        acc_norm += max(range(4), key=lambda i: lls[i] / len(item["choices"][i])) == item["label"]
+    return acc / LIMIT, acc_norm / LIMIT
+
+
+def test_tasks_before_and_after_gptq_in_metrics_card_and_report(tmp_path, tiny_model_dir) -> None:
+    folder = tiny_model_dir("llama")
+    out = tmp_path / "run"
+    metrics = run_shrink(["pipeline=quantize", f"model.path={folder}", *tiny_data_overrides(), "quant.group_size=32",
+                          "eval.tasks=[shakespeare_next_line,shakespeare_last_word]", f"eval.limit={LIMIT}"], out)
+    after, before = metrics["tasks"], metrics["baseline_tasks"]
+    assert set(after) == set(before) == {"shakespeare_next_line", "shakespeare_last_word"}
+    assert {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"} <= set(after["shakespeare_next_line"])
+    assert after["shakespeare_next_line"]["samples"] == LIMIT and "perplexity" in after["shakespeare_last_word"]
+    # the same figures by hand: the dense input model (baseline) and the exported GPTQ model,
+    # whose packed QuantLinears are what the in-run evaluation measured
+    dense, tokenizer = load_model(ModelConfig(path=str(folder)))
+    packed, _ = load_model(ModelConfig(path=str(out / "model")))
+    for model, figures in ((dense, before), (packed, after)):
+        acc, acc_norm = next_line_by_hand(model, tokenizer)
+        assert figures["shakespeare_next_line"]["acc"] == pytest.approx(acc)
+        assert figures["shakespeare_next_line"]["acc_norm"] == pytest.approx(acc_norm)
+    card = (out / "model" / "README.md").read_text()
+    assert "| shakespeare_next_line | acc_norm |" in card and "bits per byte" in card
+    report = (write_report([tmp_path]) / "report.md").read_text()
+    assert "shakespeare_next_line acc_norm" in report and "± its standard error" in report
+
+
+def test_bad_task_input_is_one_line_before_any_model(tmp_path, monkeypatch) -> None:
+    base = ["pipeline=eval", f"model.path={TEACHER}"]
+    with pytest.raises(ShrinkError, match="eval.tasks: unknown task 'no_such_task'"):
+        check_config(compose_config(base + ["eval.tasks=[no_such_task]"]))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "bad.yaml").write_text("task: bad\ndoc_to_text: [unclosed\n")
+    with pytest.raises(ShrinkError, match=r"eval.task_dir: .*bad.yaml does not parse"):
+        check_config(compose_config(base + ["eval.tasks=[shakespeare_next_line]", f"eval.task_dir={broken}"]))
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "remote.yaml").write_text("task: remote_task\ndataset_path: some-org/not-cached-here\n"
+                                     "output_type: multiple_choice\ntest_split: test\n")
+    with pytest.raises(ShrinkError, match="'remote_task' needs the dataset 'some-org/not-cached-here' from the"):
+        check_config(compose_config(base + ["eval.tasks=[remote_task]", f"eval.task_dir={hub}"]))
+    out = tmp_path / "out"
+    result = shrink(*base, "eval.tasks=[no_such_task]", f"out={out}")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "unknown task 'no_such_task'" in result.stderr and not out.exists()
