@@ -16,7 +16,7 @@ from quant.config import QuantConfig
 from quant.export import install_quantized
 from quant.gptq import QuantResult, gptq_quantize, rtn_quantize
 from quant.pack import pack_result
-from engine.calibration import LinearJob, compress_model
+from engine.calibration import LinearJob, compress_model, record_coverage
 from engine.modeling import set_weight_matrix, weight_matrix
 
 if TYPE_CHECKING:
@@ -25,9 +25,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, q: QuantConfig) -> QuantResult:
+    """GPTQ with H, RTN without (quant.method=rtn, or an expert with too few tokens)."""
     mask = W == 0  # zeros of a pruned model stay zero (every grid holds 0 exactly)
     mask = mask if bool(mask.any()) else None
-    if q.method == "rtn":
+    if q.method == "rtn" or H is None:
         return rtn_quantize(W, q.bits, q.group_size, q.sym)
     return gptq_quantize(W, H, q.bits, q.group_size, q.sym, q.act_order, q.static_groups,
                          q.damp, q.block_size, mask=mask)
@@ -50,6 +51,8 @@ def quantize_stage(state: "RunState") -> dict[str, Any]:
 
     windows = state.calibration() if q.method == "gptq" else None
     report = compress_model(state.model, windows, compressor, state.device, q.true_sequential,
-                            offload_activations=q.offload_activations, label=f"{q.method} {q.bits}-bit")
+                            offload_activations=q.offload_activations, label=f"{q.method} {q.bits}-bit",
+                            skip=q.skip, moe=state.cfg.moe, min_coverage=state.cfg.min_coverage)
     state.quantization_config = install_quantized(state.model, packed, q)
-    return {"method": q.method, "bits": q.bits, "group_size": q.group_size, "layers": report}
+    return {"method": q.method, "bits": q.bits, "group_size": q.group_size, "layers": report,
+            **record_coverage(state, report)}
