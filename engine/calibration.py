@@ -208,23 +208,44 @@ def input_groups(layer: nn.Module, batch: LayerBatch, device: torch.device,
     return groups + [[n] for n in missing]
 
 
+class _Enough(Exception):
+    """Every hooked group has seen this batch: the rest of the layer's forward is not needed."""
+
+
 def accumulate(layer: nn.Module, groups: list[list[str]], batches: list[LayerBatch],
                device: torch.device, full: bool = True,
                linears: Optional[dict[str, nn.Module]] = None) -> dict[str, HessianAccumulator]:
     """One Hessian per input group, shared by the Linears of the group (only its
-    diagonal unless `full`)."""
+    diagonal unless `full`). A batch's forward stops as soon as every group has seen it
+    (q/k/v need no MLP; with every token through every expert, all gate/up inputs are
+    known at the first expert)."""
     linears = find_linears(layer) if linears is None else linears
     hessians: dict[str, HessianAccumulator] = {}
     handles = []
-    for group in groups:
+    fired: set[int] = set()
+
+    def hook(index: int, acc: HessianAccumulator) -> Callable[..., None]:
+        def fn(_m: nn.Module, inp: tuple, _o: Any) -> None:
+            acc.add(inp[0])
+            fired.add(index)
+            if len(fired) == len(groups):
+                raise _Enough
+        return fn
+
+    for index, group in enumerate(groups):
         first = linears[group[0]]
         columns = weight_matrix(first).shape[1]
         acc = HessianAccumulator(columns, device, full)
         for name in group:
             hessians[name] = acc
-        handles.append(first.register_forward_hook(lambda _m, inp, _o, acc=acc: acc.add(inp[0])))
+        handles.append(first.register_forward_hook(hook(index, acc)))
     try:
-        run_layer(layer, batches, device, None)
+        for batch in batches:
+            fired.clear()
+            try:
+                run_layer(layer, [batch], device, None)
+            except _Enough:
+                pass
     finally:
         for h in handles:
             h.remove()
@@ -338,12 +359,16 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
             with expert_mode(layer, moe.all_experts, count=False):
                 groups = input_groups(layer, batches[0], device, linears)
             passes = sequential_passes(groups, roles) if true_sequential else [groups]
-        first = len(report)
-        for k, pass_groups in enumerate(passes):
+        first, counted = len(report), False
+        for pass_groups in passes:
             hessians = {}
             if batches is not None:
-                with expert_mode(layer, moe.all_experts, count=k == 0):
+                # every token through every expert only where an expert's statistics are taken; the
+                # routed tokens are counted in the first such pass (the router runs before experts)
+                has_experts = any(n in roles for group in pass_groups for n in group)
+                with expert_mode(layer, moe.all_experts and has_experts, count=has_experts and not counted):
                     hessians = accumulate(layer, pass_groups, batches, device, full_hessian, linears)
+                counted = counted or has_experts
             for name in (n for group in pass_groups for n in group):
                 report.append(_compress_one(i, len(layers), parent_name, name, linears[name], hessians.get(name),
                                             compressor, moe.min_tokens if name in roles else 0))
