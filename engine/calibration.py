@@ -52,6 +52,11 @@ class LinearJob:
     # An expert that saw fewer than moe.min_tokens tokens: no Hessian, use the method's
     # calibration-free fallback (RTN / magnitude).
     fallback: bool = False
+    # Jobs of the same pass that may be solved together with this one (every expert of one
+    # block in the same role, same shape, each with its own Hessian); [self] otherwise. A
+    # compressor may solve them all at the first and write each when its own job comes.
+    batch: Optional[list["LinearJob"]] = None
+    stat_tokens: Optional[int] = None  # rows its Hessian was accumulated from
 
 
 Compressor = Callable[[LinearJob], dict[str, Any]]
@@ -369,9 +374,14 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
                 with expert_mode(layer, moe.all_experts and has_experts, count=has_experts and not counted):
                     hessians = accumulate(layer, pass_groups, batches, device, full_hessian, linears)
                 counted = counted or has_experts
-            for name in (n for group in pass_groups for n in group):
-                report.append(_compress_one(i, len(layers), parent_name, name, linears[name], hessians.get(name),
-                                            compressor, moe.min_tokens if name in roles else 0))
+            names = [n for group in pass_groups for n in group]
+            jobs = {n: _make_job(i, len(layers), parent_name, n, linears[n], hessians.get(n),
+                                 moe.min_tokens if n in roles else 0) for n in names}
+            for members in _expert_batches(names, roles, jobs).values():
+                for n in members:
+                    jobs[n].batch = [jobs[m] for m in members]
+            for name in names:
+                report.append(_compress_one(jobs[name], compressor, moe.min_tokens if name in roles else 0))
         _add_routing(report[first:], roles, layer, f"{parent_name}.{i}")
         if batches is not None:
             outputs = run_layer(layer, batches, device, store)
@@ -407,8 +417,20 @@ def expert_summary(report: list[dict[str, Any]]) -> dict[str, Any]:
             "fallbacks": [r["full_name"] for r in report if r.get("fallback")]}
 
 
-def _compress_one(i: int, n: int, parent: str, name: str, module: nn.Module,
-                  acc: Optional[HessianAccumulator], compressor: Compressor, min_tokens: int = 0) -> dict[str, Any]:
+def _expert_batches(names: list[str], roles: dict[str, tuple[str, int, int]],
+                    jobs: dict[str, LinearJob]) -> dict[tuple, list[str]]:
+    """Expert Linears of one block, role and shape, all with Hessians: solvable as one batch."""
+    out: dict[tuple, list[str]] = {}
+    for n in names:
+        job = jobs[n]
+        if n in roles and job.hessian is not None:
+            key = (roles[n][0], roles[n][2] == 2, tuple(weight_matrix(job.module).shape))
+            out.setdefault(key, []).append(n)
+    return out
+
+
+def _make_job(i: int, n: int, parent: str, name: str, module: nn.Module, acc: Optional[HessianAccumulator],
+              min_tokens: int) -> LinearJob:
     full = f"{parent}.{i}.{name}"
     seen = acc.n if acc is not None else None
     fallback = seen is not None and seen < min_tokens
@@ -418,10 +440,18 @@ def _compress_one(i: int, n: int, parent: str, name: str, module: nn.Module,
         acc = None
     if acc is not None and not acc.finite():
         raise ShrinkError(f"{full}: NaN/inf in calibration activations")
+    job = LinearJob(i, n, name, full, module, acc, fallback, stat_tokens=seen)
+    job.batch = [job]
+    return job
+
+
+def _compress_one(job: LinearJob, compressor: Compressor, min_tokens: int = 0) -> dict[str, Any]:
+    i, name, full, module, acc = job.layer_index, job.name, job.full_name, job.module, job.hessian
+    seen, fallback = job.stat_tokens, job.fallback
     W0 = weight_matrix(module).clone()
     start = time.time()
     try:
-        stats = compressor(LinearJob(i, n, name, full, module, acc, fallback))
+        stats = compressor(job)
     except HessianError as exc:
         raise ShrinkError(f"{full}: {exc}") from exc
     except ValueError as exc:  # kernels validate shapes/options with ValueError

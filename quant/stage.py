@@ -14,7 +14,7 @@ import torch
 
 from quant.config import QuantConfig
 from quant.export import install_quantized
-from quant.gptq import QuantResult, gptq_quantize, rtn_quantize
+from quant.gptq import QuantResult, gptq_quantize, gptq_quantize_batch, rtn_quantize
 from quant.pack import pack_result
 from engine.calibration import LinearJob, compress_model, record_coverage
 from engine.modeling import set_weight_matrix, weight_matrix
@@ -41,10 +41,20 @@ def quantize_stage(state: "RunState") -> dict[str, Any]:
         return {"skipped": "already quantized"}
     packed: dict[str, dict[str, torch.Tensor]] = {}
 
+    solved: dict[str, QuantResult] = {}  # batch members solved ahead of their own job
+
     def compressor(job: LinearJob) -> dict[str, Any]:
         W = weight_matrix(job.module)
-        H = job.hessian.H if job.hessian is not None else None
-        result = quantize_linear(W.float(), H, q)
+        if job.full_name not in solved and len(job.batch or []) > 1 and q.method == "gptq" and not q.act_order:
+            # the experts of one block in one sweep; zeros of a pruned model stay zero
+            Ws = [weight_matrix(j.module).float() for j in job.batch]
+            results = gptq_quantize_batch(Ws, [j.hessian.H for j in job.batch], q.bits, q.group_size, q.sym,
+                                          q.static_groups, q.damp, q.block_size,
+                                          [w == 0 if bool((w == 0).any()) else None for w in Ws])
+            solved.update({j.full_name: r for j, r in zip(job.batch, results)})
+        result = solved.pop(job.full_name, None)
+        if result is None:
+            result = quantize_linear(W.float(), job.hessian.H if job.hessian is not None else None, q)
         set_weight_matrix(job.module, result.Q.to(W.dtype))
         packed[job.full_name] = pack_result(result, job.module)
         return {"gptq_error": result.error, "damp": result.damp_fraction}
