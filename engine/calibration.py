@@ -219,11 +219,12 @@ class _Enough(Exception):
 
 def accumulate(layer: nn.Module, groups: list[list[str]], batches: list[LayerBatch],
                device: torch.device, full: bool = True,
-               linears: Optional[dict[str, nn.Module]] = None) -> dict[str, HessianAccumulator]:
+               linears: Optional[dict[str, nn.Module]] = None, stop_early: bool = True
+               ) -> dict[str, HessianAccumulator]:
     """One Hessian per input group, shared by the Linears of the group (only its
-    diagonal unless `full`). A batch's forward stops as soon as every group has seen it
-    (q/k/v need no MLP; with every token through every expert, all gate/up inputs are
-    known at the first expert)."""
+    diagonal unless `full`). Unless told otherwise (a pass that also counts routed tokens),
+    a batch's forward stops as soon as every group has seen it (q/k/v need no MLP; with
+    every token through every expert, all gate/up inputs are known at the first expert)."""
     linears = find_linears(layer) if linears is None else linears
     hessians: dict[str, HessianAccumulator] = {}
     handles = []
@@ -233,7 +234,7 @@ def accumulate(layer: nn.Module, groups: list[list[str]], batches: list[LayerBat
         def fn(_m: nn.Module, inp: tuple, _o: Any) -> None:
             acc.add(inp[0])
             fired.add(index)
-            if len(fired) == len(groups):
+            if stop_early and len(fired) == len(groups):
                 raise _Enough
         return fn
 
@@ -371,8 +372,10 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
                 # every token through every expert only where an expert's statistics are taken; the
                 # routed tokens are counted in the first such pass (the router runs before experts)
                 has_experts = any(n in roles for group in pass_groups for n in group)
-                with expert_mode(layer, moe.all_experts and has_experts, count=has_experts and not counted):
-                    hessians = accumulate(layer, pass_groups, batches, device, full_hessian, linears)
+                count = has_experts and not counted
+                with expert_mode(layer, moe.all_experts and has_experts, count=count):
+                    hessians = accumulate(layer, pass_groups, batches, device, full_hessian, linears,
+                                          stop_early=not count)
                 counted = counted or has_experts
             names = [n for group in pass_groups for n in group]
             jobs = {n: _make_job(i, len(layers), parent_name, n, linears[n], hessians.get(n),
