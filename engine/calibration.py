@@ -9,6 +9,13 @@
    batches, hand each Linear and its Hessian to the compressor; with true-sequential
    the groups are done in execution order, each seeing the already-compressed ones;
    re-run the compressed layer so its outputs feed the next layer; move it back.
+Mixture-of-experts blocks are first split into per-expert Linears (engine/experts.py), so
+each expert gets its own Hessian from the tokens routed to it, captured inside the block's
+own forward; with moe.all_experts every token also runs through every expert for the
+statistics only (the block output keeps the true top-k routing). The experts of one block
+are independent problems: with true-sequential all their gate/up Linears share one pass and
+all their down Linears the next. An expert whose statistics saw fewer than moe.min_tokens
+tokens is handed to the compressor without a Hessian (`fallback`: RTN / magnitude).
 Only one layer and the activations are on the device at a time, so peak device
 memory does not grow with depth. The engine knows no algorithm: a compressor edits
 the weights in place and returns its own stats.
@@ -17,13 +24,17 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
+from engine.config import MoeConfig
+from engine.coverage import check_coverage, coverage, is_skipped
 from engine.errors import ShrinkError
+from engine.experts import SplitExperts, split_experts, split_modules
 from engine.hessian import HessianAccumulator, HessianError
 from engine.modeling import find_decoder_layers, find_linears, weight_matrix
 
@@ -38,6 +49,14 @@ class LinearJob:
     full_name: str  # qualified name inside the model
     module: nn.Module
     hessian: Optional[HessianAccumulator]  # None when the compressor needs no data
+    # An expert that saw fewer than moe.min_tokens tokens: no Hessian, use the method's
+    # calibration-free fallback (RTN / magnitude).
+    fallback: bool = False
+    # Jobs of the same pass that may be solved together with this one (every expert of one
+    # block in the same role, same shape, each with its own Hessian); [self] otherwise. A
+    # compressor may solve them all at the first and write each when its own job comes.
+    batch: Optional[list["LinearJob"]] = None
+    stat_tokens: Optional[int] = None  # rows its Hessian was accumulated from
 
 
 Compressor = Callable[[LinearJob], dict[str, Any]]
@@ -160,9 +179,11 @@ def run_layer(layer: nn.Module, batches: list[LayerBatch], device: torch.device,
     return outputs if store is not None else None
 
 
-def input_groups(layer: nn.Module, batch: LayerBatch, device: torch.device) -> list[list[str]]:
-    """Linears grouped by the input tensor they read, in execution order."""
-    linears = find_linears(layer)
+def input_groups(layer: nn.Module, batch: LayerBatch, device: torch.device,
+                 linears: Optional[dict[str, nn.Module]] = None) -> list[list[str]]:
+    """Linears grouped by the input tensor they read, in execution order; a Linear the batch
+    did not reach (an expert no token was routed to) forms a group of its own."""
+    linears = find_linears(layer) if linears is None else linears
     seen: dict[int, list[str]] = {}
     order: list[int] = []
     handles = []
@@ -189,25 +210,48 @@ def input_groups(layer: nn.Module, batch: LayerBatch, device: torch.device) -> l
             h.remove()
     groups = [seen[k] for k in order]
     missing = [n for n in linears if not any(n in g for g in groups)]
-    return groups + ([missing] if missing else [])
+    return groups + [[n] for n in missing]
+
+
+class _Enough(Exception):
+    """Every hooked group has seen this batch: the rest of the layer's forward is not needed."""
 
 
 def accumulate(layer: nn.Module, groups: list[list[str]], batches: list[LayerBatch],
-               device: torch.device, full: bool = True) -> dict[str, HessianAccumulator]:
+               device: torch.device, full: bool = True,
+               linears: Optional[dict[str, nn.Module]] = None, stop_early: bool = True
+               ) -> dict[str, HessianAccumulator]:
     """One Hessian per input group, shared by the Linears of the group (only its
-    diagonal unless `full`)."""
-    linears = find_linears(layer)
+    diagonal unless `full`). Unless told otherwise (a pass that also counts routed tokens),
+    a batch's forward stops as soon as every group has seen it (q/k/v need no MLP; with
+    every token through every expert, all gate/up inputs are known at the first expert)."""
+    linears = find_linears(layer) if linears is None else linears
     hessians: dict[str, HessianAccumulator] = {}
     handles = []
-    for group in groups:
+    fired: set[int] = set()
+
+    def hook(index: int, acc: HessianAccumulator) -> Callable[..., None]:
+        def fn(_m: nn.Module, inp: tuple, _o: Any) -> None:
+            acc.add(inp[0])
+            fired.add(index)
+            if stop_early and len(fired) == len(groups):
+                raise _Enough
+        return fn
+
+    for index, group in enumerate(groups):
         first = linears[group[0]]
         columns = weight_matrix(first).shape[1]
         acc = HessianAccumulator(columns, device, full)
         for name in group:
             hessians[name] = acc
-        handles.append(first.register_forward_hook(lambda _m, inp, _o, acc=acc: acc.add(inp[0])))
+        handles.append(first.register_forward_hook(hook(index, acc)))
     try:
-        run_layer(layer, batches, device, None)
+        for batch in batches:
+            fired.clear()
+            try:
+                run_layer(layer, [batch], device, None)
+            except _Enough:
+                pass
     finally:
         for h in handles:
             h.remove()
@@ -245,13 +289,65 @@ def activation_store(model: nn.Module, windows: torch.Tensor, device: torch.devi
     return device
 
 
+@contextmanager
+def expert_mode(layer: nn.Module, all_tokens: bool, count: bool) -> Iterator[None]:
+    """Split experts of the layer run every token through every expert (statistics only)
+    and/or count the tokens routed to each, for the duration of the block."""
+    blocks = split_modules(layer)
+    for block in blocks:
+        block.all_tokens, block.count = all_tokens, count
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block.all_tokens = block.count = False
+
+
+def expert_roles(layer: nn.Module) -> dict[str, tuple[str, int, int]]:
+    """Linear name inside the layer -> (experts block name, expert index, role 0 gate/1 up/2 down)."""
+    roles = {}
+    for block_name, block in layer.named_modules():
+        if isinstance(block, SplitExperts):
+            for e, expert in enumerate(block):
+                for role, child in enumerate(expert.names):
+                    if hasattr(expert, child):
+                        roles[f"{block_name}.{e}.{child}"] = (block_name, e, role)
+    return roles
+
+
+def sequential_passes(groups: list[list[str]], roles: dict[str, tuple[str, int, int]]) -> list[list[list[str]]]:
+    """True-sequential passes: one per input group, except that the groups of one experts
+    block and one role (every expert's gate/up, then every expert's down) share a pass,
+    since no expert's input depends on another expert's weights."""
+    passes: list[list[list[str]]] = []
+    slot: dict[tuple[str, bool], int] = {}
+    for group in groups:
+        keys = {(roles[n][0], roles[n][2] == 2) for n in group if n in roles}
+        key = next(iter(keys)) if len(keys) == 1 and all(n in roles for n in group) else None
+        if key is not None and key in slot:
+            passes[slot[key]].append(group)
+            continue
+        if key is not None:
+            slot[key] = len(passes)
+        passes.append([group])
+    return passes
+
+
 def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor: Compressor,
                    device: torch.device, true_sequential: bool = True, batch_size: int = 8,
                    offload_activations: Optional[bool] = None, label: str = "compress",
-                   full_hessian: bool = True) -> list[dict[str, Any]]:
-    """Compress every Linear of every decoder layer; returns a per-Linear report.
-    `full_hessian=False` hands the compressor accumulators holding only diag(H)."""
+                   full_hessian: bool = True, skip: Sequence[str] = (), moe: Optional[MoeConfig] = None,
+                   min_coverage: float = 0.0) -> list[dict[str, Any]]:
+    """Compress every Linear of every decoder layer (fused experts split first; names matching
+    `skip` left alone); returns a per-Linear report. `full_hessian=False` hands the compressor
+    accumulators holding only diag(H). Fails before touching a weight if the Linears reached
+    hold under `min_coverage` of the decoder-layer weights."""
+    moe = moe or MoeConfig()
+    split_experts(model)
     parent_name, layers = find_decoder_layers(model)
+    targets = [{n: m for n, m in find_linears(layer).items() if not is_skipped(n, skip)} for layer in layers]
+    check_coverage(coverage(model, [f"{parent_name}.{i}.{n}" for i, t in enumerate(targets) for n in t]),
+                   min_coverage, label)
     store = activation_store(model, windows, device, offload_activations) if windows is not None else device
     calls = capture_layer_calls(model, windows, batch_size, device, store) if windows is not None else None
     hidden = [b.hidden() for b in calls[0]] if calls is not None else None
@@ -260,20 +356,36 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
     for i, layer in enumerate(layers):
         start = time.time()
         layer.to(device)
-        linears = find_linears(layer)
+        linears, roles = targets[i], expert_roles(layer)
         # layer i's own kwargs, fed the previous layer's (compressed) outputs
         batches = [c.with_hidden(h) for c, h in zip(calls[i], hidden)] if calls is not None else None
         if batches is None:
-            groups, hessians = [list(linears)], {}
+            passes = [[list(linears)]]
         else:
-            groups = input_groups(layer, batches[0], device)
-            hessians = {} if true_sequential else accumulate(layer, groups, batches, device, full_hessian)
-        for group in groups:
-            if batches is not None and true_sequential:
-                hessians.update(accumulate(layer, [group], batches, device, full_hessian))
-            for name in group:
-                report.append(_compress_one(i, len(layers), parent_name, name, linears[name],
-                                            hessians.get(name), compressor))
+            with expert_mode(layer, moe.all_experts, count=False):
+                groups = input_groups(layer, batches[0], device, linears)
+            passes = sequential_passes(groups, roles) if true_sequential else [groups]
+        first, counted = len(report), False
+        for pass_groups in passes:
+            hessians = {}
+            if batches is not None:
+                # every token through every expert only where an expert's statistics are taken; the
+                # routed tokens are counted in the first such pass (the router runs before experts)
+                has_experts = any(n in roles for group in pass_groups for n in group)
+                count = has_experts and not counted
+                with expert_mode(layer, moe.all_experts and has_experts, count=count):
+                    hessians = accumulate(layer, pass_groups, batches, device, full_hessian, linears,
+                                          stop_early=not count)
+                counted = counted or has_experts
+            names = [n for group in pass_groups for n in group]
+            jobs = {n: _make_job(i, len(layers), parent_name, n, linears[n], hessians.get(n),
+                                 moe.min_tokens if n in roles else 0) for n in names}
+            for members in _expert_batches(names, roles, jobs).values():
+                for n in members:
+                    jobs[n].batch = [jobs[m] for m in members]
+            for name in names:
+                report.append(_compress_one(jobs[name], compressor, moe.min_tokens if name in roles else 0))
+        _add_routing(report[first:], roles, layer, f"{parent_name}.{i}")
         if batches is not None:
             outputs = run_layer(layer, batches, device, store)
             if not all(torch.isfinite(o).all() for o in outputs):
@@ -281,25 +393,82 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
             hidden = outputs
             calls[i] = []  # this layer's kwargs are no longer needed
         layer.to("cpu")
-        errors = [r["rel_error"] for r in report[-len(linears):]]
+        errors = [r["rel_error"] for r in report[first:]] or [0.0]
         elapsed = time.time() - total
         log.info("%s layer %d/%d: %.1fs, mean rel. error %.4g, max %.4g, ETA %.0fs", label, i + 1, len(layers),
                  time.time() - start, sum(errors) / len(errors), max(errors), elapsed / (i + 1) * (len(layers) - i - 1))
     return report
 
 
-def _compress_one(i: int, n: int, parent: str, name: str, module: nn.Module,
-                  acc: Optional[HessianAccumulator], compressor: Compressor) -> dict[str, Any]:
+def _add_routing(entries: list[dict[str, Any]], roles: dict[str, tuple[str, int, int]], layer: nn.Module,
+                 prefix: str) -> None:
+    """Tokens routed to its expert (counted in the layer's first calibration pass), per expert Linear."""
+    for entry in entries:
+        if entry["name"] in roles:
+            block_name, e, _ = roles[entry["name"]]
+            entry.update(block=f"{prefix}.{block_name}", expert=e,
+                         routed_tokens=int(layer.get_submodule(block_name).routed[e]))
+
+
+def expert_summary(report: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tokens routed to each expert of each block, and the expert Linears that fell back."""
+    tokens: dict[str, dict[int, int]] = {}
+    for entry in report:
+        if "block" in entry:
+            tokens.setdefault(entry["block"], {})[entry["expert"]] = entry["routed_tokens"]
+    return {"tokens_per_expert": {b: [t[e] for e in sorted(t)] for b, t in tokens.items()},
+            "fallbacks": [r["full_name"] for r in report if r.get("fallback")]}
+
+
+def _expert_batches(names: list[str], roles: dict[str, tuple[str, int, int]],
+                    jobs: dict[str, LinearJob]) -> dict[tuple, list[str]]:
+    """Expert Linears of one block, role and shape, all with Hessians: solvable as one batch."""
+    out: dict[tuple, list[str]] = {}
+    for n in names:
+        job = jobs[n]
+        if n in roles and job.hessian is not None:
+            key = (roles[n][0], roles[n][2] == 2, tuple(weight_matrix(job.module).shape))
+            out.setdefault(key, []).append(n)
+    return out
+
+
+def _make_job(i: int, n: int, parent: str, name: str, module: nn.Module, acc: Optional[HessianAccumulator],
+              min_tokens: int) -> LinearJob:
     full = f"{parent}.{i}.{name}"
+    seen = acc.n if acc is not None else None
+    fallback = seen is not None and seen < min_tokens
+    if fallback:
+        log.warning("%s: only %d calibration tokens (moe.min_tokens=%d): calibration-free fallback",
+                    full, acc.n, min_tokens)
+        acc = None
     if acc is not None and not acc.finite():
         raise ShrinkError(f"{full}: NaN/inf in calibration activations")
+    job = LinearJob(i, n, name, full, module, acc, fallback, stat_tokens=seen)
+    job.batch = [job]
+    return job
+
+
+def _compress_one(job: LinearJob, compressor: Compressor, min_tokens: int = 0) -> dict[str, Any]:
+    i, name, full, module, acc = job.layer_index, job.name, job.full_name, job.module, job.hessian
+    seen, fallback = job.stat_tokens, job.fallback
     W0 = weight_matrix(module).clone()
     start = time.time()
     try:
-        stats = compressor(LinearJob(i, n, name, full, module, acc))
+        stats = compressor(job)
     except HessianError as exc:
         raise ShrinkError(f"{full}: {exc}") from exc
     except ValueError as exc:  # kernels validate shapes/options with ValueError
         raise ShrinkError(f"{full}: {exc}") from exc
     rel = relative_error(W0, weight_matrix(module), acc)
-    return {"layer": i, "name": name, "full_name": full, "seconds": time.time() - start, "rel_error": rel, **stats}
+    entry = {"layer": i, "name": name, "full_name": full, "seconds": time.time() - start, "rel_error": rel, **stats}
+    if min_tokens:
+        entry.update(stat_tokens=seen, fallback=fallback)
+    return entry
+
+
+def record_coverage(state: Any, report: list[dict[str, Any]]) -> dict[str, Any]:
+    """The stage's coverage (into state.metrics["coverage"]) and its MoE summary, for its report."""
+    cov = coverage(state.model, [r["full_name"] for r in report])
+    state.metrics["coverage"] = cov
+    summary = expert_summary(report)
+    return {"coverage": cov, **({"moe": summary} if summary["tokens_per_expert"] else {})}

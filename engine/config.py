@@ -141,3 +141,19 @@ def resolve_set(e: EvalDataConfig, key: str, map_name: Optional[str]) -> EvalSet
 
 def same_path(a: str, b: str) -> bool:
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+@dataclass
+class MoeConfig:
+    # Also run every calibration token through every expert, for that expert's statistics
+    # only (the block's output keeps the true top-k routing), so rarely routed experts
+    # are calibrated too.
+    all_experts: bool = True
+    # An expert whose statistics saw fewer tokens falls back to RTN (quantize) or
+    # magnitude (prune), with a warning.
+    min_tokens: int = 32
+
+
+# Module-name patterns (fnmatch, on the name inside a decoder layer or its last part) kept in
+# full precision by default: MoE routers, which are tiny and decide every token's experts.
+ROUTER_PATTERNS = ["gate", "router", "shared_expert_gate"]

@@ -19,6 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from engine.config import ModelConfig
 from engine.errors import ShrinkError
+from engine.experts import SplitExperts
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The longest ModuleList whose children all share one class: the decoder stack."""
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+        if not isinstance(module, nn.ModuleList) or isinstance(module, SplitExperts) or len(module) == 0:
             continue
         if len({type(child) for child in module}) != 1:
             continue

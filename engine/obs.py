@@ -45,6 +45,7 @@ class SweepResult:
     Q: torch.Tensor  # final weights [rows, cols], sweep order, compute dtype
     mask: torch.Tensor  # bool [rows, cols], sweep order: True = forced to zero
     error: float  # OBS loss: sum over all weights of (w - q)^2 / d^2, halved
+    errors: list[float]  # the same per matrix of a batched sweep ([error] for one matrix)
 
 
 def compute_dtype(W: torch.Tensor) -> torch.dtype:
@@ -89,27 +90,36 @@ def obs_sweep(
 ) -> SweepResult:
     """One OBS pass over the columns of W (already in sweep order; updated in place).
 
+    Batched: W [B, rows, cols] with Hinv [B, cols, cols] sweeps B independent matrices
+    (e.g. the experts of one MoE block) in one column loop; the quantizer then sees the
+    B * rows rows stacked. Mask rules are per matrix only (W 2-D).
+
     mask: weights forced to zero from the start. choose: called at every column i with
     i % choose_every == 0 on the saliency of columns i..min(i+choose_every, block end);
     its mask is added (SparseGPT: choose_every = block_size for the per-block
     unstructured choice, M for N:M). choose_every must divide block_size so a decision
     never straddles a block. quantizer: rounds each non-pruned column onto its grid.
     """
-    rows, cols = W.shape
+    cols = W.shape[-1]
+    if W.ndim not in (2, 3) or Hinv.shape[:-2] != W.shape[:-2]:
+        raise ValueError(f"W {tuple(W.shape)} and Hinv {tuple(Hinv.shape)}: expected [rows, cols] + [cols, cols] "
+                         f"or [B, rows, cols] + [B, cols, cols]")
+    if choose is not None and W.ndim != 2:
+        raise ValueError("a mask rule needs a single matrix (W 2-D)")
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     if choose is not None and (choose_every <= 0 or block_size % choose_every):
         raise ValueError(f"choose_every ({choose_every}) must divide block_size ({block_size})")
     mask = torch.zeros_like(W, dtype=torch.bool) if mask is None else mask.clone()
     Q = torch.zeros_like(W)
-    losses = torch.zeros((), dtype=W.dtype, device=W.device)
-    d_all = torch.diagonal(Hinv)
+    losses = torch.zeros(W.shape[:-2], dtype=W.dtype, device=W.device)
+    d_all = torch.diagonal(Hinv, dim1=-2, dim2=-1)
     refit = quantizer.refit_every if quantizer is not None else 0
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()  # fully up to date: earlier blocks' lazy updates applied
+        W1 = W[..., i1:i2].clone()  # fully up to date: earlier blocks' lazy updates applied
         Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
+        Hinv1 = Hinv[..., i1:i2, i1:i2]
         for i in range(i1, i2):
             j = i - i1
             if choose is not None and i % choose_every == 0:
@@ -121,18 +131,19 @@ def obs_sweep(
                 current = _current(W, W1, Err1, Hinv, i1, i, stop)
                 # Pruned weights will be 0, which every grid holds: leave them out of
                 # the min/max so they do not stretch it.
-                quantizer.fit(i, current.masked_fill(mask[:, i:stop], 0))
-            w = W1[:, j]
-            q = w.masked_fill(mask[:, i], 0)
+                current = current.masked_fill(mask[..., i:stop], 0)
+                quantizer.fit(i, current.reshape(-1, current.shape[-1]))
+            w = W1[..., j]
+            q = w.masked_fill(mask[..., i], 0)
             if quantizer is not None:
-                q = quantizer(i, q).masked_fill(mask[:, i], 0)
-            err = (w - q) / Hinv1[j, j]
-            losses += (err * err).sum()
-            W1[:, j:] -= torch.outer(err, Hinv1[j, j:])
-            Q[:, i] = q
-            Err1[:, j] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the deferred (lazy) update, one GEMM
-    return SweepResult(Q, mask, float(losses) / 2)
+                q = quantizer(i, q.reshape(-1)).reshape(q.shape).masked_fill(mask[..., i], 0)
+            err = (w - q) / Hinv1[..., j, j].unsqueeze(-1)
+            losses += (err * err).sum(-1)
+            W1[..., j:] -= err.unsqueeze(-1) * Hinv1[..., j, j:].unsqueeze(-2)
+            Q[..., i] = q
+            Err1[..., j] = err
+        W[..., i2:] -= Err1 @ Hinv[..., i1:i2, i2:]  # the deferred (lazy) update, one GEMM
+    return SweepResult(Q, mask, float(losses.sum()) / 2, (losses.reshape(-1) / 2).tolist())
 
 
 def _current(
@@ -145,9 +156,9 @@ def _current(
     update from this block's columns i1..i-1, which is added here so that a group
     wider than (or straddling) a block is fitted exactly as an unblocked sweep would.
     """
-    i2 = i1 + W1.shape[1]
-    inside = W1[:, i - i1 : min(stop, i2) - i1]
+    i2 = i1 + W1.shape[-1]
+    inside = W1[..., i - i1 : min(stop, i2) - i1]
     if stop <= i2:
         return inside.clone()
-    later = W[:, i2:stop] - Err1[:, : i - i1] @ Hinv[i1:i, i2:stop]
-    return torch.cat([inside, later], dim=1)
+    later = W[..., i2:stop] - Err1[..., : i - i1] @ Hinv[..., i1:i, i2:stop]
+    return torch.cat([inside, later], dim=-1)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.config import ROUTER_PATTERNS
 from engine.errors import ShrinkError
 
 
@@ -22,6 +23,9 @@ class PruneConfig:
     reconstruct: bool = False
     # The SparseGPT and Wanda reference code prune every Linear of a layer from one pass.
     true_sequential: bool = False
+    # Decoder-layer modules left dense (fnmatch on the name inside the layer or its last part);
+    # MoE routers by default.
+    skip: list[str] = field(default_factory=lambda: list(ROUTER_PATTERNS))
 
 
 METHODS = ("sparsegpt", "wanda", "magnitude")

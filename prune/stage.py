@@ -17,8 +17,9 @@ from prune.config import parse_pattern
 from prune.reconstruct import masked_least_squares
 from prune.sparsegpt import sparsegpt_prune
 from quant.export import install_quantized
+from quant.gptq import rtn_quantize
 from quant.pack import pack_result
-from engine.calibration import LinearJob, compress_model
+from engine.calibration import LinearJob, compress_model, record_coverage
 from engine.errors import ShrinkError
 from engine.modeling import set_weight_matrix, weight_matrix
 
@@ -41,7 +42,15 @@ def prune_stage(state: "RunState") -> dict[str, Any]:
             raise ShrinkError(f"{job.full_name}: prune.pattern {n}:{m}: M={m} does not divide {W.shape[1]} input columns")
         sparsity = float(p.layer_sparsity.get(job.layer_index, p.sparsity))
         stats: dict[str, Any] = {"sparsity_target": n / m if m else sparsity}
-        if p.method == "sparsegpt":
+        if job.hessian is None:  # an expert with too few tokens: magnitude
+            Wf = W.float()
+            mask = magnitude_prune(Wf, sparsity, n, m)
+            new = Wf.masked_fill(mask, 0.0)
+            if p.joint_quant:
+                result = rtn_quantize(new, q.bits, q.group_size, q.sym, mask=mask)
+                new = result.Q
+                packed[job.full_name] = pack_result(result, job.module)
+        elif p.method == "sparsegpt":
             joint = dict(quant_bits=q.bits, quant_group_size=q.group_size, quant_sym=q.sym) if p.joint_quant else {}
             result = sparsegpt_prune(W.float(), job.hessian.H, sparsity, n, m, p.block_size, p.damp, **joint)
             new, mask = (result.quant.Q if result.quant is not None else result.W), result.mask
@@ -53,7 +62,7 @@ def prune_stage(state: "RunState") -> dict[str, Any]:
             mask = (wanda_prune(Wf, job.hessian.input_norm(), sparsity, n, m) if p.method == "wanda"
                     else magnitude_prune(Wf, sparsity, n, m))
             new = Wf.masked_fill(mask, 0.0)
-        if p.reconstruct:
+        if p.reconstruct and job.hessian is not None:
             rec = masked_least_squares(W.float(), job.hessian.H, mask, W=new, damp=p.damp)
             new = rec.W
             stats.update(reconstruct_error_before=rec.error_before, reconstruct_error_after=rec.error_after,
@@ -71,12 +80,13 @@ def prune_stage(state: "RunState") -> dict[str, Any]:
     report = compress_model(state.model, windows, compressor, state.device, p.true_sequential,
                             offload_activations=q.offload_activations,
                             label=f"{p.method}{' + reconstruct' if p.reconstruct else ''} {p.pattern}",
-                            full_hessian=p.method != "wanda" or p.reconstruct)
+                            full_hessian=p.method != "wanda" or p.reconstruct,
+                            skip=p.skip, moe=state.cfg.moe, min_coverage=state.cfg.min_coverage)
     if p.joint_quant:
         state.quantization_config = install_quantized(state.model, packed, q)
     overall = sum(per_linear.values()) / max(len(per_linear), 1)
     result = {"method": p.method, "pattern": p.pattern, "reconstruct": p.reconstruct, "sparsity_mean": overall,
-              "per_linear": per_linear, "layers": report}
+              "per_linear": per_linear, "layers": report, **record_coverage(state, report)}
     if m:
         result["pattern_ok"] = all(r.get("pattern_ok", False) for r in report)
     log.info("pruned: mean sparsity %.4f%s", overall, f", {n}:{m} pattern ok: {result['pattern_ok']}" if m else "")

@@ -1,9 +1,10 @@
 """Schema of the `quant` config group."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
+from engine.config import ROUTER_PATTERNS
 from engine.errors import ShrinkError
 from quant.grid import SUPPORTED_BITS
 
@@ -22,6 +23,9 @@ class QuantConfig:
     # Keep calibration activations on the CPU: true | false | null (auto: when they would
     # take more than half of the free device memory).
     offload_activations: Optional[bool] = None
+    # Decoder-layer modules kept in full precision (fnmatch on the name inside the layer or its
+    # last part); MoE routers by default.
+    skip: list[str] = field(default_factory=lambda: list(ROUTER_PATTERNS))
 
 
 METHODS = ("gptq", "rtn")

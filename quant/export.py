@@ -19,13 +19,14 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from engine.experts import disk_names, split_experts, split_modules, to_disk_key, to_memory_key
 from engine.modeling import linear_dims, unique_tensors
 from quant.config import QuantConfig
 from quant.qlinear import QuantLinear
@@ -137,11 +138,14 @@ def gptq_quantization_config(
 _BLOCK_RE = re.compile(r"^(?P<block>.+?)\.(?P<idx>\d+)\.(?P<rest>.+)$")
 
 
-def _modules_in_block(names: list[str]) -> list[list[str]]:
+def _modules_in_block(names: list[str], present: dict[str, set[str]] | None = None) -> list[list[str]]:
     """Quantized module names relative to their decoder block, e.g. "self_attn.q_proj".
 
     One flat group: for loading only membership matters (the nesting records
-    true-sequential order for quantization, which the reader ignores).
+    true-sequential order for quantization, which the reader ignores). Blocks may differ
+    (dense first layers of an MoE model): the list is then their union, which is exact as
+    long as no block holds a listed Linear that it did not quantize (`present`: each block's
+    Linear names, checked when given).
     """
     per_block: dict[str, set[str]] = {}
     rests: list[str] = []
@@ -153,9 +157,20 @@ def _modules_in_block(names: list[str]) -> list[list[str]]:
         if m["rest"] not in rests:
             rests.append(m["rest"])
     if len({frozenset(s) for s in per_block.values()}) > 1:
-        # optimum applies one module list to all blocks: a ragged pattern would load wrong.
-        raise ValueError("quantized modules differ between blocks; GPTQ config cannot express that")
+        # optimum applies one module list to all blocks: a ragged pattern could load wrong.
+        union = set(rests)
+        if present is None or any((union & present.get(i, set())) != q for i, q in per_block.items()):
+            raise ValueError("quantized modules differ between blocks; GPTQ config cannot express that")
     return [rests]
+
+
+def _block_linears(model: nn.Module, rename: Callable[[str], str]) -> dict[str, set[str]]:
+    """Per block index, the (on-disk) names of its Linears and QuantLinears."""
+    present: dict[str, set[str]] = {}
+    for n, m in model.named_modules():
+        if isinstance(m, (nn.Linear, QuantLinear)) and (b := _BLOCK_RE.match(rename(n))):
+            present.setdefault(b["idx"], set()).add(b["rest"])
+    return present
 
 
 # ---------------------------------------------------------------------------- save
@@ -215,12 +230,15 @@ def save_gptq_model(
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists (pass overwrite=True)")
-    qnames = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    # split experts are written under the family's on-disk per-expert names
+    renames = disk_names(model)[1] if split_modules(model) else []
+    rename = lambda key: to_disk_key(key, renames)  # noqa: E731
+    qnames = [rename(n) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     if not qnames:
         raise ValueError("model has no QuantLinear layers; call replace_with_quant_linears first")
     qcfg = copy.deepcopy(quant_config)
     if "modules_in_block_to_quantize" not in qcfg:
-        qcfg["modules_in_block_to_quantize"] = _modules_in_block(qnames)
+        qcfg["modules_in_block_to_quantize"] = _modules_in_block(qnames, _block_linears(model, rename))
     _check_g_idx(model, bool(qcfg.get("desc_act", False)))
 
     config = copy.deepcopy(model.config)
@@ -232,7 +250,7 @@ def save_gptq_model(
         config.tie_word_embeddings = False
         tied = False
 
-    state, dropped = _dedup_shared({k: v.detach().cpu() for k, v in model.state_dict().items()}, tied)
+    state, dropped = _dedup_shared({rename(k): v.detach().cpu() for k, v in model.state_dict().items()}, tied)
     if dropped:
         log.info("tied weights not written (re-tied on load): %s", dropped)
 
@@ -323,6 +341,9 @@ def load_quantized_model(
     # non-persistent ones (e.g. rotary inv_freq) are computed as usual.
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # fused experts are read back as split ones: the per-expert keys map onto their Linears
+    renames = disk_names(model)[1] if split_experts(model) else []
+    qnames = [to_memory_key(n, renames) for n in qnames]
     for name in qnames:
         old = model.get_submodule(name)
         in_f, out_f = linear_dims(old)
@@ -338,6 +359,7 @@ def load_quantized_model(
         with safe_open(str(f), framework="pt", device="cpu") as sf:
             for k in sf.keys():
                 t = sf.get_tensor(k)
+                k = to_memory_key(k, renames)
                 if t.is_floating_point() and k not in qkeys:
                     t = t.to(dtype)
                 state[k] = t

@@ -124,6 +124,8 @@ def gptq_quantize(
     if H is still not positive definite; the value used is returned). Computes in fp32
     on W's device (fp64 if W is fp64).
     """
+    if not act_order:
+        return gptq_quantize_batch([W], [H], bits, group_size, sym, static_groups, damp, block_size, [mask])[0]
     W, H, dead = prepare_layer(W, H, mask)
     check_quant_args(bits, group_size, static_groups)
     mask = mask.to(W.device) if mask is not None else None
@@ -140,6 +142,39 @@ def gptq_quantize(
     inv = inverse_hessian(H, damp)
     sweep = obs_sweep(W, inv.Hinv, block_size=block_size, mask=mask, quantizer=quantizer)
     return quantizer.result(sweep.error, inv.damp_fraction)
+
+
+def gptq_quantize_batch(
+    Ws: list[torch.Tensor],
+    Hs: list[torch.Tensor],
+    bits: int,
+    group_size: int = -1,
+    sym: bool = False,
+    static_groups: bool = False,
+    damp: float = 0.01,
+    block_size: int = 128,
+    masks: list[torch.Tensor | None] | None = None,
+) -> list[QuantResult]:
+    """GPTQ (columns in original order) of B same-shape matrices, each with its own Hessian,
+    in ONE column sweep (the experts of an MoE block): the same results as B separate
+    calls, at the per-column cost of one. Each matrix gets its own damping."""
+    masks = masks if masks is not None else [None] * len(Ws)
+    check_quant_args(bits, group_size, static_groups)
+    prepared = [prepare_layer(W, H, m) for W, H, m in zip(Ws, Hs, masks)]
+    W = torch.stack([p[0] for p in prepared])
+    B, rows, cols = W.shape
+    mask = None
+    if any(m is not None for m in masks):
+        mask = torch.stack([m.to(W.device) if m is not None else torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
+                            for m in masks])
+    W_fit = W.masked_fill(mask, 0) if mask is not None else W
+    quantizer = GroupQuantizer(W_fit.reshape(B * rows, cols), bits, sym, group_size, static_groups)
+    invs = [inverse_hessian(p[1], damp) for p in prepared]
+    sweep = obs_sweep(W, torch.stack([inv.Hinv for inv in invs]), block_size=block_size, mask=mask, quantizer=quantizer)
+    full = quantizer.result(sweep.error, 0.0)
+    return [QuantResult(full.Q[k * rows:(k + 1) * rows], full.codes[k * rows:(k + 1) * rows],
+                        full.scale[:, k * rows:(k + 1) * rows], full.zero[:, k * rows:(k + 1) * rows], full.g_idx,
+                        bits, group_size, sym, sweep.errors[k], invs[k].damp_fraction) for k in range(B)]
 
 
 def rtn_quantize(

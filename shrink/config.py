@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 
 from distill.config import DistillConfig
 from engine.errors import ShrinkError
-from engine.config import DataConfig, EvalConfig, ModelConfig, PipelineConfig
+from engine.config import DataConfig, EvalConfig, ModelConfig, MoeConfig, PipelineConfig
 from prune.config import PruneConfig
 from quant.config import QuantConfig
 
@@ -27,9 +27,13 @@ class ShrinkConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    moe: MoeConfig = field(default_factory=MoeConfig)
     seed: int = 0
     out: Optional[str] = None  # artifact folder; default: the Hydra run directory
     resume: bool = False
+    # A compressing stage that would reach less than this share of the decoder-layer weights
+    # fails before changing anything, naming what it cannot handle.
+    min_coverage: float = 0.9
     log_level: str = "INFO"
     # Written into recipe.yaml (input sha256, package versions); checked when a recipe is re-run.
     fingerprints: dict[str, Any] = field(default_factory=dict)

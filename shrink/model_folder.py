@@ -11,6 +11,7 @@ from typing import Any, Optional
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from engine.config import ModelConfig
+from engine.experts import fuse_experts, split_experts
 from engine.modeling import load_model as load_dense_or_quantized
 from quant.export import load_quantized_model, save_gptq_model
 
@@ -26,5 +27,13 @@ def save_model_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     if quantization_config is not None:
         save_gptq_model(model, folder, quantization_config, overwrite=True)
     else:
-        model.save_pretrained(folder, safe_serialization=True)
+        # split experts go back to transformers' fused layout, which it writes under the
+        # family's on-disk per-expert names; the model in memory stays split
+        if fuse_experts(model):
+            try:
+                model.save_pretrained(folder, safe_serialization=True)
+            finally:
+                split_experts(model)
+        else:
+            model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)

@@ -53,10 +53,34 @@ def tiny_config(family: str) -> transformers.PretrainedConfig:
                                                     new_decoder_architecture=False, multi_query=True, **common),
         "phi": lambda: transformers.PhiConfig(hidden_size=h, intermediate_size=128, num_hidden_layers=2,
                                               num_attention_heads=4, **common),
+        **moe_configs(h, common),
     }
     return configs[family]()
 
 
+def moe_configs(h: int, common: dict) -> dict:
+    """Tiny mixture-of-experts configs (fused 3-D experts in transformers 5): plain top-2
+    (mixtral), shared expert + gate (qwen2_moe), qwen3_moe, dense first layer + shared experts
+    (deepseek_v3), transposed experts with biases and interleaved gate/up (gpt_oss)."""
+    attn = dict(hidden_size=h, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **common)
+    return {
+        "mixtral": lambda: transformers.MixtralConfig(intermediate_size=96, num_local_experts=4,
+                                                      num_experts_per_tok=2, **attn),
+        "qwen2_moe": lambda: transformers.Qwen2MoeConfig(intermediate_size=128, moe_intermediate_size=64,
+                                                         shared_expert_intermediate_size=96, num_experts=4,
+                                                         num_experts_per_tok=2, **attn),
+        "qwen3_moe": lambda: transformers.Qwen3MoeConfig(intermediate_size=128, moe_intermediate_size=64, num_experts=4,
+                                                         num_experts_per_tok=2, head_dim=16, **attn),
+        "deepseek_v3": lambda: transformers.DeepseekV3Config(
+            intermediate_size=128, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+            n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=32, kv_lora_rank=32,
+            qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=16, **{**attn, "num_key_value_heads": 4}),
+        "gpt_oss": lambda: transformers.GptOssConfig(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+                                                     head_dim=16, sliding_window=16, **attn),
+    }
+
+
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss"]
 FAMILIES = ["llama", "qwen2", "mistral", "opt", "gpt2", "gpt_neox", "bloom", "falcon", "phi"]
 
 

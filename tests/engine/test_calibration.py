@@ -7,7 +7,8 @@ import torch
 from engine.calibration import LinearJob, accumulate, capture_layer_calls, compress_model, input_groups, run_layer
 from engine.errors import ShrinkError
 from engine.modeling import find_decoder_layers, set_weight_matrix, weight_matrix
-from tests.conftest import FAMILIES, tiny_model
+from engine.experts import split_experts
+from tests.conftest import FAMILIES, MOE_FAMILIES, tiny_model
 
 CPU = torch.device("cpu")
 
@@ -35,14 +36,17 @@ def mixed_attention_model(family: str) -> torch.nn.Module:
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
-@pytest.mark.parametrize("family", FAMILIES + ["qwen2-sliding", "gemma3"])
+@pytest.mark.parametrize("family", FAMILIES + MOE_FAMILIES + ["qwen2-sliding", "gemma3"])
 def test_replaying_layers_from_captured_calls_matches_the_full_model(family: str) -> None:
     """Captured args+kwargs let each layer be replayed alone, exactly, layer after layer, also
-    where layers get different masks or position embeddings."""
-    model = tiny_model(family) if family in FAMILIES else mixed_attention_model(family)
+    where layers get different masks or position embeddings; MoE layers replay with their
+    experts split into Linears as the engine runs them, against the fused model's forward."""
+    known = FAMILIES + MOE_FAMILIES
+    model = tiny_model(family) if family in known else mixed_attention_model(family)
     x = windows()
     with torch.no_grad():
         reference = model(input_ids=x, output_hidden_states=True, use_cache=False).hidden_states
+    assert split_experts(model) == (family in MOE_FAMILIES) * (1 if family == "deepseek_v3" else 2)
     calls = capture_layer_calls(model, x, batch_size=2, device=CPU, store=CPU)
     _, layers = find_decoder_layers(model)
     assert len(calls) == len(layers) == 2 and all(len(c) == 2 for c in calls)
@@ -51,7 +55,7 @@ def test_replaying_layers_from_captured_calls_matches_the_full_model(family: str
     for i, layer in enumerate(layers[:-1]):  # the last layer's output is normed in hidden_states
         hidden = run_layer(layer, [c.with_hidden(h) for c, h in zip(calls[i], hidden)], CPU, CPU)
         torch.testing.assert_close(torch.cat(hidden), reference[i + 1], rtol=1e-4, atol=1e-5)
-    if family in FAMILIES:
+    if family in known:
         return
     # replaying layer 1 with layer 0's kwargs (what a layer-0-only capture did) is measurably wrong
     h0 = run_layer(layers[0], calls[0], CPU, CPU)

@@ -253,3 +253,21 @@ def test_grids_never_have_zero_point_zero_so_v1_checkpoints_can_store_them() -> 
     packed = pack_gptq(result.codes, result.scale, result.zero, result.g_idx, 4)
     codes, zero, _ = unpack_gptq(packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], 4)
     assert torch.equal(codes, result.codes) and torch.equal(zero.float(), result.zero)
+
+
+@pytest.mark.parametrize("group_size,static", [(32, False), (-1, False), (32, True)])
+def test_a_batched_sweep_equals_separate_gptq_runs(group_size: int, static: bool) -> None:
+    """The experts of one block in one column sweep: each matrix with its own Hessian and
+    damping, results identical to quantizing each alone."""
+    from quant.gptq import gptq_quantize_batch
+
+    layers = [correlated_layer(seed, torch.float64, 24, 64, 256) for seed in range(3)]
+    Ws, Hs = [layer[0] for layer in layers], [layer[1] for layer in layers]
+    mask = torch.rand(24, 64, generator=torch.Generator().manual_seed(5)) < 0.3
+    masks = [None, mask, None]
+    batched = gptq_quantize_batch(Ws, Hs, 4, group_size, static_groups=static, masks=masks)
+    for W, H, m, got in zip(Ws, Hs, masks, batched):
+        alone = gptq_quantize(W, H, 4, group_size, static_groups=static, mask=m)
+        assert torch.equal(got.codes, alone.codes) and torch.equal(got.scale, alone.scale)
+        torch.testing.assert_close(got.Q, alone.Q, rtol=0, atol=1e-12)
+        assert got.error == pytest.approx(alone.error, rel=1e-9) and got.damp_fraction == alone.damp_fraction
