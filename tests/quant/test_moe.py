@@ -95,4 +95,4 @@ def test_under_min_coverage_the_run_stops_with_one_line_naming_the_modules(tmp_p
                           "quant.skip=[mlp.experts.*,gate]", "min_coverage=0"], tmp_path / "low")
     assert lowered["coverage"]["fraction"] < 0.5
     assert any(".experts.0.up_proj" in n for n in lowered["coverage"]["not_compressed"])
-    assert torch.isfinite(torch.tensor(lowered["ppl"]["docs-en-test"]))
+    assert lowered["ppl"] and all(torch.isfinite(torch.tensor(v)) for v in lowered["ppl"].values())
