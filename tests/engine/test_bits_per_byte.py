@@ -12,16 +12,16 @@ from transformers import AutoTokenizer
 
 from engine.data import eval_windows, token_stream, token_text_lengths
 from engine.evaluation import measure
-from tests.conftest import ROOT, TOKENIZER, needs_shared, tiny_model
+from tests.conftest import ROOT, tiny_model
 
 TANG = ROOT / "tests" / "fixtures" / "tang-poems.jsonl"  # 16 Tang poems from Debian's fortunes-zh (tang300)
 
-pytestmark = needs_shared
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(TOKENIZER)
+def tokenizer(shipped_tokenizer):
+    """Byte-level BPE like the shared docs-en one (trained on the shipped Shakespeare)."""
+    return AutoTokenizer.from_pretrained(shipped_tokenizer)
 
 
 def test_byte_level_tokens_cover_exactly_the_texts_bytes_and_characters(tokenizer) -> None:

@@ -6,7 +6,7 @@ import pytest
 from engine.config import eval_sets
 from engine.errors import ShrinkError
 from shrink.config import asset_path
-from tests.conftest import DOCS, compose_config
+from tests.conftest import compose_config
 
 SHAKESPEARE = asset_path("shakespeare-eval.jsonl.gz")
 
@@ -21,7 +21,7 @@ def test_the_presets_own_file_keeps_its_name_and_cap() -> None:
 def test_an_overridden_path_gets_its_own_stem_and_no_inherited_cap(tmp_path) -> None:
     (s,) = eval_sets(compose_config([f"data.eval.path={tmp_path / 'test.jsonl.gz'}"]).data.eval)
     assert (s.name, s.max_windows) == ("test", None)
-    (s,) = eval_sets(compose_config([f"data.eval.path={DOCS / 'valid.jsonl.gz'}", "data=docs_en"]).data.eval)
+    (s,) = eval_sets(compose_config([f"data.eval.path={tmp_path / 'docs-en' / 'valid.jsonl.gz'}", "data=docs_en"]).data.eval)
     assert (s.name, s.max_windows) == ("valid", None)
     given = compose_config([f"data.eval.path={tmp_path / 'a.jsonl'}", "data.eval.name=mine", "data.eval.max_windows=3"])
     (s,) = eval_sets(given.data.eval)

@@ -14,11 +14,10 @@ from shrink.model_folder import load_model
 from shrink.pipeline import check_config
 from shrink.report import write_report
 from shrink.tasks import SHIPPED
-from tests.conftest import TEACHER, compose_config, needs_shared, run_shrink, tiny_data_overrides
+from tests.conftest import compose_config, run_shrink, tiny_data_overrides
 from tests.shrink.test_cli import shrink
 
 pytest.importorskip("lm_eval")
-pytestmark = needs_shared
 LIMIT = 8
 
 
@@ -71,8 +70,8 @@ def test_tasks_before_and_after_gptq_in_metrics_card_and_report(tmp_path, tiny_m
     assert "shakespeare_next_line acc_norm" in report and "± its standard error" in report
 
 
-def test_bad_task_input_is_one_line_before_any_model(tmp_path, monkeypatch) -> None:
-    base = ["pipeline=eval", f"model.path={TEACHER}"]
+def test_bad_task_input_is_one_line_before_any_model(tmp_path, tiny_model_dir) -> None:
+    base = ["pipeline=eval", f"model.path={tiny_model_dir('llama')}"]
     with pytest.raises(ShrinkError, match="eval.tasks: unknown task 'no_such_task'"):
         check_config(compose_config(base + ["eval.tasks=[no_such_task]"]))
     broken = tmp_path / "broken"
