@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
 from shrink.config import compose, quiet_import_noise
 from shrink.pipeline import run_pipeline
@@ -21,14 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
-    return compose(overrides)
-
-
 def run(overrides: list[str]) -> dict[str, Any]:
     """Run one pipeline in a throwaway folder; returns its metrics.json content."""
     quiet_import_noise()  # as the CLI does: torchao's and pytree's import-time lines are not results
-    cfg = compose_config(overrides)
+    cfg = compose(overrides)
     with tempfile.TemporaryDirectory() as tmp:
         if cfg.pipeline.stages[-1] == "export":
             cfg.pipeline.stages = list(cfg.pipeline.stages)[:-1]  # benchmarks keep no model folders

@@ -25,7 +25,7 @@ def scaled(value: int, hidden: int, teacher_hidden: int, multiple: int) -> int:
     return max(multiple, math.ceil(value * hidden / teacher_hidden / multiple) * multiple)
 
 
-def student_config(teacher_config: PretrainedConfig, s: StudentConfig, layers: list[int]) -> PretrainedConfig:
+def student_config(teacher_config: PretrainedConfig, student: StudentConfig, layers: list[int]) -> PretrainedConfig:
     """The teacher's config with the student's depth, width, heads and MLP size.
 
     Unset sizes follow the hidden size: heads keep the teacher's head_dim, the MLP keeps
@@ -33,9 +33,9 @@ def student_config(teacher_config: PretrainedConfig, s: StudentConfig, layers: l
     """
     config = depth_config(teacher_config, layers)
     t_shape = attention_shape(teacher_config)
-    hidden = s.hidden_size or teacher_config.hidden_size
-    heads = s.num_heads or max(1, hidden // t_shape.head_dim)
-    kv = s.num_kv_heads or (t_shape.num_kv_heads if heads % t_shape.num_kv_heads == 0 else heads)
+    hidden = student.hidden_size or teacher_config.hidden_size
+    heads = student.num_heads or max(1, hidden // t_shape.head_dim)
+    kv = student.num_kv_heads or (t_shape.num_kv_heads if heads % t_shape.num_kv_heads == 0 else heads)
     if heads % kv:
         raise ShrinkError(f"distill.student.num_heads={heads} is not a multiple of num_kv_heads={kv}")
     config.hidden_size = hidden
@@ -49,8 +49,8 @@ def student_config(teacher_config: PretrainedConfig, s: StudentConfig, layers: l
     elif hidden % heads:
         raise ShrinkError(f"distill.student.hidden_size={hidden} is not a multiple of num_heads={heads}")
     if getattr(config, "intermediate_size", None) is not None:
-        config.intermediate_size = s.intermediate_size or scaled(
+        config.intermediate_size = student.intermediate_size or scaled(
             teacher_config.intermediate_size, hidden, teacher_config.hidden_size, 32)
-    elif s.intermediate_size is not None:
+    elif student.intermediate_size is not None:
         raise ShrinkError(f"distill.student.intermediate_size: {config.model_type} has no intermediate_size")
     return config

@@ -62,7 +62,8 @@ def check_pairs(pairs: Sequence[tuple[int, int]], n_student: int, n_teacher: int
         raise ShrinkError("distill.layer_map: a student layer is mapped twice")
 
 
-def layer_weights(pairs: Sequence[tuple[int, int]], total: float, relative: Optional[Sequence[float]]) -> list[float]:
+def akt_layer_weights(pairs: Sequence[tuple[int, int]], total: float,
+                      relative: Optional[Sequence[float]]) -> list[float]:
     """Per-pair weights w_l summing to `total` (equal shares, or proportional to `relative`)."""
     if relative is None:
         return [total / len(pairs)] * len(pairs) if pairs else []

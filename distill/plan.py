@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from distill.capture import find_qkv
-from distill.layer_map import layer_weights
+from distill.layer_map import akt_layer_weights
 from distill.losses import valid_parts
 from engine.errors import ShrinkError
 from engine.modeling import find_decoder_layers
@@ -70,44 +70,46 @@ def parse_loss(loss: str) -> set[str]:
     return terms
 
 
-def check_distill_config(d: Any) -> None:
+def check_distill_config(distill: Any) -> None:
     """The checks that need no model: run before anything is loaded or written."""
     from distill.student import check_init
     from distill.teacher import teacher_device_map
 
-    check_init(d.student)
-    parse_loss(d.loss)
-    if d.schedule not in SCHEDULES:
-        raise ShrinkError(f"distill.schedule: unknown schedule {d.schedule!r} ({' | '.join(SCHEDULES)})")
-    if d.steps < 0 or (d.progressive_steps or 0) < 0:
+    check_init(distill.student)
+    parse_loss(distill.loss)
+    if distill.schedule not in SCHEDULES:
+        raise ShrinkError(f"distill.schedule: unknown schedule {distill.schedule!r} ({' | '.join(SCHEDULES)})")
+    if distill.steps < 0 or (distill.progressive_steps or 0) < 0:
         raise ShrinkError("distill.steps and distill.progressive_steps must be >= 0")
-    if d.precision not in PRECISIONS:
-        raise ShrinkError(f"distill.precision: unknown precision {d.precision!r} ({' | '.join(PRECISIONS)})")
-    if d.seq_len <= 1 or d.batch_size <= 0 or d.grad_accum <= 0:
+    if distill.precision not in PRECISIONS:
+        raise ShrinkError(f"distill.precision: unknown precision {distill.precision!r} ({' | '.join(PRECISIONS)})")
+    if distill.seq_len <= 1 or distill.batch_size <= 0 or distill.grad_accum <= 0:
         raise ShrinkError("distill.seq_len must be > 1, distill.batch_size and distill.grad_accum > 0")
-    if not valid_parts(str(d.relations)):
-        raise ShrinkError(f"distill.relations={d.relations!r}: name each of q, k, v at most once (e.g. qkv, v, kv)")
-    teacher_device_map(d.teacher.device_map)  # a device_map.json file: present and well formed
+    if not valid_parts(str(distill.relations)):
+        raise ShrinkError(f"distill.relations={distill.relations!r}: name each of q, k, v at most once "
+                          "(e.g. qkv, v, kv)")
+    teacher_device_map(distill.teacher.device_map)  # a device_map.json file: present and well formed
 
 
-def joint_objective(d: Any, pairs: list[tuple[int, int]]) -> Objective:
-    terms = parse_loss(d.loss)
-    w = d.weights
-    akt = dict(zip([s for s, _ in pairs], layer_weights(pairs, w.akt, w.layers))) if "akt" in terms else {}
-    objective = Objective(lm=w.lm if "lm" in terms else 0.0, logit=w.logit if "logits" in terms else 0.0,
+def joint_objective(distill: Any, pairs: list[tuple[int, int]]) -> Objective:
+    terms = parse_loss(distill.loss)
+    weights = distill.weights
+    akt = (dict(zip([s for s, _ in pairs], akt_layer_weights(pairs, weights.akt, weights.layers)))
+           if "akt" in terms else {})
+    objective = Objective(lm=weights.lm if "lm" in terms else 0.0, logit=weights.logit if "logits" in terms else 0.0,
                           akt={s: v for s, v in akt.items() if v > 0})
     if not (objective.lm or objective.logit or objective.akt):
-        raise ShrinkError(f"distill.weights: every term of distill.loss={d.loss!r} has weight 0")
+        raise ShrinkError(f"distill.weights: every term of distill.loss={distill.loss!r} has weight 0")
     return objective
 
 
-def make_plan(d: Any, pairs: list[tuple[int, int]], student: nn.Module) -> TrainPlan:
-    joint = joint_objective(d, pairs)
-    phases = [Phase("joint", d.steps, joint)]
-    if d.schedule == "progressive":
+def make_train_plan(distill: Any, pairs: list[tuple[int, int]], student: nn.Module) -> TrainPlan:
+    joint = joint_objective(distill, pairs)
+    phases = [Phase("joint", distill.steps, joint)]
+    if distill.schedule == "progressive":
         if not joint.akt:
             raise ShrinkError("distill.schedule=progressive transfers layer by layer: distill.loss must include akt")
-        per_layer = d.progressive_steps if d.progressive_steps is not None else d.steps
+        per_layer = distill.progressive_steps if distill.progressive_steps is not None else distill.steps
         layers = sorted(joint.akt)
         order = execution_order(student)
         phases = [Phase(f"layer{s}", per_layer, Objective(akt={s: joint.akt[s]}),

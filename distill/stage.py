@@ -22,7 +22,7 @@ from distill.capture import attention_shape
 from distill.data import WindowSampler
 from distill.distributed import DistContext, local_device
 from distill.layer_map import parse_layer_map
-from distill.plan import TrainPlan, make_plan
+from distill.plan import TrainPlan, make_train_plan
 from distill.student import Student, build_student, shape_report
 from distill.teacher import TopKCache, prepare_teacher, teacher_vocab_check
 from distill.trainer import RunFiles, Trainer, TrainResult
@@ -71,41 +71,42 @@ def announce_to_workers(state: "RunState", stage: str) -> None:
 
 def effective_config(cfg: Any, pretrain: bool) -> Any:
     """cfg.distill, with pretraining's fixed choices (LM loss only, one joint phase)."""
-    d = cfg.distill
-    return OmegaConf.merge(d, {"loss": "lm", "schedule": "joint"}) if pretrain else d
+    distill = cfg.distill
+    return OmegaConf.merge(distill, {"loss": "lm", "schedule": "joint"}) if pretrain else distill
 
 
 def run_training(state: "RunState", pretrain: bool, evaluate_init: bool = False) -> tuple[Student, dict, TrainResult]:
     """Everything but the hand-over: checks, student init, teacher placement, training."""
     cfg = state.cfg
-    d = effective_config(cfg, pretrain)
-    device = local_device(resolve_device(d.device or cfg.model.device))
+    distill = effective_config(cfg, pretrain)
+    device = local_device(resolve_device(distill.device or cfg.model.device))
     ctx = DistContext.current(device)
-    student = build_student(d.student, state.model, state.tokenizer, state.calibration, cfg.seed,
+    student = build_student(distill.student, state.model, state.tokenizer, state.calibration, cfg.seed,
                             cfg.model.trust_remote_code)
     n_student = len(find_decoder_layers(student.model)[1])
     n_teacher = len(find_decoder_layers(state.model)[1])
-    pairs = [] if pretrain else parse_layer_map(d.layer_map, n_student, n_teacher)
-    plan = make_plan(d, pairs, student.model)
-    check_relation_heads(plan, state.model, student.model, d.relation_heads)
-    train_path = d.train_path or cfg.data.calib.path
+    pairs = [] if pretrain else parse_layer_map(distill.layer_map, n_student, n_teacher)
+    plan = make_train_plan(distill, pairs, student.model)
+    check_relation_heads(plan, state.model, student.model, distill.relation_heads)
+    train_path = distill.train_path or cfg.data.calib.path
     stream = data_mod.token_stream(train_path, student.tokenizer, cfg.data.text_field, cfg.data.cache_dir,
                                    key="distill.train_path")
-    sampler = WindowSampler(stream, d.seq_len, cfg.seed)
+    sampler = WindowSampler(stream, distill.seq_len, cfg.seed)
     report: dict[str, Any] = {"student": student.report, "teacher": shape_report(state.model),
-                              "loss": d.loss, "schedule": d.schedule, "layer_map": [list(p) for p in pairs],
+                              "loss": distill.loss, "schedule": distill.schedule, "layer_map": [list(p) for p in pairs],
                               "phases": [{"name": p.name, "steps": p.steps} for p in plan.phases],
                               "world_size": ctx.world}
     if evaluate_init and ctx.main:
         report["init_ppl"] = evaluate(state, student, device)
     teacher, teacher_device, topk = None, device, None
-    if needs_teacher(plan, d):
-        teacher, teacher_device = prepare_teacher(state.model, d.teacher, cfg.model, device)
-        topk = topk_cache(d, cfg, teacher, teacher_device, sampler, plan, ctx) if d.teacher.topk_logits > 0 else None
-    trainer = Trainer(student.model, teacher, teacher_device, sampler, plan, d, device, ctx, topk,
+    if needs_teacher(plan, distill):
+        teacher, teacher_device = prepare_teacher(state.model, distill.teacher, cfg.model, device)
+        topk = (topk_cache(distill, cfg, teacher, teacher_device, sampler, plan, ctx)
+                if distill.teacher.topk_logits > 0 else None)
+    trainer = Trainer(student.model, teacher, teacher_device, sampler, plan, distill, device, ctx, topk,
                       vocab=None if teacher is None else teacher_vocab_check(teacher, student.model))
     files = RunFiles(checkpoint=state.out / "checkpoints" / ("pretrain-train" if pretrain else "distill-train"),
-                     tensorboard=state.out / "tensorboard" if d.tensorboard else None,
+                     tensorboard=state.out / "tensorboard" if distill.tensorboard else None,
                      resume=bool(cfg.resume), settings_digest=config_digest(cfg))
     result = trainer.run(files)
     student.model = trainer.student
@@ -113,18 +114,18 @@ def run_training(state: "RunState", pretrain: bool, evaluate_init: bool = False)
     return student, report, result
 
 
-def needs_teacher(plan: TrainPlan, d: Any) -> bool:
+def needs_teacher(plan: TrainPlan, distill: Any) -> bool:
     return any(p.objective.akt or p.objective.logit for p in plan.phases)
 
 
-def topk_cache(d: Any, cfg: Any, teacher: Any, device: torch.device, sampler: WindowSampler, plan: TrainPlan,
+def topk_cache(distill: Any, cfg: Any, teacher: Any, device: torch.device, sampler: WindowSampler, plan: TrainPlan,
                ctx: DistContext) -> TopKCache:
     root = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else data_mod.default_cache_dir()
-    folder = TopKCache.folder_for(root, cfg.model.path, str(d.teacher.dtype or cfg.model.dtype),
-                                  sampler.windows.flatten(), d.seq_len, cfg.seed, d.teacher.topk_logits)
-    cache = TopKCache(folder, d.teacher.topk_logits)
-    num_samples = plan.total_steps * d.grad_accum * ctx.world * d.batch_size
-    cache.build(teacher, device, sampler, num_samples, d.batch_size, ctx)
+    folder = TopKCache.folder_for(root, cfg.model.path, str(distill.teacher.dtype or cfg.model.dtype),
+                                  sampler.windows.flatten(), distill.seq_len, cfg.seed, distill.teacher.topk_logits)
+    cache = TopKCache(folder, distill.teacher.topk_logits)
+    num_samples = plan.total_steps * distill.grad_accum * ctx.world * distill.batch_size
+    cache.build(teacher, device, sampler, num_samples, distill.batch_size, ctx)
     return cache
 
 

@@ -37,49 +37,49 @@ class Student:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def check_init(s: StudentConfig) -> None:
-    if s.init not in INITS:
-        raise ShrinkError(f"distill.student.init: unknown init {s.init!r} ({' | '.join(INITS)})")
+def check_init(student: StudentConfig) -> None:
+    if student.init not in INITS:
+        raise ShrinkError(f"distill.student.init: unknown init {student.init!r} ({' | '.join(INITS)})")
 
 
-def build_student(s: StudentConfig, teacher: PreTrainedModel, teacher_tok: PreTrainedTokenizerBase,
+def build_student(student: StudentConfig, teacher: PreTrainedModel, teacher_tok: PreTrainedTokenizerBase,
                   calibration: Callable[[], torch.Tensor], seed: int = 0,
                   trust_remote_code: bool = False) -> Student:
     """The initialized student (fp32, CPU, train mode off) and the tokenizer it reads
     (s.init already checked by check_init, with the rest of the distill config)."""
     n_teacher = len(find_decoder_layers(teacher)[1])
-    report: dict[str, Any] = {"init": s.init}
+    report: dict[str, Any] = {"init": student.init}
     tokenizer = teacher_tok
-    if s.init == "pretrained":
-        model, tokenizer, report["vocab"] = pretrained_student(s, teacher, teacher_tok, trust_remote_code)
-        report["path"] = s.path
-    elif s.init == "scratch":
+    if student.init == "pretrained":
+        model, tokenizer, report["vocab"] = pretrained_student(student, teacher, teacher_tok, trust_remote_code)
+        report["path"] = student.path
+    elif student.init == "scratch":
         torch.manual_seed(seed)  # every rank of a distributed run builds the same student
-        config = student_config(teacher.config, s, list(range(s.num_layers or n_teacher)))
+        config = student_config(teacher.config, student, list(range(student.num_layers or n_teacher)))
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     else:
-        layers = kept_layers(s, n_teacher)
+        layers = kept_layers(student, n_teacher)
         report["teacher_layers"] = layers
-        if s.init == "skip":
+        if student.init == "skip":
             model = skip_student(teacher, layers)
         else:
-            model, report["width"] = width_student(teacher, s, layers, calibration()[: s.calib_samples])
+            model, report["width"] = width_student(teacher, student, layers, calibration()[: student.calib_samples])
     model = model.float().eval()
     report.update(shape_report(model))
-    log.info("student (%s): %s", s.init, report)
+    log.info("student (%s): %s", student.init, report)
     return Student(model, tokenizer, report)
 
 
-def kept_layers(s: StudentConfig, n_teacher: int) -> list[int]:
-    if s.layers is None:
-        return evenly_spaced(s.num_layers or n_teacher, n_teacher)
-    layers = [int(i) for i in s.layers]
+def kept_layers(student: StudentConfig, n_teacher: int) -> list[int]:
+    if student.layers is None:
+        return evenly_spaced(student.num_layers or n_teacher, n_teacher)
+    layers = [int(i) for i in student.layers]
     bad = [i for i in layers if not 0 <= i < n_teacher]
     if bad:
         raise ShrinkError(f"distill.student.layers: teacher layer {bad[0]} does not exist "
                           f"(the teacher has {n_teacher} layers, 0..{n_teacher - 1})")
-    if s.num_layers is not None and s.num_layers != len(layers):
-        raise ShrinkError(f"distill.student.layers lists {len(layers)} layers but num_layers={s.num_layers}")
+    if student.num_layers is not None and student.num_layers != len(layers):
+        raise ShrinkError(f"distill.student.layers lists {len(layers)} layers but num_layers={student.num_layers}")
     return layers
 
 
@@ -106,15 +106,15 @@ def skip_student(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel
     return student
 
 
-def pretrained_student(s: StudentConfig, teacher: PreTrainedModel, teacher_tok: PreTrainedTokenizerBase,
+def pretrained_student(student: StudentConfig, teacher: PreTrainedModel, teacher_tok: PreTrainedTokenizerBase,
                        trust_remote_code: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
-    if not s.path:
+    if not student.path:
         raise ShrinkError("distill.student.path: init=pretrained needs the student's model folder")
-    model, tokenizer = load_model(ModelConfig(path=str(Path(s.path).expanduser()), dtype="float32",
+    model, tokenizer = load_model(ModelConfig(path=str(Path(student.path).expanduser()), dtype="float32",
                                               trust_remote_code=trust_remote_code))
     if tokenizer_fingerprint(tokenizer) == tokenizer_fingerprint(teacher_tok):
         return model, teacher_tok, {"mapped": False}
-    if not s.vocab_map:
+    if not student.vocab_map:
         raise ShrinkError(
             f"distill.student.path: the student's tokenizer ({len(tokenizer)} tokens) differs from the "
             f"teacher's ({len(teacher_tok)} tokens); distillation compares the same token ids. Use a student "

@@ -27,27 +27,27 @@ from engine.progress import Progress
 log = logging.getLogger(__name__)
 
 
-def prepare_teacher(model: PreTrainedModel, t: TeacherConfig, model_cfg: Any,
+def prepare_teacher(model: PreTrainedModel, teacher: TeacherConfig, model_cfg: Any,
                     default_device: torch.device) -> tuple[PreTrainedModel, torch.device]:
     """The frozen teacher and the device its inputs go to.
 
     With device_map or 8/4-bit, the teacher is loaded again from model.path (accelerate
     places it; bitsandbytes quantizes while loading); otherwise the loaded model is moved.
     """
-    dtype = resolve_dtype(t.dtype or model_cfg.dtype)
-    if reloads_teacher(t):
-        model = load_sharded_teacher(model_cfg, t, dtype, default_device)
+    dtype = resolve_dtype(teacher.dtype or model_cfg.dtype)
+    if reloads_teacher(teacher):
+        model = load_sharded_teacher(model_cfg, teacher, dtype, default_device)
         device = model.get_input_embeddings().weight.device
     else:
-        device = resolve_device(t.device) if t.device else default_device
+        device = resolve_device(teacher.device) if teacher.device else default_device
         model = model.to(device=device, dtype=dtype)
     model.eval().requires_grad_(False)
     return model, device
 
 
-def reloads_teacher(t: TeacherConfig) -> bool:
+def reloads_teacher(teacher: TeacherConfig) -> bool:
     """device_map and 8/4-bit teachers are loaded again from model.path, not moved."""
-    return bool(t.device_map or t.load_in_8bit or t.load_in_4bit)
+    return bool(teacher.device_map or teacher.load_in_8bit or teacher.load_in_4bit)
 
 
 def teacher_device_map(value: Optional[str]) -> Union[str, dict[str, Any], None]:
@@ -67,7 +67,7 @@ def teacher_device_map(value: Optional[str]) -> Union[str, dict[str, Any], None]
     return mapping
 
 
-def load_sharded_teacher(model_cfg: Any, t: TeacherConfig, dtype: torch.dtype,
+def load_sharded_teacher(model_cfg: Any, teacher: TeacherConfig, dtype: torch.dtype,
                          default_device: torch.device) -> PreTrainedModel:
     if not torch.cuda.is_available():
         raise ShrinkError("distill.teacher: device_map and load_in_8bit/4bit need CUDA GPUs")
@@ -75,15 +75,16 @@ def load_sharded_teacher(model_cfg: Any, t: TeacherConfig, dtype: torch.dtype,
     # under torchrun, where each rank keeps its own copy on its own GPU (otherwise every rank
     # would spread one over all GPUs, racing the others for memory)
     ranked = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    device_map = teacher_device_map(t.device_map) or ({"": default_device} if ranked else "auto")
+    device_map = teacher_device_map(teacher.device_map) or ({"": default_device} if ranked else "auto")
     kwargs: dict[str, Any] = {"dtype": dtype, "device_map": device_map, "use_safetensors": True,
                               "trust_remote_code": model_cfg.trust_remote_code}
-    if t.load_in_8bit or t.load_in_4bit:
+    if teacher.load_in_8bit or teacher.load_in_4bit:
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ShrinkError("distill.teacher.load_in_8bit/4bit: needs the bitsandbytes package")
         from transformers import BitsAndBytesConfig
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=t.load_in_8bit, load_in_4bit=t.load_in_4bit,
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=teacher.load_in_8bit,
+                                                           load_in_4bit=teacher.load_in_4bit,
                                                            bnb_4bit_compute_dtype=dtype)
     folder = check_model_folder(model_cfg.path)
     log.info("teacher: loading %s with %s", folder, {k: str(v) for k, v in kwargs.items()})

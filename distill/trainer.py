@@ -59,25 +59,25 @@ class TrainResult:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def lr_at(step: int, steps: int, d: Any) -> float:
-    """Linear warmup to d.lr, then cosine decay to d.lr * d.min_lr_ratio, within one phase."""
-    warmup = min(d.warmup, max(steps - 1, 0))
+def lr_at(step: int, steps: int, distill: Any) -> float:
+    """Linear warmup to distill.lr, then cosine decay to distill.lr * distill.min_lr_ratio, within one phase."""
+    warmup = min(distill.warmup, max(steps - 1, 0))
     if step < warmup:
-        return d.lr * (step + 1) / (warmup + 1)
+        return distill.lr * (step + 1) / (warmup + 1)
     progress = (step - warmup) / max(steps - warmup, 1)
-    return d.lr * (d.min_lr_ratio + (1 - d.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return distill.lr * (distill.min_lr_ratio + (1 - distill.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
-def make_optimizer(model: nn.Module, d: Any) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, distill: Any) -> torch.optim.Optimizer:
     """AdamW; no weight decay on vectors (norms, biases)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": d.weight_decay},
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": distill.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=d.lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW(groups, lr=distill.lr, betas=(0.9, 0.95))
 
 
 def tensorboard_writer(folder: Optional[Path], step: int) -> Any:
@@ -92,14 +92,14 @@ def tensorboard_writer(folder: Optional[Path], step: int) -> Any:
 
 class Trainer:
     def __init__(self, student: PreTrainedModel, teacher: Optional[PreTrainedModel], teacher_device: torch.device,
-                 sampler: WindowSampler, plan: TrainPlan, d: Any, device: torch.device,
+                 sampler: WindowSampler, plan: TrainPlan, distill: Any, device: torch.device,
                  ctx: Optional[DistContext] = None, topk: Optional[TopKCache] = None,
                  vocab: Optional[int] = None) -> None:
         self.student, self.teacher, self.teacher_device = student, teacher, teacher_device
-        self.sampler, self.plan, self.d, self.device = sampler, plan, d, device
+        self.sampler, self.plan, self.distill, self.device = sampler, plan, distill, device
         self.ctx = ctx or DistContext()
         self.topk, self.vocab = topk, vocab
-        self.bf16 = use_bf16(d.precision, device)
+        self.bf16 = use_bf16(distill.precision, device)
         needs_teacher = any(p.objective.akt or (p.objective.logit and topk is None) for p in plan.phases)
         if needs_teacher and teacher is None:
             raise ShrinkError("distill: the loss needs the teacher, but none was given")
@@ -125,14 +125,14 @@ class Trainer:
             if self.topk is not None:
                 values, indices = self.topk.get(start, ids.shape[0])
                 terms["logit"] = topk_kd_loss(logits[..., :v], values.to(self.device), indices.to(self.device),
-                                              self.d.temperature)
+                                              self.distill.temperature)
             else:
                 terms["logit"] = logit_kd_loss(logits[..., :v], teacher_logits[..., :v].to(self.device),
-                                               self.d.temperature)
+                                               self.distill.temperature)
         for s in objective.akt:
             t_qkv = QKV(*(a.to(self.device) for a in t_cap.pop(self.plan.pairs[s])))
-            terms[f"akt.{s}"] = qkv_relation_loss(t_qkv, s_cap.pop(s), self.d.relation_heads,
-                                                  self.d.causal_relations, self.d.relations)
+            terms[f"akt.{s}"] = qkv_relation_loss(t_qkv, s_cap.pop(s), self.distill.relation_heads,
+                                                  self.distill.causal_relations, self.distill.relations)
         s_cap.clear()
         if t_cap is not None:
             t_cap.clear()
@@ -162,20 +162,20 @@ class Trainer:
 
     def step(self, step: int, objective: Objective, optimizer: torch.optim.Optimizer, lr: float,
              s_cap: QKVCapture, t_cap: Optional[QKVCapture]) -> dict[str, float]:
-        d = self.d
+        distill = self.distill
         for group in optimizer.param_groups:
             group["lr"] = lr
         sums: dict[str, float] = {}
-        for micro in range(d.grad_accum):
-            start = sample_start(step, micro, self.ctx.rank, d.grad_accum, self.ctx.world, d.batch_size)
-            ids = self.sampler.samples(start, d.batch_size).to(self.device)
+        for micro in range(distill.grad_accum):
+            start = sample_start(step, micro, self.ctx.rank, distill.grad_accum, self.ctx.world, distill.batch_size)
+            ids = self.sampler.samples(start, distill.batch_size).to(self.device)
             total, terms = self.micro_loss(ids, start, objective, s_cap, t_cap)
-            (total / d.grad_accum).backward()
+            (total / distill.grad_accum).backward()
             for name, value in {"loss": total, **terms}.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach()) / d.grad_accum
-        if d.grad_clip:
+                sums[name] = sums.get(name, 0.0) + float(value.detach()) / distill.grad_accum
+        if distill.grad_clip:
             norm = torch.nn.utils.clip_grad_norm_([p for p in self.student.parameters() if p.grad is not None],
-                                                  d.grad_clip)
+                                                  distill.grad_clip)
             sums["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -185,7 +185,7 @@ class Trainer:
 
     def run(self, files: RunFiles, stop_at: Optional[int] = None) -> TrainResult:
         """Train to the plan's end (or through step `stop_at`, leaving a checkpoint)."""
-        d, plan = self.d, self.plan
+        distill, plan = self.distill, self.plan
         self.student.train()
         self.set_trainable(None)
         # sharded: shard() copies the student on the CPU first and fully_shard moves each rank's
@@ -193,11 +193,11 @@ class Trainer:
         shell = shard(self.student, self.ctx)
         if shell is None:
             self.student.to(self.device)
-        optimizer = make_optimizer(self.student, d)
+        optimizer = make_optimizer(self.student, distill)
         start, history, resumed, spent = self.restore(files, optimizer)
         writer = tensorboard_writer(files.tensorboard, start) if self.ctx.main else None
         end = plan.total_steps if stop_at is None else min(stop_at, plan.total_steps)
-        tokens_per_step = d.batch_size * d.grad_accum * self.ctx.world * self.sampler.seq_len
+        tokens_per_step = distill.batch_size * distill.grad_accum * self.ctx.world * self.sampler.seq_len
         progress = Progress("distill" if not resumed else f"distill (resumed at step {start})", end - start, "tok")
         t0 = time.time()
         phase_index = -1
@@ -210,17 +210,18 @@ class Trainer:
                     log.info("distill phase %s: steps %d..%d", phase.name, first, first + phase.steps)
                     self.set_trainable(phase.trainable)
                     phase_index = index
-                lr = lr_at(in_phase, phase.steps, d)
+                lr = lr_at(in_phase, phase.steps, distill)
                 record = self.step(step, phase.objective, optimizer, lr, s_cap, t_cap)
                 progress.update(1, tokens_per_step, extra=f"{phase.name} loss {record['loss']:.4f} lr {lr:.2e}")
                 done = step + 1
-                if done % d.log_every == 0 or done == plan.total_steps:
+                if done % distill.log_every == 0 or done == plan.total_steps:
                     history.append({"step": done, "lr": lr, **record})
                     if writer is not None:
                         for name, value in record.items():
                             writer.add_scalar(f"distill/{name}", value, done)
                         writer.add_scalar("distill/lr", lr, done)
-                if files.checkpoint and ((d.checkpoint_every and done % d.checkpoint_every == 0) or done == stop_at):
+                every = distill.checkpoint_every
+                if files.checkpoint and ((every and done % every == 0) or done == stop_at):
                     meta = {"step": done, "history": history, "seconds": spent + time.time() - t0,
                             "settings": files.settings_digest}
                     save_train_state(files.checkpoint, self.student, optimizer, meta, self.ctx)

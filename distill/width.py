@@ -113,10 +113,10 @@ def channels(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
 
 
-def width_student(teacher: PreTrainedModel, s: StudentConfig, layers: list[int],
+def width_student(teacher: PreTrainedModel, student_cfg: StudentConfig, layers: list[int],
                   windows: torch.Tensor) -> tuple[PreTrainedModel, dict[str, Any]]:
     """Prune the teacher's kept `layers` to the student's width and copy the kept weights."""
-    config = student_config(teacher.config, s, layers)
+    config = student_config(teacher.config, student_cfg, layers)
     t_shape, s_shape = attention_shape(teacher.config), attention_shape(config)
     if s_shape.head_dim != t_shape.head_dim:
         raise ShrinkError("distill.student: width pruning keeps the teacher's head_dim; choose num_heads accordingly")

@@ -20,7 +20,7 @@ def peak_memory_bytes() -> dict[str, int]:
     return {"cpu": int(cpu), "cuda": cuda}
 
 
-def layer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+def decoder_weight_matrices(model: nn.Module) -> dict[str, torch.Tensor]:
     """Dense [out, in] weights of every Linear in the decoder layers (dequantized if needed)."""
     name, layers = find_decoder_layers(model)
     result = {}
@@ -37,7 +37,7 @@ def sparsity_report(model: nn.Module) -> dict[str, Any]:
     """Fraction of exact zeros per decoder-layer Linear and overall."""
     per_layer = {}
     zeros = total = 0
-    for name, W in layer_weights(model).items():
+    for name, W in decoder_weight_matrices(model).items():
         z = int((W == 0).sum())
         per_layer[name] = z / W.numel()
         zeros += z

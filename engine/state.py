@@ -35,10 +35,10 @@ class RunState:
     def calibration(self) -> torch.Tensor:
         """Calibration windows [num_samples, seq_len], sampled once per run."""
         if self._calib is None:
-            c = self.cfg.data.calib
-            stream = data_mod.token_stream(c.path, self.tokenizer, self.cfg.data.text_field,
+            calib = self.cfg.data.calib
+            stream = data_mod.token_stream(calib.path, self.tokenizer, self.cfg.data.text_field,
                                            self.cfg.data.cache_dir, key="data.calib.path")
-            self._calib = data_mod.calibration_windows(stream, c.num_samples, c.seq_len, self.cfg.seed)
+            self._calib = data_mod.calibration_windows(stream, calib.num_samples, calib.seq_len, self.cfg.seed)
         return self._calib
 
     def eval_sets(self) -> list[EvalSet]:
@@ -46,11 +46,11 @@ class RunState:
 
     def eval_windows(self, eval_set: Optional[EvalSet] = None) -> tuple[torch.Tensor, int]:
         """Windows [n, seq_len] of one eval set (the first by default) and the file's total count."""
-        e = eval_set or self.eval_sets()[0]
-        stream = data_mod.token_stream(e.path, self.tokenizer, self.cfg.data.text_field,
-                                       self.cfg.data.cache_dir, key=f"{e.key}.path")
-        return (data_mod.eval_windows(stream, e.seq_len, e.max_windows, key=e.key),
-                data_mod.window_count(stream, e.seq_len, key=e.key))
+        eval_set = eval_set or self.eval_sets()[0]
+        stream = data_mod.token_stream(eval_set.path, self.tokenizer, self.cfg.data.text_field,
+                                       self.cfg.data.cache_dir, key=f"{eval_set.key}.path")
+        return (data_mod.eval_windows(stream, eval_set.seq_len, eval_set.max_windows, key=eval_set.key),
+                data_mod.window_count(stream, eval_set.seq_len, key=eval_set.key))
 
     def text_lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
         """UTF-8 bytes and characters per token id of the run's tokenizer (bits per byte)."""

@@ -44,15 +44,16 @@ def parse_pattern(pattern: str) -> tuple[int, int]:
     return n, m
 
 
-def check_prune_config(p: PruneConfig) -> tuple[int, int]:
-    if p.method not in METHODS:
-        raise ShrinkError(f"prune.method: unknown method {p.method!r} (sparsegpt | wanda | magnitude)")
-    for where, s in [("prune.sparsity", p.sparsity)] + [(f"prune.layer_sparsity.{k}", v) for k, v in p.layer_sparsity.items()]:
-        if not 0 <= s < 1:
-            raise ShrinkError(f"{where}: {s} must be in [0, 1)")
-    if p.joint_quant and p.method != "sparsegpt":
+def check_prune_config(prune: PruneConfig) -> tuple[int, int]:
+    if prune.method not in METHODS:
+        raise ShrinkError(f"prune.method: unknown method {prune.method!r} (sparsegpt | wanda | magnitude)")
+    per_layer = [(f"prune.layer_sparsity.{k}", v) for k, v in prune.layer_sparsity.items()]
+    for where, sparsity in [("prune.sparsity", prune.sparsity)] + per_layer:
+        if not 0 <= sparsity < 1:
+            raise ShrinkError(f"{where}: {sparsity} must be in [0, 1)")
+    if prune.joint_quant and prune.method != "sparsegpt":
         raise ShrinkError("prune.joint_quant: only SparseGPT prunes and quantizes in one sweep")
-    if p.joint_quant and p.reconstruct:
+    if prune.joint_quant and prune.reconstruct:
         raise ShrinkError("prune.reconstruct: not with prune.joint_quant (it would move weights off the grid); "
                           "use pipeline=prune_quantize to reconstruct, then quantize")
-    return parse_pattern(p.pattern)
+    return parse_pattern(prune.pattern)

@@ -30,9 +30,9 @@ log = logging.getLogger(__name__)
 
 
 def prune_stage(state: "RunState") -> dict[str, Any]:
-    p = state.cfg.prune
-    n, m = parse_pattern(p.pattern)
-    q = state.cfg.quant
+    prune = state.cfg.prune
+    n, m = parse_pattern(prune.pattern)
+    quant = state.cfg.quant
     packed: dict[str, dict[str, torch.Tensor]] = {}
     per_linear: dict[str, float] = {}
 
@@ -40,30 +40,31 @@ def prune_stage(state: "RunState") -> dict[str, Any]:
         W = weight_matrix(job.module)
         if m and W.shape[1] % m:
             raise ShrinkError(f"{job.full_name}: prune.pattern {n}:{m}: M={m} does not divide {W.shape[1]} input columns")
-        sparsity = float(p.layer_sparsity.get(job.layer_index, p.sparsity))
+        sparsity = float(prune.layer_sparsity.get(job.layer_index, prune.sparsity))
         stats: dict[str, Any] = {"sparsity_target": n / m if m else sparsity}
         if job.hessian is None:  # an expert with too few tokens: magnitude
             Wf = W.float()
             mask = magnitude_prune(Wf, sparsity, n, m)
             new = Wf.masked_fill(mask, 0.0)
-            if p.joint_quant:
-                result = rtn_quantize(new, q.bits, q.group_size, q.sym, mask=mask)
+            if prune.joint_quant:
+                result = rtn_quantize(new, quant.bits, quant.group_size, quant.sym, mask=mask)
                 new = result.Q
                 packed[job.full_name] = pack_result(result, job.module)
-        elif p.method == "sparsegpt":
-            joint = dict(quant_bits=q.bits, quant_group_size=q.group_size, quant_sym=q.sym) if p.joint_quant else {}
-            result = sparsegpt_prune(W.float(), job.hessian.H, sparsity, n, m, p.block_size, p.damp, **joint)
+        elif prune.method == "sparsegpt":
+            joint = (dict(quant_bits=quant.bits, quant_group_size=quant.group_size, quant_sym=quant.sym)
+                     if prune.joint_quant else {})
+            result = sparsegpt_prune(W.float(), job.hessian.H, sparsity, n, m, prune.block_size, prune.damp, **joint)
             new, mask = (result.quant.Q if result.quant is not None else result.W), result.mask
             if result.quant is not None:
                 packed[job.full_name] = pack_result(result.quant, job.module)
             stats.update(obs_error=result.error, damp=result.damp_fraction)
         else:
             Wf = W.float()
-            mask = (wanda_prune(Wf, job.hessian.input_norm(), sparsity, n, m) if p.method == "wanda"
+            mask = (wanda_prune(Wf, job.hessian.input_norm(), sparsity, n, m) if prune.method == "wanda"
                     else magnitude_prune(Wf, sparsity, n, m))
             new = Wf.masked_fill(mask, 0.0)
-        if p.reconstruct and job.hessian is not None:
-            rec = masked_least_squares(W.float(), job.hessian.H, mask, W=new, damp=p.damp)
+        if prune.reconstruct and job.hessian is not None:
+            rec = masked_least_squares(W.float(), job.hessian.H, mask, W=new, damp=prune.damp)
             new = rec.W
             stats.update(reconstruct_error_before=rec.error_before, reconstruct_error_after=rec.error_after,
                          reconstruct_iterations=rec.iterations, reconstruct_residual=rec.residual)
@@ -75,18 +76,18 @@ def prune_stage(state: "RunState") -> dict[str, Any]:
             stats["pattern_ok"] = has_nm_pattern(weight_matrix(job.module), n, m)
         return stats
 
-    windows = None if p.method == "magnitude" and not p.reconstruct else state.calibration()
+    windows = None if prune.method == "magnitude" and not prune.reconstruct else state.calibration()
     # Wanda reads only activation norms: no [cols, cols] Hessian for it unless reconstructing
-    report = compress_model(state.model, windows, compressor, state.device, p.true_sequential,
-                            offload_activations=q.offload_activations,
-                            label=f"{p.method}{' + reconstruct' if p.reconstruct else ''} {p.pattern}",
-                            full_hessian=p.method != "wanda" or p.reconstruct,
-                            skip=p.skip, moe=state.cfg.moe, min_coverage=state.cfg.min_coverage)
-    if p.joint_quant:
-        state.quantization_config = install_quantized(state.model, packed, q)
+    report = compress_model(state.model, windows, compressor, state.device, prune.true_sequential,
+                            offload_activations=quant.offload_activations,
+                            label=f"{prune.method}{' + reconstruct' if prune.reconstruct else ''} {prune.pattern}",
+                            full_hessian=prune.method != "wanda" or prune.reconstruct,
+                            skip=prune.skip, moe=state.cfg.moe, min_coverage=state.cfg.min_coverage)
+    if prune.joint_quant:
+        state.quantization_config = install_quantized(state.model, packed, quant)
     overall = sum(per_linear.values()) / max(len(per_linear), 1)
-    result = {"method": p.method, "pattern": p.pattern, "reconstruct": p.reconstruct, "sparsity_mean": overall,
-              "per_linear": per_linear, "layers": report, **record_coverage(state, report)}
+    result = {"method": prune.method, "pattern": prune.pattern, "reconstruct": prune.reconstruct,
+              "sparsity_mean": overall, "per_linear": per_linear, "layers": report, **record_coverage(state, report)}
     if m:
         result["pattern_ok"] = all(r.get("pattern_ok", False) for r in report)
     log.info("pruned: mean sparsity %.4f%s", overall, f", {n}:{m} pattern ok: {result['pattern_ok']}" if m else "")

@@ -31,14 +31,14 @@ class QuantConfig:
 METHODS = ("gptq", "rtn")
 
 
-def check_quant_config(q: QuantConfig) -> None:
-    if q.method not in METHODS:
-        raise ShrinkError(f"quant.method: unknown method {q.method!r} (gptq | rtn)")
-    if q.bits not in SUPPORTED_BITS:
-        raise ShrinkError(f"quant.bits: {q.bits} is not supported ({' | '.join(map(str, SUPPORTED_BITS))})")
-    if q.group_size != -1 and q.group_size <= 0:
-        raise ShrinkError(f"quant.group_size: {q.group_size} must be -1 (per channel) or positive")
-    if q.static_groups and q.group_size == -1:
+def check_quant_config(quant: QuantConfig) -> None:
+    if quant.method not in METHODS:
+        raise ShrinkError(f"quant.method: unknown method {quant.method!r} (gptq | rtn)")
+    if quant.bits not in SUPPORTED_BITS:
+        raise ShrinkError(f"quant.bits: {quant.bits} is not supported ({' | '.join(map(str, SUPPORTED_BITS))})")
+    if quant.group_size != -1 and quant.group_size <= 0:
+        raise ShrinkError(f"quant.group_size: {quant.group_size} must be -1 (per channel) or positive")
+    if quant.static_groups and quant.group_size == -1:
         raise ShrinkError("quant.static_groups: needs a group size (quant.group_size > 0)")
-    if not 0 <= q.damp < 1:
-        raise ShrinkError(f"quant.damp: {q.damp} must be in [0, 1)")
+    if not 0 <= quant.damp < 1:
+        raise ShrinkError(f"quant.damp: {quant.damp} must be in [0, 1)")

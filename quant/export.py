@@ -379,15 +379,16 @@ def load_quantized_model(
     return model.to(device).eval()
 
 
-def quantization_config(q: QuantConfig) -> dict[str, Any]:
+def quantization_config(quant: QuantConfig) -> dict[str, Any]:
     """The `quantization_config` of a model quantized with these settings."""
-    return gptq_quantization_config(bits=q.bits, group_size=q.group_size, sym=q.sym,
-                                    desc_act=q.act_order and q.method == "gptq",
-                                    static_groups=q.static_groups, true_sequential=q.true_sequential,
-                                    damp_percent=q.damp)
+    return gptq_quantization_config(bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
+                                    desc_act=quant.act_order and quant.method == "gptq",
+                                    static_groups=quant.static_groups, true_sequential=quant.true_sequential,
+                                    damp_percent=quant.damp)
 
 
-def install_quantized(model: nn.Module, packed: dict[str, dict[str, torch.Tensor]], q: QuantConfig) -> dict[str, Any]:
+def install_quantized(model: nn.Module, packed: dict[str, dict[str, torch.Tensor]],
+                      quant: QuantConfig) -> dict[str, Any]:
     """Swap the quantized Linears for QuantLinears; returns the export's quantization_config."""
-    replace_with_quant_linears(model, packed, q.bits, q.group_size)
-    return quantization_config(q)
+    replace_with_quant_linears(model, packed, quant.bits, quant.group_size)
+    return quantization_config(quant)

@@ -24,18 +24,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, q: QuantConfig) -> QuantResult:
+def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, quant: QuantConfig) -> QuantResult:
     """GPTQ with H, RTN without (quant.method=rtn, or an expert with too few tokens)."""
     mask = W == 0  # zeros of a pruned model stay zero (every grid holds 0 exactly)
     mask = mask if bool(mask.any()) else None
-    if q.method == "rtn" or H is None:
-        return rtn_quantize(W, q.bits, q.group_size, q.sym)
-    return gptq_quantize(W, H, q.bits, q.group_size, q.sym, q.act_order, q.static_groups,
-                         q.damp, q.block_size, mask=mask)
+    if quant.method == "rtn" or H is None:
+        return rtn_quantize(W, quant.bits, quant.group_size, quant.sym)
+    return gptq_quantize(W, H, quant.bits, quant.group_size, quant.sym, quant.act_order, quant.static_groups,
+                         quant.damp, quant.block_size, mask=mask)
 
 
 def quantize_stage(state: "RunState") -> dict[str, Any]:
-    q = state.cfg.quant
+    quant = state.cfg.quant
     if state.quantization_config is not None:
         log.info("model already quantized (joint prune+quantize): skipping the quantize stage")
         return {"skipped": "already quantized"}
@@ -45,24 +45,24 @@ def quantize_stage(state: "RunState") -> dict[str, Any]:
 
     def compressor(job: LinearJob) -> dict[str, Any]:
         W = weight_matrix(job.module)
-        if job.full_name not in solved and len(job.batch or []) > 1 and q.method == "gptq" and not q.act_order:
+        if job.full_name not in solved and len(job.batch or []) > 1 and quant.method == "gptq" and not quant.act_order:
             # the experts of one block in one sweep; zeros of a pruned model stay zero
             Ws = [weight_matrix(j.module).float() for j in job.batch]
-            results = gptq_quantize_batch(Ws, [j.hessian.H for j in job.batch], q.bits, q.group_size, q.sym,
-                                          q.static_groups, q.damp, q.block_size,
+            results = gptq_quantize_batch(Ws, [j.hessian.H for j in job.batch], quant.bits, quant.group_size,
+                                          quant.sym, quant.static_groups, quant.damp, quant.block_size,
                                           [w == 0 if bool((w == 0).any()) else None for w in Ws])
             solved.update({j.full_name: r for j, r in zip(job.batch, results)})
         result = solved.pop(job.full_name, None)
         if result is None:
-            result = quantize_linear(W.float(), job.hessian.H if job.hessian is not None else None, q)
+            result = quantize_linear(W.float(), job.hessian.H if job.hessian is not None else None, quant)
         set_weight_matrix(job.module, result.Q.to(W.dtype))
         packed[job.full_name] = pack_result(result, job.module)
         return {"gptq_error": result.error, "damp": result.damp_fraction}
 
-    windows = state.calibration() if q.method == "gptq" else None
-    report = compress_model(state.model, windows, compressor, state.device, q.true_sequential,
-                            offload_activations=q.offload_activations, label=f"{q.method} {q.bits}-bit",
-                            skip=q.skip, moe=state.cfg.moe, min_coverage=state.cfg.min_coverage)
-    state.quantization_config = install_quantized(state.model, packed, q)
-    return {"method": q.method, "bits": q.bits, "group_size": q.group_size, "layers": report,
+    windows = state.calibration() if quant.method == "gptq" else None
+    report = compress_model(state.model, windows, compressor, state.device, quant.true_sequential,
+                            offload_activations=quant.offload_activations, label=f"{quant.method} {quant.bits}-bit",
+                            skip=quant.skip, moe=state.cfg.moe, min_coverage=state.cfg.min_coverage)
+    state.quantization_config = install_quantized(state.model, packed, quant)
+    return {"method": quant.method, "bits": quant.bits, "group_size": quant.group_size, "layers": report,
             **record_coverage(state, report)}

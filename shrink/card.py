@@ -102,9 +102,9 @@ def measured(state: "RunState") -> dict[str, Any]:
     """
     from engine.metrics import size_metrics, sparsity_report, state_bytes
 
-    m = state.metrics
-    if "size_bytes" in m and "params" in m:
-        return {k: m.get(k) for k in ("params", "size_bytes", "bits_per_weight", "sparsity")}
+    metrics = state.metrics
+    if "size_bytes" in metrics and "params" in metrics:
+        return {k: metrics.get(k) for k in ("params", "size_bytes", "bits_per_weight", "sparsity")}
     try:
         sparsity = sparsity_report(state.model)["overall"]
     except Exception as exc:  # an architecture without discoverable layers still gets a card
@@ -126,10 +126,10 @@ def card_metadata(state: "RunState") -> dict[str, Any]:
     stages = list(cfg.pipeline.stages)
     tags = ["shrink"]
     meta: dict[str, Any] = {"base_model": base}
-    q = state.quantization_config
-    if q is not None:
+    quant_config = state.quantization_config
+    if quant_config is not None:
         meta["base_model_relation"] = "quantized"
-        tags += ["gptq", f"{q['bits']}-bit", "quantized"]
+        tags += ["gptq", f"{quant_config['bits']}-bit", "quantized"]
     if "prune" in stages:
         tags += ["pruned", str(cfg.prune.method)] + (["sparse-2of4"] if cfg.prune.pattern == "2:4" else [])
     if "distill" in stages:
@@ -137,10 +137,9 @@ def card_metadata(state: "RunState") -> dict[str, Any]:
     meta.update(license_of(_input_card(folder), config, gguf))
     meta.update({"library_name": "transformers", "pipeline_tag": "text-generation", "tags": tags,
                  "quantized_by": "shrink"})
-    if q is not None:
-        meta["quantization"] = {"method": str(cfg.quant.method), "format": q.get("format", "gptq"),
-                                "bits": q["bits"], "group_size": q["group_size"], "sym": q["sym"],
-                                "desc_act": q["desc_act"]}
+    if quant_config is not None:
+        meta["quantization"] = {"method": str(cfg.quant.method), "format": quant_config.get("format", "gptq"),
+                                **{key: quant_config[key] for key in ("bits", "group_size", "sym", "desc_act")}}
     return meta
 
 
@@ -154,8 +153,8 @@ def summary(state: "RunState") -> str:
             rec = ", kept weights re-solved" if cfg.prune.reconstruct else ""
             parts.append(f"pruned with {cfg.prune.method} ({how}{rec})")
         elif stage == "quantize":
-            g = "per-channel" if cfg.quant.group_size == -1 else f"group size {cfg.quant.group_size}"
-            parts.append(f"quantized to {cfg.quant.bits} bits with {cfg.quant.method} ({g}, GPTQ format)")
+            groups = "per-channel" if cfg.quant.group_size == -1 else f"group size {cfg.quant.group_size}"
+            parts.append(f"quantized to {cfg.quant.bits} bits with {cfg.quant.method} ({groups}, GPTQ format)")
     return ", then ".join(parts) or "re-exported"
 
 
@@ -168,20 +167,21 @@ def results_section(state: "RunState") -> list[str]:
         lines += ["| eval set | perplexity | baseline | change | bits per byte | baseline | windows |",
                   "|---|---|---|---|---|---|---|"]
         for name in dict.fromkeys([*ppl, *base]):
-            p, b = ppl.get(name), base.get(name)
-            change = f"{(p / b - 1):+.1%}" if p is not None and b else ""
-            w = windows.get(name)
-            counted = f"{w['evaluated']} of {w['total']}" if w else ""
-            lines.append(f"| {name} | {num(p, '.3f')} | {num(b, '.3f')} | {change} | {num(bpb.get(name), '.4f')} | "
+            value, baseline = ppl.get(name), base.get(name)
+            change = f"{(value / baseline - 1):+.1%}" if value is not None and baseline else ""
+            counted_windows = windows.get(name)
+            counted = f"{counted_windows['evaluated']} of {counted_windows['total']}" if counted_windows else ""
+            lines.append(f"| {name} | {num(value, '.3f')} | {num(baseline, '.3f')} | {change} | "
+                         f"{num(bpb.get(name), '.4f')} | "
                          f"{num(base_bpb.get(name), '.4f')} | {counted} |")
         lines += ["", "Perplexity: exp(mean NLL) over non-overlapping windows (GPTQ/SparseGPT protocol); bits per "
                   "byte: the same NLL / ln 2 / the UTF-8 bytes the predicted tokens cover (compares across "
                   "tokenizers); windows: evaluated of the file's total.", ""]
     lines += tasks_section(state.metrics)
-    m = measured(state)
+    metrics = measured(state)
     fmt = {"params": lambda v: f"{v / 1e6:.1f}M", "size_bytes": lambda v: f"{v / MIB:.2f} MiB",
            "bits_per_weight": lambda v: f"{v:.2f}", "sparsity": lambda v: f"{v:.1%}"}
-    cells = [fmt[k](m[k]) if m.get(k) is not None else "" for k in fmt]
+    cells = [fmt[k](metrics[k]) if metrics.get(k) is not None else "" for k in fmt]
     lines += ["| parameters | weights size | bits per weight | sparsity |", "|---|---|---|---|",
               "| " + " | ".join(cells) + " |", ""]
     return lines

@@ -66,7 +66,7 @@ def list_files(folder: Path) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------- checks
-def check_config(check: FolderCheck) -> Optional[dict[str, Any]]:
+def check_model_config(check: FolderCheck) -> Optional[dict[str, Any]]:
     if not check.require("config.json", "the model config"):
         return None
     config = check.read_json("config.json")
@@ -209,7 +209,7 @@ def check_folder(folder: Path) -> FolderCheck:
     if not folder.is_dir():
         raise ShrinkError(f"publish: {folder} is not a folder")
     check = FolderCheck(folder, list_files(folder))
-    config = check_config(check)
+    config = check_model_config(check)
     names = check_weights(check)
     check_tokenizer(check)
     check_card(check)

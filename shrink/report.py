@@ -191,21 +191,22 @@ def total_seconds(metrics: dict[str, Any]) -> Optional[float]:
 
 def csv_rows(table: Table) -> list[dict[str, Any]]:
     rows = []
-    for i, r in enumerate(table.runs):
-        m = r.metrics
-        row: dict[str, Any] = {"run": r.label, "path": str(r.folder)}
-        row.update({k: r.settings.get(k, "") for k in table.settings})
+    for i, run in enumerate(table.runs):
+        metrics = run.metrics
+        row: dict[str, Any] = {"run": run.label, "path": str(run.folder)}
+        row.update({k: run.settings.get(k, "") for k in table.settings})
         for name in table.evals:
-            row[f"ppl:{name}"] = r.ppl(name)
-            row[f"baseline_ppl:{name}"] = m.get("baseline_ppl", {}).get(name)
-            row[f"bits_per_byte:{name}"] = (m.get("bits_per_byte") or {}).get(name)
+            row[f"ppl:{name}"] = run.ppl(name)
+            row[f"baseline_ppl:{name}"] = metrics.get("baseline_ppl", {}).get(name)
+            row[f"bits_per_byte:{name}"] = (metrics.get("bits_per_byte") or {}).get(name)
         for name in table.tasks:
-            figures = (m.get("tasks") or {}).get(name) or {}
+            figures = (metrics.get("tasks") or {}).get(name) or {}
             for key in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr"):
                 row[f"task:{name}:{key}"] = figures.get(key)
-            row[f"baseline_task:{name}"] = r.task(name, "baseline_")[0]
-        row.update({"size_bytes": m.get("size_bytes"), "bits_per_weight": m.get("bits_per_weight"),
-                    "sparsity": m.get("sparsity"), "seconds": total_seconds(m), "pareto": i in table.pareto})
+            row[f"baseline_task:{name}"] = run.task(name, "baseline_")[0]
+        row.update({"size_bytes": metrics.get("size_bytes"), "bits_per_weight": metrics.get("bits_per_weight"),
+                    "sparsity": metrics.get("sparsity"), "seconds": total_seconds(metrics),
+                    "pareto": i in table.pareto})
         rows.append(row)
     return rows
 
@@ -224,20 +225,20 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def render_markdown(table: Table, plot_name: str = "report.png") -> str:
-    metric = {t: next((task_metric((r.metrics.get("tasks") or {}).get(t)) for r in table.runs
-                       if task_metric((r.metrics.get("tasks") or {}).get(t))), "acc") for t in table.tasks}
+    metric = {t: next((task_metric((run.metrics.get("tasks") or {}).get(t)) for run in table.runs
+                       if task_metric((run.metrics.get("tasks") or {}).get(t))), "acc") for t in table.tasks}
     head = ["run", *table.settings, *[f"ppl {n}" for n in table.evals], *[f"bits/byte {n}" for n in table.evals],
             *[f"{t} {metric[t]}" for t in table.tasks], "size (MiB)", "bits/weight", "sparsity", "time (s)", "Pareto"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for i, r in enumerate(table.runs):
-        m = r.metrics
-        size = m.get("size_bytes")
-        cells = [r.label, *[str(r.settings.get(k, "")) for k in table.settings],
-                 *[_fmt(r.ppl(n), ".3f") for n in table.evals],
-                 *[_fmt((m.get("bits_per_byte") or {}).get(n), ".4f") for n in table.evals],
-                 *[_accuracy(*r.task(t)) for t in table.tasks], _fmt(size / MIB if size else None, ".2f"),
-                 _fmt(m.get("bits_per_weight"), ".2f"), _fmt(m.get("sparsity"), ".3f"),
-                 _fmt(total_seconds(m), ".1f"), "yes" if i in table.pareto else ""]
+    for i, run in enumerate(table.runs):
+        metrics = run.metrics
+        size = metrics.get("size_bytes")
+        cells = [run.label, *[str(run.settings.get(k, "")) for k in table.settings],
+                 *[_fmt(run.ppl(n), ".3f") for n in table.evals],
+                 *[_fmt((metrics.get("bits_per_byte") or {}).get(n), ".4f") for n in table.evals],
+                 *[_accuracy(*run.task(t)) for t in table.tasks], _fmt(size / MIB if size else None, ".2f"),
+                 _fmt(metrics.get("bits_per_weight"), ".2f"), _fmt(metrics.get("sparsity"), ".3f"),
+                 _fmt(total_seconds(metrics), ".1f"), "yes" if i in table.pareto else ""]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"Baseline perplexity on {n}: {b:.3f}." for n, b in table.baselines.items() if b is not None]
     notes += [f"Baseline {metric[t]} on {t}: {b:.3f}." for t, b in table.task_baselines.items() if b is not None]

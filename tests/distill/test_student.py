@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from distill.config import StudentConfig
-from distill.layer_map import evenly_spaced, layer_weights, parse_layer_map
+from distill.layer_map import akt_layer_weights, evenly_spaced, parse_layer_map
 from distill.student import build_student
 from engine.errors import ShrinkError
 from engine.modeling import load_tokenizer
@@ -52,9 +52,9 @@ def test_width_produces_the_requested_shape_copies_kept_weights_and_runs(teacher
     cfg = StudentConfig(init="width", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2,
                         intermediate_size=96)
     s = build_student(cfg, teacher, teacher_tok, calibration)
-    c = s.model.config
-    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size,
-            c.head_dim) == (2, 64, 4, 2, 96, 16)
+    config = s.model.config
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+            config.intermediate_size, config.head_dim) == (2, 64, 4, 2, 96, 16)
     layer = s.model.model.layers[0].self_attn
     assert layer.q_proj.weight.shape == (64, 64) and layer.k_proj.weight.shape == (32, 64)
     # kept embedding columns are teacher columns, in order
@@ -77,9 +77,9 @@ def test_width_produces_the_requested_shape_copies_kept_weights_and_runs(teacher
 
 def test_scratch_student_has_the_chosen_shape(teacher, teacher_tok) -> None:
     s = build_student(StudentConfig(init="scratch", num_layers=2, hidden_size=64), teacher, teacher_tok, calibration)
-    c = s.model.config
-    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == \
-        (2, 64, 4, 2, 16)
+    config = s.model.config
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+            config.head_dim) == (2, 64, 4, 2, 16)
     again = build_student(StudentConfig(init="scratch", num_layers=2, hidden_size=64), teacher, teacher_tok,
                           calibration)
     assert torch.equal(s.model.lm_head.weight, again.model.lm_head.weight)  # seeded: same on every rank
@@ -148,7 +148,7 @@ def test_layer_maps() -> None:
         parse_layer_map("every-other", 4, 8)
     with pytest.raises(ShrinkError, match="K must be"):
         parse_layer_map("last:5", 4, 8)
-    assert layer_weights([(0, 1), (1, 3)], 2.0, None) == [1.0, 1.0]
-    assert layer_weights([(0, 1), (1, 3)], 1.0, [1, 3]) == [0.25, 0.75]
+    assert akt_layer_weights([(0, 1), (1, 3)], 2.0, None) == [1.0, 1.0]
+    assert akt_layer_weights([(0, 1), (1, 3)], 1.0, [1, 3]) == [0.25, 0.75]
     with pytest.raises(ShrinkError, match="2 weights for 3"):
-        layer_weights([(0, 1), (1, 3), (2, 5)], 1.0, [1, 1])
+        akt_layer_weights([(0, 1), (1, 3), (2, 5)], 1.0, [1, 1])

@@ -10,7 +10,7 @@ import torch
 from distill.capture import QKVCapture
 from distill.data import WindowSampler, sample_start
 from distill.losses import qkv_relation_loss
-from distill.plan import make_plan
+from distill.plan import make_train_plan
 from distill.student import skip_student
 from distill.teacher import TopKCache, prepare_teacher
 from distill.trainer import RunFiles, Trainer
@@ -27,10 +27,11 @@ def teacher():
     return tiny_llama(layers=4).requires_grad_(False)
 
 
-def trainer(teacher, d, topk=None, student=None) -> Trainer:
+def trainer(teacher, distill, topk=None, student=None) -> Trainer:
     student = student or skip_student(teacher, [1, 3])
-    plan = make_plan(d, PAIRS, student)
-    return Trainer(student, teacher, CPU, WindowSampler(random_stream(), d.seq_len, 0), plan, d, CPU, topk=topk)
+    plan = make_train_plan(distill, PAIRS, student)
+    sampler = WindowSampler(random_stream(), distill.seq_len, 0)
+    return Trainer(student, teacher, CPU, sampler, plan, distill, CPU, topk=topk)
 
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -39,15 +40,15 @@ def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("schedule", ["joint", "progressive"])
 def test_a_stopped_run_resumes_to_exactly_the_uninterrupted_result(teacher, tmp_path: Path, schedule: str) -> None:
-    d = settings(loss="akt+logits+lm", steps=5, grad_accum=2, schedule=schedule, progressive_steps=2)
-    full = trainer(teacher, d)
+    distill = settings(loss="akt+logits+lm", steps=5, grad_accum=2, schedule=schedule, progressive_steps=2)
+    full = trainer(teacher, distill)
     result = full.run(RunFiles(checkpoint=tmp_path / "a"))
     assert result.steps == (5 if schedule == "joint" else 9)
-    stopped = trainer(teacher, d)
+    stopped = trainer(teacher, distill)
     files = RunFiles(checkpoint=tmp_path / "b", settings_digest="same")
     partial = stopped.run(files, stop_at=3)
     assert partial.stopped_at == 3 and (tmp_path / "b" / "trainer.json").is_file()
-    resumed = trainer(teacher, d)  # a fresh process: fresh student, optimizer, RNG
+    resumed = trainer(teacher, distill)  # a fresh process: fresh student, optimizer, RNG
     torch.manual_seed(1234)
     final = resumed.run(RunFiles(checkpoint=tmp_path / "b", resume=True, settings_digest="same"))
     assert final.resumed_from == 3 and final.steps == result.steps
@@ -56,15 +57,15 @@ def test_a_stopped_run_resumes_to_exactly_the_uninterrupted_result(teacher, tmp_
     assert final.history == result.history
     # a kill between the two renames of a checkpoint swap leaves only the previous one
     (tmp_path / "b").rename(tmp_path / ".b.old")
-    again = trainer(teacher, d)
+    again = trainer(teacher, distill)
     assert again.run(RunFiles(checkpoint=tmp_path / "b", resume=True, settings_digest="same")).resumed_from == 3
     with pytest.raises(ShrinkError, match="other distill settings"):
-        trainer(teacher, d).run(RunFiles(checkpoint=tmp_path / "b", resume=True, settings_digest="changed"))
+        trainer(teacher, distill).run(RunFiles(checkpoint=tmp_path / "b", resume=True, settings_digest="changed"))
 
 
 def test_progressive_phases_train_one_layer_pair_at_a_time(teacher) -> None:
-    d = settings(loss="akt", steps=2, schedule="progressive", progressive_steps=2)
-    t = trainer(teacher, d)
+    distill = settings(loss="akt", steps=2, schedule="progressive", progressive_steps=2)
+    t = trainer(teacher, distill)
     assert [(p.name, p.steps) for p in t.plan.phases] == [("layer0", 2), ("layer1", 2), ("joint", 2)]
     assert list(t.plan.phases[0].objective.akt) == [0] and not t.plan.phases[0].objective.logit
     assert t.plan.phases[2].objective.logit == 1.0 and set(t.plan.phases[2].objective.akt) == {0, 1}
@@ -104,8 +105,8 @@ def test_akt_training_lowers_the_relation_loss_and_leaves_the_teacher_alone() ->
     student = tiny_llama(layers=2, hidden=32, heads=2, kv=1, seed=1)  # narrower, other head counts
     ids = random_stream(64, seed=5).view(4, 16)
     start = akt_on(teacher, student, ids)
-    d = settings(loss="akt", steps=12, lr=1e-2, batch_size=4)
-    t = trainer(teacher, d, student=student)
+    distill = settings(loss="akt", steps=12, lr=1e-2, batch_size=4)
+    t = trainer(teacher, distill, student=student)
     result = t.run(RunFiles())
     end = akt_on(teacher, t.student, ids)
     assert end[0] < 0.95 * start[0] and end[1] < 0.95 * start[1]
@@ -143,24 +144,24 @@ def test_prepared_teacher_is_frozen_in_its_own_dtype() -> None:
 
 
 def test_topk_cache_serves_the_logit_term_without_a_teacher_forward(teacher, tmp_path: Path, monkeypatch) -> None:
-    d = settings(loss="logits", steps=3)
-    sampler = WindowSampler(random_stream(), d.seq_len, 0)
+    distill = settings(loss="logits", steps=3)
+    sampler = WindowSampler(random_stream(), distill.seq_len, 0)
     cache = TopKCache(tmp_path / "cache", k=8192, shard=4)
-    cache.build(teacher, CPU, sampler, num_samples=6, batch_size=2, ctx=trainer(teacher, d).ctx)
+    cache.build(teacher, CPU, sampler, num_samples=6, batch_size=2, ctx=trainer(teacher, distill).ctx)
     assert sorted(p.name for p in cache.folder.iterdir()) == ["shard-000000.safetensors", "shard-000001.safetensors"]
     values, indices = cache.get(3, 2)  # across the two shards
     assert values.shape == (2, 16, 8192) and indices.dtype == torch.int32
-    live = trainer(teacher, d).run(RunFiles())
+    live = trainer(teacher, distill).run(RunFiles())
     monkeypatch.setattr(teacher, "forward", lambda *a, **k: pytest.fail("teacher called"))
-    cached = trainer(teacher, d, topk=cache).run(RunFiles())
+    cached = trainer(teacher, distill, topk=cache).run(RunFiles())
     # the whole vocabulary cached: the same loss up to the fp16 storage of the logits
     assert cached.history[0]["logit"] == pytest.approx(live.history[0]["logit"], rel=1e-3)
 
 
 def test_tensorboard_scalars(teacher, tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
-    d = settings(loss="akt", steps=2)
-    trainer(teacher, d).run(RunFiles(tensorboard=tmp_path / "tb"))
+    distill = settings(loss="akt", steps=2)
+    trainer(teacher, distill).run(RunFiles(tensorboard=tmp_path / "tb"))
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
 
 

@@ -6,7 +6,7 @@ import torch
 
 from quant.export import load_quantized_model
 from engine.errors import ShrinkError
-from engine.metrics import layer_weights
+from engine.metrics import decoder_weight_matrices
 from tests.conftest import needs_shared, run_shrink, tiny_data_overrides
 
 
@@ -24,7 +24,7 @@ def test_every_linear_is_exactly_as_sparse_as_asked(tmp_path, tiny_model_dir, me
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out / "model")
-    for name, W in layer_weights(model).items():
+    for name, W in decoder_weight_matrices(model).items():
         if pattern == "unstructured":
             assert int((W == 0).sum()) == W.numel() // 2, name
         else:
@@ -67,7 +67,7 @@ def test_pruned_zeros_survive_quantization_in_the_exported_checkpoint(tmp_path, 
     run_shrink(["pipeline=prune_quantize", f"model.path={tiny_model_dir('llama')}", *tiny_data_overrides(),
                 "prune.pattern='2:4'", "quant.bits=4", "eval.baseline=false", *extra], out)
     model = load_quantized_model(out / "model")
-    weights = layer_weights(model)
+    weights = decoder_weight_matrices(model)
     assert weights
     for name, W in weights.items():
         assert nm_pattern_holds(W, 2, 4), name

@@ -21,8 +21,8 @@ def test_quantized_export_reloads_to_the_same_perplexity(tmp_path, tiny_model_di
     out = tmp_path / "run"
     metrics = run_shrink(["pipeline=quantize", f"model.path={folder}", *tiny_data_overrides(), *extra], out)
     config = json.loads((out / "model" / "config.json").read_text())
-    q = config["quantization_config"]
-    assert q["quant_method"] == "gptq" and q["checkpoint_format"] == "gptq"
+    quant_config = config["quantization_config"]
+    assert quant_config["quant_method"] == "gptq" and quant_config["checkpoint_format"] == "gptq"
     reloaded = run_shrink(["pipeline=eval", f"model.path={out / 'model'}", *tiny_data_overrides()], tmp_path / "re")
     # the in-run evaluation already went through the packed QuantLinears that were exported
     assert reloaded["ppl"] == pytest.approx(metrics["ppl"], rel=1e-5)
