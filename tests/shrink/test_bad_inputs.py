@@ -23,12 +23,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import DOCS, ROOT, needs_shared, save_with_tokenizer, tiny_config, tiny_data_overrides, tiny_model
+from tests.conftest import (EVAL_NAME, ROOT, SHAKESPEARE_EVAL, save_with_tokenizer, tiny_config, tiny_data_overrides,
+                            tiny_model)
 
-pytestmark = needs_shared
-
-EVAL = ["pipeline=eval", "data=docs_en", f"data.eval.path={DOCS / 'test.jsonl.gz'}", "data.eval.seq_len=32",
-        "data.eval.max_windows=2"]
+EVAL = ["pipeline=eval", "data=shakespeare", "data.eval.seq_len=32", "data.eval.max_windows=2"]
 
 
 def edit_config(folder: Path, **changes: object) -> Path:
@@ -108,16 +106,16 @@ def write_gz(path: Path, text: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> dict[str, Path]:
+def inputs(tmp_path_factory, shipped_tokenizer: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("inputs")
-    good = save_with_tokenizer(tiny_model("llama"), root / "good")
+    good = save_with_tokenizer(tiny_model("llama"), root / "good", shipped_tokenizer)
     paths = {name: make(shutil.copytree(good, root / name) if name != "good" else good)
              for name, make in MODELS.items()}
     config = tiny_config("llama")
     config.vocab_size = 1000
     import transformers
     paths["small_vocab"] = save_with_tokenizer(transformers.AutoModelForCausalLM.from_config(config),
-                                               root / "small_vocab")
+                                               root / "small_vocab", shipped_tokenizer)
     paths["empty_gz"] = write_gz(root / "empty.jsonl.gz", "")
     paths["not_jsonl"] = root / "bad.jsonl"
     paths["not_jsonl"].write_text("this is not json\n")
@@ -307,7 +305,7 @@ def reload_perplexity(folder: Path) -> float:
     from shrink.model_folder import load_model
 
     model, tokenizer = load_model(ModelConfig(path=str(folder)))
-    windows = eval_windows(token_stream(DOCS / "test.jsonl.gz", tokenizer), 32, 4)
+    windows = eval_windows(token_stream(SHAKESPEARE_EVAL, tokenizer), 32, 4)
     return perplexity(model, windows, 4, torch.device("cpu"))
 
 
@@ -349,4 +347,4 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(fault: str, reference, 
     ref_ppl = json.loads((ref / "metrics.json").read_text())["ppl"]
     assert json.loads((out / "metrics.json").read_text())["ppl"] == ref_ppl
     assert reload_perplexity(out / "model") == pytest.approx(reload_perplexity(ref / "model"), rel=0, abs=0)
-    assert reload_perplexity(out / "model") == pytest.approx(ref_ppl["docs-en-test"], rel=1e-4)
+    assert reload_perplexity(out / "model") == pytest.approx(ref_ppl[EVAL_NAME], rel=1e-4)
