@@ -104,8 +104,10 @@ def stage_table() -> dict[str, Stage]:
 
     def distill_inputs(cfg: DictConfig) -> list[str]:
         student = ["distill.student.path"] if cfg.distill.student.init == "pretrained" else []
-        return ["data.eval.path", "data.calib.path", *(["distill.train_path"] if cfg.distill.train_path else []),
-                *student]
+        # training reads train_path (default: the calibration file); a width student also calibrates
+        train = ["distill.train_path"] if cfg.distill.train_path else []
+        calib = ["data.calib.path"] if not train or cfg.distill.student.init == "width" else []
+        return ["data.eval.path", *train, *calib, *student]
 
     def prune_inputs(cfg: DictConfig) -> list[str]:
         calibrates = cfg.prune.method != "magnitude" or cfg.prune.reconstruct or cfg.prune.joint_quant

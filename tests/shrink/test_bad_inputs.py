@@ -319,6 +319,7 @@ FAULTS = {
 }
 
 
+@pytest.mark.slow  # three CLI processes each
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_resume_after_a_kill_equals_an_uninterrupted_run(fault: str, reference, tmp_path) -> None:
     args, ref = reference
