@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from engine.files import atomic_write_text
 from shrink.config import compose, quiet_import_noise
 from shrink.pipeline import run_pipeline
 
@@ -95,7 +96,5 @@ class Results:
         shas = sorted(set(self.shas) | {git_sha()})
         payload = {"benchmark": self.name, "git_sha": git_sha(), "git_shas": shas, "device": device_info(),
                    "date": time.strftime("%Y-%m-%d %H:%M:%S"), "config": self.config, "rows": self.rows}
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")  # one per process filling the file
-        tmp.write_text(json.dumps(payload, indent=2))
-        tmp.replace(self.path)
+        atomic_write_text(self.path, json.dumps(payload, indent=2))  # a unique temp per process
         return self.path

@@ -15,13 +15,14 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from distill.config import TeacherConfig
 from distill.data import WindowSampler
 from distill.distributed import DistContext
 from engine.errors import ShrinkError
-from engine.modeling import check_model_folder, resolve_device, resolve_dtype
+from engine.files import atomic_path
+from engine.modeling import check_model_folder, load_checked, resolve_device, resolve_dtype
 from engine.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,8 @@ def load_sharded_teacher(model_cfg: Any, teacher: TeacherConfig, dtype: torch.dt
                                                            bnb_4bit_compute_dtype=dtype)
     folder = check_model_folder(model_cfg.path)
     log.info("teacher: loading %s with %s", folder, {k: str(v) for k, v in kwargs.items()})
-    return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    # bitsandbytes stores integer weights where the files hold floats: only their kind differs
+    return load_checked(folder, check_kinds=not (teacher.load_in_8bit or teacher.load_in_4bit), **kwargs)
 
 
 class TopKCache:
@@ -131,9 +133,8 @@ class TopKCache:
                     values.append(top.values.half().cpu())
                     indices.append(top.indices.int().cpu())
                     progress.update(ids.shape[0], ids.numel())
-                tmp = self.shard_path(j).with_suffix(".tmp")
-                save_file({"values": torch.cat(values), "indices": torch.cat(indices)}, tmp)
-                tmp.replace(self.shard_path(j))
+                with atomic_path(self.shard_path(j)) as tmp:
+                    save_file({"values": torch.cat(values), "indices": torch.cat(indices)}, tmp)
         ctx.barrier()
 
     def get(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:

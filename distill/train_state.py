@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,6 +19,7 @@ from torch import nn
 
 from distill.distributed import DistContext, full_state
 from engine.errors import ShrinkError
+from engine.files import atomic_folder
 from engine.modeling import unique_tensors
 
 SEP = "::"  # between a parameter name and its optimizer-state key
@@ -48,20 +48,16 @@ def save_train_state(folder: Path, model: nn.Module, optimizer: torch.optim.Opti
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    save_file(tensors, tmp / "model.safetensors")
-    save_file(optim_tensors, tmp / "optimizer.safetensors")
-    save_file(rng, tmp / "rng.safetensors")
     meta = {**meta, "aliases": aliases, "optimizer_scalars": optim_scalars,
             "param_groups": optim_state["param_groups"]}
-    (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
-    old = previous(folder)
-    if folder.exists():  # else `old` may be the only complete checkpoint (killed mid-swap)
-        shutil.rmtree(old, ignore_errors=True)
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    # The old checkpoint waits at `previous` during the swap: after a kill there it is the
+    # only complete one (load falls back to it), so it is removed only once folder is whole.
+    with atomic_folder(folder, replace=True, backup=previous(folder)) as tmp:
+        save_file(tensors, tmp / "model.safetensors")
+        save_file(optim_tensors, tmp / "optimizer.safetensors")
+        save_file(rng, tmp / "rng.safetensors")
+        (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(previous(folder), ignore_errors=True)
 
 
 def previous(folder: Path) -> Path:

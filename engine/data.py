@@ -8,6 +8,7 @@ the tokenizer's fingerprint, so a second run does not tokenize again.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -18,7 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
-from engine.errors import ShrinkError
+from engine.errors import ShrinkError, first_line
+from engine.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +51,45 @@ def load_texts(path: str | os.PathLike, text_field: str = "text", key: str = "da
     try:
         ds = datasets.load_dataset(loader, data_files=str(file), split="train", **kwargs)
     except Exception as exc:  # datasets raises many types for unreadable files
-        raise ShrinkError(f"{key}: cannot read {file}: {str(exc).splitlines()[0]}") from exc
+        raise ShrinkError(f"{key}: cannot read {file}: {first_line(exc)}") from exc
     if text_field not in ds.column_names:
         raise ShrinkError(f"{key}: {file} has no field {text_field!r} (fields: {ds.column_names}; set data.text_field)")
-    texts = [t for t in ds[text_field] if t]
+    column = ds[text_field]
+    texts = [t for t in column if t]
+    if len(texts) < len(column):
+        log.warning("%s: %d of %d documents of %s have no %r text; they are skipped", key,
+                    len(column) - len(texts), len(column), file.name, text_field)
     if not texts:
         raise ShrinkError(f"{key}: {file} holds no text (empty corpus)")
     return texts
+
+
+COMPRESSED = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
+
+
+def check_data_file(path: str | os.PathLike, key: str) -> Path:
+    """Before any model loads: the file exists, is not empty, has a known format, and (JSON
+    lines) its first record parses. The full read happens when the stage needs the data."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ShrinkError(f"{key}: {file} does not exist")
+    loader_for(file)
+    opener = COMPRESSED.get(file.suffix)
+    try:
+        with (importlib.import_module(opener).open(file, "rb") if opener else open(file, "rb")) as fh:
+            first = next((line for line in fh if line.strip()), b"")
+    except (OSError, EOFError, ValueError) as exc:
+        raise ShrinkError(f"{key}: cannot read {file}: {first_line(exc)}") from None
+    if not first.strip():
+        raise ShrinkError(f"{key}: {file} is empty (no documents)")
+    if ".jsonl" in file.suffixes:
+        try:
+            record = json.loads(first)
+        except ValueError as exc:
+            raise ShrinkError(f"{key}: {file}: line 1 is not JSON ({first_line(exc)})") from None
+        if not isinstance(record, dict):
+            raise ShrinkError(f"{key}: {file}: line 1 is not a JSON object")
+    return file
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -93,10 +127,8 @@ def token_stream(
     eos = tokenizer.eos_token_id
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([t for doc in encoded for t in (*doc, eos)], dtype=torch.int64)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-    save_file({"ids": ids}, tmp)
-    tmp.replace(cached)  # atomic: a concurrent or killed run never sees half a file
+    with atomic_path(cached) as tmp:  # a concurrent or killed run never sees half a file
+        save_file({"ids": ids}, tmp)
     log.info("tokenized %s: %d documents, %d tokens in %.1fs", file.name, len(texts), ids.numel(), time.time() - start)
     return ids
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.errors import ShrinkError
+from engine.files import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +66,8 @@ def import_gguf(spec: str, out_dir: str | Path, dtype: torch.dtype = torch.float
     missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
     if unexpected:
         raise ShrinkError(f"model.gguf: {gguf.name} has tensors the model does not know: {unexpected[:3]}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out, replace=True) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("imported in %.1fs (missing keys: %s)", time.time() - start, missing or "none")
     return out

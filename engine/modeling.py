@@ -18,8 +18,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.pytorch_utils import Conv1D
 
 from engine.config import ModelConfig
-from engine.errors import ShrinkError
 from engine.experts import SplitExperts
+from engine.errors import ShrinkError, first_line
+from engine.weights import check_load, read_headers
 
 log = logging.getLogger(__name__)
 
@@ -45,23 +46,66 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def check_model_folder(path: str | os.PathLike) -> Path:
-    """A local HF folder with config.json and safetensors weights (pickles are refused)."""
+def check_model_folder(path: str | os.PathLike, key: str = "model.path") -> Path:
+    """A local HF folder with a readable config.json and safetensors weights (pickles are
+    refused), whose files all lie inside it, checked without loading any weights."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise ShrinkError(f"model.path: {folder} is not a folder")
+        raise ShrinkError(f"{key}: {folder} is not a folder")
     if not (folder / "config.json").is_file():
-        raise ShrinkError(f"model.path: {folder} has no config.json (not a Hugging Face model folder)")
+        raise ShrinkError(f"{key}: {folder} has no config.json (not a Hugging Face model folder)")
+    check_contained(folder, key)
     if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in folder.iterdir()):
         pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
         hint = f" (found {pickles[0]}: pickled weights are not loaded)" if pickles else ""
-        raise ShrinkError(f"model.path: {folder} has no .safetensors weights{hint}")
+        raise ShrinkError(f"{key}: {folder} has no .safetensors weights{hint}")
+    read_config(folder, key)
+    read_headers(folder, key)
+    check_chat_template_names(folder, key)
     return folder
 
 
+def check_contained(folder: Path, key: str) -> None:
+    """Every file must resolve inside the folder (a Hub cache snapshot: inside its repo),
+    since the tokenizer's and config's files are read and written again into exports."""
+    root = folder.resolve()
+    # huggingface_hub snapshots are links into the repo's blobs/ folder
+    allowed = [root, root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [root]
+    for path in folder.rglob("*"):
+        target = path.resolve()
+        if path.is_symlink() and not any(target.is_relative_to(a) for a in allowed):
+            raise ShrinkError(f"{key}: {path} links outside the model folder (to {target}); refused")
+        if path.is_symlink() and not (target.is_file() or target.is_dir()):
+            raise ShrinkError(f"{key}: {path} is a broken link or not a regular file; refused")
+
+
+def read_config(folder: Path, key: str = "model.path") -> dict:
+    """config.json as a dict, or a one-line error saying why it is not one."""
+    file = folder / "config.json"
+    try:
+        config = json.loads(file.read_text())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ShrinkError(f"{key}: {file} is not valid JSON ({first_line(exc)})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ShrinkError(f"{key}: {file} has no model_type (not a Hugging Face model config)")
+    return config
+
+
+def check_chat_template_names(folder: Path, key: str) -> None:
+    """Named chat templates become file names when saved: refuse any that is not a plain name."""
+    file = folder / "tokenizer_config.json"
+    try:
+        templates = json.loads(file.read_text()).get("chat_template") if file.is_file() else None
+    except (UnicodeDecodeError, ValueError, AttributeError):
+        raise ShrinkError(f"{key}: {file} is not a JSON object") from None
+    names = [t.get("name") for t in templates if isinstance(t, dict)] if isinstance(templates, list) else []
+    for name in names:
+        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+            raise ShrinkError(f"{key}: {file}: chat template name {name!r} is not a plain file name")
+
+
 def is_gptq_folder(folder: Path) -> bool:
-    config = json.loads((folder / "config.json").read_text())
-    return (config.get("quantization_config") or {}).get("quant_method") == "gptq"
+    return (read_config(folder).get("quantization_config") or {}).get("quant_method") == "gptq"
 
 
 def load_model(cfg: ModelConfig, quantized_loader: Optional[QuantizedLoader] = None
@@ -79,12 +123,23 @@ def load_model(cfg: ModelConfig, quantized_loader: Optional[QuantizedLoader] = N
             raise ShrinkError(f"model.path: {folder} is a GPTQ checkpoint; it cannot be used here")
         model = quantized_loader(folder, device="cpu", dtype=dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code
-        )
+        model = load_checked(folder, dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code)
     tokenizer = load_tokenizer(folder, cfg.trust_remote_code)
     check_vocab(model, tokenizer, folder)
     return model.eval(), tokenizer
+
+
+def load_checked(folder: Path, check_kinds: bool = True, **kwargs: object) -> PreTrainedModel:
+    """AutoModelForCausalLM.from_pretrained, refused unless every tensor loaded whole (engine.weights)."""
+    headers = read_headers(folder)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ShrinkError(f"model.path: cannot load {folder}: {first_line(exc)}") from None
+    check_load(folder, model, headers, info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"],
+               check_kinds=check_kinds)
+    return model
 
 
 def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from engine.config import eval_sets, without_volatile
 from engine.data import file_sha256
 from engine.errors import ShrinkError
+from engine.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,4 @@ def write_recipe(cfg: DictConfig, out: Path) -> None:
     plain["fingerprints"] = {"inputs": input_fingerprints(cfg), "packages": package_versions(),
                              "seed": cfg.seed, "config_sha256": config_digest(cfg)}
     text = "defaults:\n  - shrink_schema\n  - _self_\n\n" + OmegaConf.to_yaml(OmegaConf.create(plain))
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".recipe.yaml.tmp"
-    tmp.write_text(text)
-    tmp.replace(out / "recipe.yaml")
+    atomic_write_text(out / "recipe.yaml", text)

@@ -16,8 +16,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +25,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from engine.experts import disk_names, split_experts, split_modules, to_disk_key, to_memory_key
+from engine.files import atomic_folder
 from engine.modeling import linear_dims, unique_tensors
+from engine.weights import check_load, read_headers
 from quant.config import QuantConfig
 from quant.qlinear import QuantLinear
 
@@ -254,10 +254,7 @@ def save_gptq_model(
     if dropped:
         log.info("tied weights not written (re-tied on load): %s", dropped)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_folder(out, replace=True) as tmp:
         shards = _shards(state, max_shard_size)
         meta = {"format": "pt"}  # transformers expects this safetensors metadata tag
         if len(shards) == 1:
@@ -272,20 +269,11 @@ def save_gptq_model(
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
         config.save_pretrained(str(tmp))
-        (tmp / QUANT_CONFIG_NAME).write_text(json.dumps(qcfg, indent=2))
+        # sorted like config.json, so a resumed run (config read back) writes the same bytes
+        (tmp / QUANT_CONFIG_NAME).write_text(json.dumps(qcfg, indent=2, sort_keys=True))
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(str(tmp))
-        if out.exists():
-            backup = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(backup)
-            tmp.rename(out)
-            shutil.rmtree(backup)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -310,7 +298,10 @@ def load_quantized_model(
     """Load a GPTQ folder into a runnable model with pure-torch QuantLinear layers.
 
     Needs only transformers + safetensors + accelerate. Float tensors are cast to dtype;
-    GPTQ scales stay fp16 as stored (QuantLinear dequantizes in fp32).
+    GPTQ scales stay fp16 as stored (QuantLinear dequantizes in fp32). The model keeps
+    config.quantization_config, so saving it again (a resumed run) writes the GPTQ layout.
+    Every tensor is checked by engine.weights.check_load (missing, unexpected, shape, kind,
+    non-finite: ShrinkError naming file and tensor).
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -331,10 +322,8 @@ def load_quantized_model(
         del config.quantization_config
 
     files = _safetensors_files(folder)
-    keys: set[str] = set()
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            keys.update(sf.keys())
+    headers = read_headers(folder)
+    keys = set(headers)
     qnames = sorted(k[: -len(".qweight")] for k in keys if k.endswith(".qweight"))
 
     # Parameters on meta (no allocation, no random init); buffers stay real so
@@ -365,17 +354,21 @@ def load_quantized_model(
                 state[k] = t
     for name in qnames:  # placeholder n_groups may differ (e.g. act-order files): trust the file
         m = model.get_submodule(name)
-        if m.scales.shape != state[f"{name}.scales"].shape:
+        if {f"{name}.scales", f"{name}.qzeros"} <= state.keys() and m.scales.shape != state[f"{name}.scales"].shape:
             m.scales = torch.empty_like(state[f"{name}.scales"], device="meta")
             m.qzeros = torch.empty_like(state[f"{name}.qzeros"], device="meta")
-    result = model.load_state_dict(state, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise ValueError(f"unexpected keys in checkpoint: {result.unexpected_keys[:10]}")
+    placeholders = model.state_dict()
+    mismatched = [(k, tuple(t.shape), tuple(placeholders[k].shape)) for k, t in state.items()
+                  if k in placeholders and tuple(t.shape) != tuple(placeholders[k].shape)]
+    result = model.load_state_dict({k: t for k, t in state.items() if k not in {m[0] for m in mismatched}},
+                                   strict=False, assign=True)
     if _tied_embeddings(model):
         model.tie_weights()
-    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if still_meta:
-        raise ValueError(f"tensors missing from checkpoint: {still_meta[:10]}")
+    skipped = {m[0] for m in mismatched}
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+                  if t.is_meta and n not in skipped]
+    check_load(folder, model, headers, still_meta, result.unexpected_keys, mismatched)
+    model.config.quantization_config = qcfg
     return model.to(device).eval()
 
 

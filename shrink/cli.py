@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from engine.errors import ShrinkError
 from shrink.config import CONF_DIR, compose, quiet_import_noise, register_configs, register_resolvers
@@ -30,8 +31,8 @@ def hydra_main() -> None:
     try:
         check_jobs(sys.argv[1:], conf_dir)
     except ShrinkError as exc:
-        print(f"shrink: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(exc))
+    sys.argv[1:] = hydra_dirs(sys.argv[1:])
 
     @hydra.main(version_base="1.3", config_path=conf_dir, config_name="config")
     def _run(cfg: DictConfig) -> None:
@@ -42,8 +43,10 @@ def hydra_main() -> None:
         try:
             metrics = run_pipeline(cfg, out)
         except ShrinkError as exc:
-            print(f"shrink: error: {exc}", file=sys.stderr)
-            sys.exit(2)
+            fail(str(exc))
+        except KeyboardInterrupt:
+            kept = f"; {out} keeps the finished stages (rerun with resume=true)" if (out / "progress.json").is_file() else ""
+            fail(f"interrupted{kept}")
         for name, ppl in metrics.get("ppl", {}).items():
             base = metrics.get("baseline_ppl", {}).get(name)
             bpb = metrics.get("bits_per_byte", {}).get(name)
@@ -57,6 +60,24 @@ def hydra_main() -> None:
         print(f"out: {out}")
 
     _run()
+
+
+def fail(message: str) -> NoReturn:
+    """The one way the CLI reports a bad input: one line on stderr, exit status 2."""
+    print(f"shrink: error: {' '.join(message.split()) or 'failed'}", file=sys.stderr)
+    sys.exit(2)
+
+
+def hydra_dirs(argv: list[str]) -> list[str]:
+    """With out= given, Hydra's own run folder (outputs/DATE/TIME with .hydra/ and a log file)
+    is not made: the run's record is out/recipe.yaml, and logging goes to the console."""
+    plain = [a.lstrip("+~") for a in argv]
+    given_out = any(a.startswith("out=") and a not in ("out=", "out=null") for a in plain)
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    own = any(a.startswith(("hydra.run.dir=", "hydra.output_subdir=", "hydra/job_logging=")) for a in plain)
+    if not given_out or multirun or own:
+        return argv
+    return argv + ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
 
 def check_jobs(argv: list[str], conf_dir: str) -> None:
@@ -153,10 +174,14 @@ def main() -> None:
         try:
             SUBCOMMANDS[argv[0]](argv[1:])
         except ShrinkError as exc:
-            print(f"shrink: error: {exc}", file=sys.stderr)
-            sys.exit(2)
+            fail(str(exc))
+        except KeyboardInterrupt:
+            fail("interrupted")
         return
-    hydra_main()
+    try:
+        hydra_main()
+    except KeyboardInterrupt:  # outside a run (composing, importing): nothing was written
+        fail("interrupted")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ in conf/ is type-checked when composed; it is called by the CLI, never at import
 """
 from __future__ import annotations
 
+import difflib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,11 +91,44 @@ def compose(overrides: Sequence[str], config_dir: Path | str = CONF_DIR, config_
     register_resolvers()
     try:
         with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
-            if jobs is None:
-                return hydra_compose(config_name=config_name, overrides=list(overrides))
-            return [hydra_compose(config_name=config_name, overrides=list(overrides) + list(job)) for job in jobs]
+            cfgs = [hydra_compose(config_name=config_name, overrides=list(overrides) + list(job))
+                    for job in (jobs if jobs is not None else [[]])]
     except (HydraException, OmegaConfBaseException) as exc:
         raise ShrinkError(hydra_error_message(exc)) from None
+    for cfg in cfgs:
+        check_known_keys(cfg)
+    return cfgs if jobs is not None else cfgs[0]
+
+
+def check_known_keys(cfg: Any) -> None:
+    """Refuse keys the schema does not have: `+key=value` adds them past Hydra's struct
+    check, so a typo (`+quant.bitz=4`) would otherwise run with the default silently."""
+    from omegaconf import OmegaConf
+
+    unknown = unknown_keys(cfg, OmegaConf.structured(ShrinkConfig))
+    if unknown:
+        key, known = unknown[0]
+        close = difflib.get_close_matches(key.rpartition(".")[2], known, n=1)
+        hint = f"; did you mean {key.rpartition('.')[0] + '.' if '.' in key else ''}{close[0]}?" if close else ""
+        raise ShrinkError(f"{key}: unknown key (not in the config schema){hint}")
+
+
+def unknown_keys(node: Any, schema: Any, prefix: str = "") -> list[tuple[str, list[str]]]:
+    """(dotted key, the keys known there) of every key in node that schema lacks; free-form
+    dict fields of the schema (e.g. fingerprints) take any key."""
+    from omegaconf import DictConfig, OmegaConf
+
+    found: list[tuple[str, list[str]]] = []
+    known = [str(k) for k in schema.keys()]
+    for key in node.keys():
+        if str(key) not in known:
+            found.append((f"{prefix}{key}", known))
+            continue
+        child, spec = node._get_node(key), schema._get_node(key)
+        if isinstance(child, DictConfig) and isinstance(spec, DictConfig) and not spec._is_none() \
+                and not child._is_none() and OmegaConf.get_type(spec) not in (dict, None):
+            found += unknown_keys(child, spec, f"{prefix}{key}.")
+    return found
 
 
 def hydra_error_message(exc: BaseException) -> str:

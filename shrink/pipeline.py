@@ -8,10 +8,7 @@ model/ through a temporary folder so a failure never leaves a partial one.
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +16,14 @@ from typing import Any, Callable, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from engine.config import EvalSet, eval_sets
 from engine.data import token_stream, window_count
 from engine.errors import ShrinkError
 from engine.evaluation import measure
+from engine.data import check_data_file
+from engine.files import atomic_folder, atomic_write_json
 from engine.gguf_import import import_dir, import_gguf
 from engine.metrics import peak_memory_bytes, size_metrics, sparsity_report
 from engine.modeling import check_model_folder, folder_size_bytes, load_tokenizer, resolve_device
@@ -97,15 +97,10 @@ def export_stage(state: RunState) -> dict[str, Any]:
     target = state.out / "model"
     if target.exists():
         raise ShrinkError(f"out: {target} already exists; choose another out")
-    tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=state.out))
-    try:
-        card = model_card(state)
+    card = model_card(state)
+    with atomic_folder(target) as tmp:
         save_model_folder(state.model, state.tokenizer, tmp, state.quantization_config)
         (tmp / "README.md").write_text(card)
-        tmp.chmod(0o755)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported %s", target)
     return {"path": str(target)}
 
@@ -115,6 +110,8 @@ class Stage:
     run: Callable[[RunState], dict[str, Any]]
     # Checks the stage's config section without a model: runs before anything is written.
     check: Optional[Callable[[DictConfig], None]] = None
+    # The config keys of the input files the stage will read, checked before any model loads.
+    inputs: Callable[[DictConfig], list[str]] = lambda cfg: []
 
 
 def stage_table() -> dict[str, Stage]:
@@ -139,10 +136,23 @@ def stage_table() -> dict[str, Stage]:
             raise ShrinkError("distill.teacher: a device_map or 8/4-bit teacher is loaded again from model.path, "
                               "so distill must come before any stage that changes the model")
 
-    return {"distill": Stage(distill_stage, check_distill), "prune": Stage(prune_stage, check_prune),
-            "quantize": Stage(quantize_stage, lambda cfg: check_quant_config(cfg.quant)),
-            "pretrain": Stage(pretrain_stage, check_distill),
-            "eval": Stage(eval_stage, check_eval), "export": Stage(export_stage)}
+    def distill_inputs(cfg: DictConfig) -> list[str]:
+        student = ["distill.student.path"] if cfg.distill.student.init == "pretrained" else []
+        # training reads train_path (default: the calibration file); a width student also calibrates
+        train = ["distill.train_path"] if cfg.distill.train_path else []
+        calib = ["data.calib.path"] if not train or cfg.distill.student.init == "width" else []
+        return ["data.eval.path", *train, *calib, *student]
+
+    def prune_inputs(cfg: DictConfig) -> list[str]:
+        calibrates = cfg.prune.method != "magnitude" or cfg.prune.reconstruct or cfg.prune.joint_quant
+        return ["data.calib.path"] if calibrates else []
+
+    return {"distill": Stage(distill_stage, check_distill, distill_inputs),
+            "prune": Stage(prune_stage, check_prune, prune_inputs),
+            "quantize": Stage(quantize_stage, lambda cfg: check_quant_config(cfg.quant),
+                              lambda cfg: ["data.calib.path"] if cfg.quant.method == "gptq" else []),
+            "pretrain": Stage(pretrain_stage, check_distill, distill_inputs),
+            "eval": Stage(eval_stage, check_eval, lambda cfg: ["data.eval.path"]), "export": Stage(export_stage)}
 
 
 def check_eval(cfg: DictConfig) -> None:
@@ -186,23 +196,45 @@ def check_config(cfg: DictConfig) -> list[str]:
     return stages
 
 
+def check_inputs(cfg: DictConfig, stages: list[str]) -> None:
+    """Every input file the stages will read exists and is of its format: found now, before
+    a model loads or `out` is made, not after an hour of calibration."""
+    table = stage_table()
+    for key in dict.fromkeys(k for name in stages for k in table[name].inputs(cfg)):
+        try:
+            path = OmegaConf.select(cfg, key, throw_on_missing=True)
+        except MissingMandatoryValue:
+            raise ShrinkError(f"{key}: not set (the {', '.join(stages)} pipeline reads it)") from None
+        if key == "distill.student.path":
+            check_model_folder(path, key)
+        else:
+            check_data_file(path, key)
+
+
 MODIFYING = {"distill", "pretrain", "prune", "quantize"}
 
 
 def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
-    """Run cfg.pipeline.stages on cfg.model, writing metrics.json (and model/) into out."""
+    """Run cfg.pipeline.stages on cfg.model, writing metrics.json (and model/) into out.
+
+    Everything that can be checked without a model (settings, input files, out) is checked
+    first, and out is made only once the model has loaded: a bad input leaves nothing.
+    """
     stages = check_config(cfg)
     table = stage_table()
-    out.mkdir(parents=True, exist_ok=True)
     digest = config_digest(cfg)
     progress = read_progress(out, digest, cfg.resume) or {"config_sha256": digest, "done": [], "seconds": {}}
-    if (out / "model").exists() and not any(step.endswith("-export") for step in progress["done"]):
-        raise ShrinkError(f"out: {out / 'model'} already exists; choose another out")
     start = time.time()
     ensure_model(cfg, progress)
+    check_inputs(cfg, stages)
     check_fingerprints(cfg)
-    write_recipe(cfg, out)
     state = load_state(cfg, out, progress)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ShrinkError(f"out: cannot create {out}: {exc.strerror or exc}") from None
+    write_progress(out, progress)  # from here on out is a resumable run of this recipe
+    write_recipe(cfg, out)
     seconds = progress["seconds"]
     if cfg.eval.baseline and "eval" in stages and MODIFYING & set(stages) and "baseline" not in progress["done"]:
         t = time.time()
@@ -221,7 +253,7 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
         if name in MODIFYING:
             state.changed = True
             if i < len(stages):
-                progress["checkpoint"] = str(save_checkpoint(state, i, name))
+                progress["checkpoint"] = save_checkpoint(state, i, name)
         finish_step(state, progress, f"{i}-{name}")
     finalize_metrics(state, seconds, time.time() - start)
     progress["finished"] = True
@@ -236,7 +268,7 @@ def load_state(cfg: DictConfig, out: Path, progress: dict[str, Any]) -> RunState
     torch.manual_seed(cfg.seed)
     t = time.time()
     checkpoint = progress.get("checkpoint")
-    model_cfg = OmegaConf.merge(cfg.model, {"path": checkpoint}) if checkpoint else cfg.model
+    model_cfg = OmegaConf.merge(cfg.model, {"path": str(out / checkpoint)}) if checkpoint else cfg.model
     state.model, state.tokenizer = load_model(model_cfg)
     if checkpoint:
         log.info("resuming from %s", checkpoint)
@@ -274,10 +306,6 @@ def finalize_metrics(state: RunState, seconds: dict[str, float], elapsed: float)
     metrics["sparsity"] = sparsity_report(state.model)["overall"]
     metrics["seconds"] = {**seconds, "total": elapsed}
     metrics["peak_memory_bytes"] = peak_memory_bytes()
-    write_json(state.out / "metrics.json", metrics)
+    atomic_write_json(state.out / "metrics.json", metrics)
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    tmp.replace(path)

@@ -26,6 +26,7 @@ import yaml
 
 from engine.config import without_volatile
 from engine.errors import ShrinkError
+from engine.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -303,15 +304,11 @@ def write_report(dirs: list[Path], out: Optional[Path] = None) -> Path:
     table = build_table(runs)
     out = out or dirs[0]
     out.mkdir(parents=True, exist_ok=True)
-    temps: dict[str, Path] = {name: out / f".{name}.tmp" for name in ("report.md", "report.csv", "report.png")}
-    try:
-        temps["report.md"].write_text(render_markdown(table))
-        temps["report.csv"].write_text(render_csv(table))
-        render_plot(table, temps["report.png"])
-        for name, tmp in temps.items():
-            tmp.replace(out / name)
-    finally:
-        for tmp in temps.values():
-            tmp.unlink(missing_ok=True)
+    # all three rendered before any is renamed: a failure leaves the previous report whole
+    with atomic_path(out / "report.md") as md, atomic_path(out / "report.csv") as csv_file, \
+            atomic_path(out / "report.png") as png:
+        md.write_text(render_markdown(table))
+        csv_file.write_text(render_csv(table))
+        render_plot(table, png)
     log.info("report of %d runs: %s", len(runs), out / "report.md")
     return out

@@ -1,61 +1,91 @@
-"""Stage checkpoints and `progress.json`, so that `resume=true` skips finished stages.
+"""The run folder `out`: who may write into it, stage checkpoints and `progress.json`.
 
 After every stage the run folder's progress.json records what is done (stage reports,
 seconds, metrics so far) together with the config digest; after a stage that changed
-the model, the model is saved to `checkpoints/<i>-<stage>/` first. A resumed run with
-the same settings loads the last checkpoint and goes on with the next stage; a failed
-stage therefore never costs the stages before it. Checkpoints are deleted once the
-whole pipeline has finished.
+the model, the model is saved to `checkpoints/<i>-<stage>/` first (paths in progress.json
+are relative to out, so a run folder can be moved). A resumed run with the same settings
+loads the last checkpoint and goes on with the next stage; a failed or killed stage
+therefore never costs the stages before it. Checkpoints are deleted once the whole
+pipeline has finished. An `out` holding anything else (another recipe's run, a finished
+run, any other files) is refused before anything is loaded or written.
 """
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 from engine.errors import ShrinkError
+from engine.files import atomic_folder, atomic_write_json, remove_stale_temps
 from shrink.model_folder import save_model_folder
 
+log = logging.getLogger(__name__)
+
 PROGRESS = "progress.json"
+# What Hydra itself puts into its run folder, which is `out` when out= is not given.
+HYDRA_ENTRIES = (".hydra",)
 
 
 def read_progress(out: Path, digest: str, resume: bool) -> Optional[dict[str, Any]]:
-    """The progress of an earlier run in `out`, or None for a fresh run."""
+    """The progress of this recipe's unfinished run in `out` (resume=true), or None for a
+    fresh run in an empty or new `out`; anything else is refused (ShrinkError)."""
+    check_writable(out)
     path = out / PROGRESS
     if not path.is_file():
+        others = sorted(p.name for p in out.iterdir() if p.name not in HYDRA_ENTRIES
+                        and not p.name.endswith(".log")) if out.is_dir() else []
+        if others:
+            raise ShrinkError(f"out: {out} is not empty and holds no shrink run (found {others[0]}); "
+                              f"choose a new or empty out")
         return None
-    progress = json.loads(path.read_text())
+    try:
+        progress = json.loads(path.read_text())
+    except ValueError:
+        raise ShrinkError(f"out: {path} is damaged (not JSON); choose another out") from None
+    if progress.get("finished"):
+        hint = "; there is nothing to resume" if resume else ""
+        raise ShrinkError(f"out: {out} already holds a finished run{hint}; choose another out")
     if not resume:
-        if progress.get("finished"):
-            raise ShrinkError(f"out: {out} already holds a finished run; choose another out")
         raise ShrinkError(f"out: {out} holds an unfinished run; pass resume=true to go on, or choose another out")
     if progress.get("config_sha256") != digest:
         raise ShrinkError(f"resume: the settings differ from those of the run in {out}; cannot resume it")
+    clean_interrupted(out, progress)
     return progress
 
 
+def check_writable(out: Path) -> None:
+    """out (or the folder it will be made in) must be a writable folder."""
+    if out.exists() and not out.is_dir():
+        raise ShrinkError(f"out: {out} is a file, not a folder")
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ShrinkError(f"out: {existing} is not writable")
+
+
+def clean_interrupted(out: Path, progress: dict[str, Any]) -> None:
+    """What a killed run left half-done: temp files and folders, and a model/ renamed into
+    place just before the kill but not yet recorded (export runs again and rewrites it)."""
+    for folder in (out, out / "checkpoints"):
+        for path in remove_stale_temps(folder):
+            log.info("removed %s (left by an interrupted run)", path)
+    if (out / "model").exists() and not any(step.endswith("-export") for step in progress["done"]):
+        shutil.rmtree(out / "model")
+
+
 def write_progress(out: Path, progress: dict[str, Any]) -> None:
-    tmp = out / f".{PROGRESS}.tmp"
-    tmp.write_text(json.dumps(progress, indent=2, sort_keys=True))
-    tmp.replace(out / PROGRESS)
+    atomic_write_json(out / PROGRESS, progress)
 
 
-def save_checkpoint(state: Any, index: int, stage: str) -> Path:
-    """Save the model after stage `index` (GPTQ layout if quantized), atomically."""
-    root = state.out / "checkpoints"
-    root.mkdir(exist_ok=True)
-    target = root / f"{index}-{stage}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{index}-{stage}.", dir=root))
-    try:
+def save_checkpoint(state: Any, index: int, stage: str) -> str:
+    """Save the model after stage `index` (GPTQ layout if quantized), atomically; returns
+    its path relative to out, as progress.json records it."""
+    relative = f"checkpoints/{index}-{stage}"
+    with atomic_folder(state.out / relative, replace=True) as tmp:
         save_model_folder(state.model, state.tokenizer, tmp, state.quantization_config)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return relative
 
 
 def remove_checkpoints(out: Path) -> None:

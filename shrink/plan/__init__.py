@@ -22,15 +22,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from engine.files import atomic_write_text
 from shrink.plan.args import parse_plan_args
 from shrink.plan.compute import compute_plan
 from shrink.plan.render import format_plan
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def run_plan(argv: list[str]) -> dict[str, Any]:

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from engine.data import eval_windows, token_stream, token_text_lengths

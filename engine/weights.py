@@ -1,0 +1,140 @@
+"""The one check of a model folder's weights, shared by every path that loads them.
+
+Before a load, `read_headers` reads each .safetensors header (without the data) and
+refuses a file that is not safetensors or is shorter than its header says (truncated).
+After a load, `check_load` refuses any tensor the model needed but the files lack,
+any the files hold but the model has no place for, any whose shape or kind (float,
+integer, bool) disagrees, and any non-finite value: transformers would otherwise fill
+the gaps with random values and the run would report numbers of a partly random model.
+Every error is one line naming the file and the tensor.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from engine.errors import ShrinkError
+
+SAFE_INDEX = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
+               "I16": 2, "I8": 1, "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1}
+
+
+@dataclass(frozen=True)
+class TensorHeader:
+    file: Path
+    dtype: str  # safetensors' name, e.g. "F16", "I32"
+    shape: tuple[int, ...]
+
+
+def weight_files(folder: Path, key: str = "model.path") -> list[Path]:
+    """The .safetensors files of a folder: those its index lists, else every one there."""
+    index = folder / SAFE_INDEX
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ShrinkError(f"{key}: {index} is not a safetensors index ({type(exc).__name__})") from None
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise ShrinkError(f"{key}: {folder / missing[0]} is listed in {SAFE_INDEX} but does not exist")
+        return [folder / n for n in names]
+    return sorted(p for p in folder.iterdir() if p.name.endswith(".safetensors"))
+
+
+def read_header(file: Path, key: str = "model.path") -> dict[str, TensorHeader]:
+    """Tensor names, dtypes and shapes of one .safetensors file; refuses a damaged one."""
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < length <= min(MAX_HEADER_BYTES, size - 8):
+            raise ShrinkError(f"{key}: {file} is not a safetensors file (bad header length; truncated?)")
+        try:
+            header = json.loads(fh.read(length))
+        except (UnicodeDecodeError, ValueError):
+            raise ShrinkError(f"{key}: {file} has an unreadable safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise ShrinkError(f"{key}: {file} has an unreadable safetensors header (not a JSON object)")
+    tensors: dict[str, TensorHeader] = {}
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, stop) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+            numel = int(torch.tensor(shape, dtype=torch.int64).prod()) if shape else 1
+            ok = dtype in DTYPE_BYTES and stop - begin == numel * DTYPE_BYTES[dtype]
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ShrinkError(f"{key}: {file}: tensor {name!r} has a malformed header entry")
+        tensors[name] = TensorHeader(file, dtype, shape)
+        end = max(end, stop)
+    if 8 + length + end > size:
+        raise ShrinkError(f"{key}: {file} is truncated ({size} bytes, its header needs {8 + length + end})")
+    return tensors
+
+
+def read_headers(folder: Path, key: str = "model.path") -> dict[str, TensorHeader]:
+    """Every tensor of a model folder by name (the first file holding it)."""
+    files = weight_files(folder, key)
+    if not files:
+        raise ShrinkError(f"{key}: {folder} has no .safetensors weights")
+    headers: dict[str, TensorHeader] = {}
+    for file in files:
+        for name, entry in read_header(file, key).items():
+            headers.setdefault(name, entry)
+    return headers
+
+
+def kind(dtype: str | torch.dtype) -> str:
+    """float | int | bool, for a safetensors dtype name or a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return "bool" if dtype == torch.bool else "float" if dtype.is_floating_point else "int"
+    return "bool" if dtype == "BOOL" else "float" if dtype.startswith(("F", "BF")) else "int"
+
+
+def check_load(folder: Path, model: nn.Module, headers: dict[str, TensorHeader], missing: Iterable[str] = (),
+               unexpected: Iterable[str] = (), mismatched: Sequence[tuple] = (), check_kinds: bool = True,
+               key: str = "model.path") -> None:
+    """Refuse a load that left a tensor missing, unexpected, of another shape or kind, or non-finite.
+
+    missing/unexpected/mismatched are the loader's own report (transformers' loading info,
+    or load_state_dict's), after its key renames and tied-weight handling.
+    """
+    where = folder / SAFE_INDEX if (folder / SAFE_INDEX).is_file() else folder
+    missing, unexpected = sorted(missing), sorted(unexpected)
+    mismatched = sorted(mismatched, key=lambda entry: entry[0])
+    if missing:
+        raise ShrinkError(f"{key}: {where}: tensor {missing[0]!r} is missing ({len(missing)} missing in all; "
+                          f"does config.json match the weights?)")
+    if unexpected:
+        name = unexpected[0]
+        file = headers[name].file if name in headers else where
+        raise ShrinkError(f"{key}: {file}: tensor {name!r} is unexpected ({len(unexpected)} in all; "
+                          f"the model built from config.json has no place for it)")
+    if mismatched:
+        name, found, wanted = mismatched[0][:3]
+        file = headers[name].file if name in headers else where
+        raise ShrinkError(f"{key}: {file}: tensor {name!r} has shape {list(found)} but config.json "
+                          f"gives {list(wanted)} ({len(mismatched)} mismatched in all)")
+    seen: set[int] = set()  # tied weights are checked once
+    for name, tensor in model.state_dict().items():
+        entry = headers.get(name)
+        file = entry.file if entry else where
+        if check_kinds and entry is not None and kind(entry.dtype) != kind(tensor.dtype):
+            raise ShrinkError(f"{key}: {file}: tensor {name!r} is {entry.dtype} but the model holds "
+                              f"{kind(tensor.dtype)} values there")
+        if tensor.is_meta or not tensor.is_floating_point() or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        if not bool(torch.isfinite(tensor).all()):
+            raise ShrinkError(f"{key}: {file}: tensor {name!r} holds non-finite values (NaN or inf)")

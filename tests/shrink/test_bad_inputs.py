@@ -1,0 +1,351 @@
+"""Bad inputs and faults, one table: each row is a command as a user types it, the fragment its
+one-line error must hold, and what may exist afterwards. Exit status 2, one `shrink: error:`
+line, no traceback, and `out` left as it was (absent, or untouched when it existed).
+
+The fault tests below kill real `pipeline=quantize` runs (SIGKILL right after the quantize
+checkpoint, SIGKILL in the middle of the export, SIGINT) and check that resume=true ends
+with a model folder equal in every file to an uninterrupted run's, at the same perplexity.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import (EVAL_NAME, ROOT, SHAKESPEARE_EVAL, save_with_tokenizer, tiny_config, tiny_data_overrides,
+                            tiny_model)
+
+EVAL = ["pipeline=eval", "data=shakespeare", "data.eval.seq_len=32", "data.eval.max_windows=2"]
+
+
+def edit_config(folder: Path, **changes: object) -> Path:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return folder
+
+
+def edit_weights(folder: Path, change: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+    state = load_file(folder / "model.safetensors")
+    change(state)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def set_nan(state: dict[str, torch.Tensor]) -> None:
+    state["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+
+
+def set_int(state: dict[str, torch.Tensor]) -> None:
+    state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"].to(torch.int32)
+
+
+def truncate(folder: Path) -> Path:
+    file = folder / "model.safetensors"
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    return folder
+
+
+def link_template(folder: Path) -> Path:
+    (folder / "chat_template.jinja").symlink_to("/etc/passwd")
+    return folder
+
+
+def traversing_template(folder: Path) -> Path:
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = [{"name": "../../evil", "template": "{{ messages }}"}]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def pickled(folder: Path) -> Path:
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    return folder
+
+
+def lost_shard(folder: Path) -> Path:
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder
+
+
+# name -> how a copy of the good tiny model is broken
+MODELS: dict[str, Callable[[Path], Path]] = {
+    "good": lambda f: f,
+    "more_layers": lambda f: edit_config(f, num_hidden_layers=3),
+    "fewer_layers": lambda f: edit_config(f, num_hidden_layers=1),
+    "other_shape": lambda f: edit_config(f, intermediate_size=96),
+    "not_json": lambda f: (f / "config.json").write_text("{model_type: llama") and f,
+    "no_model_type": lambda f: (f / "config.json").write_text("[1, 2]") and f,
+    "truncated": truncate,
+    "nan": lambda f: edit_weights(f, set_nan),
+    "int_weight": lambda f: edit_weights(f, set_int),
+    "symlink": link_template,
+    "template_name": traversing_template,
+    "pickle": pickled,
+    "lost_shard": lost_shard,
+}
+
+
+def write_gz(path: Path, text: str) -> Path:
+    with gzip.open(path, "wt") as fh:
+        fh.write(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, shipped_tokenizer: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("inputs")
+    good = save_with_tokenizer(tiny_model("llama"), root / "good", shipped_tokenizer)
+    paths = {name: make(shutil.copytree(good, root / name) if name != "good" else good)
+             for name, make in MODELS.items()}
+    config = tiny_config("llama")
+    config.vocab_size = 1000
+    import transformers
+    paths["small_vocab"] = save_with_tokenizer(transformers.AutoModelForCausalLM.from_config(config),
+                                               root / "small_vocab", shipped_tokenizer)
+    paths["empty_gz"] = write_gz(root / "empty.jsonl.gz", "")
+    paths["not_jsonl"] = root / "bad.jsonl"
+    paths["not_jsonl"].write_text("this is not json\n")
+    paths["not_gzip"] = root / "fake.jsonl.gz"
+    paths["not_gzip"].write_text('{"text": "plain text named .gz"}\n')
+    paths["csv_empty"] = root / "empty.csv"
+    paths["csv_empty"].write_text("")
+    paths["a_file"] = root / "a_file.txt"
+    paths["a_file"].write_text("x")
+    return paths
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    args: Callable[[dict[str, Path], Path], list[str]]  # (inputs, out) -> command line
+    expect: str  # fragment of the one-line error
+    # prepares `out` before the command; whatever it leaves there must be unchanged afterwards
+    setup: Callable[[dict[str, Path], Path], None] = field(default=lambda inputs, out: None)
+
+
+def model(name: str, *extra: str) -> Callable[[dict[str, Path], Path], list[str]]:
+    return lambda inp, out: [*EVAL, f"model.path={inp[name]}", *extra, f"out={out}"]
+
+
+def quantize(name: str, *extra: str) -> Callable[[dict[str, Path], Path], list[str]]:
+    return lambda inp, out: ["pipeline=quantize", f"model.path={inp[name]}", *tiny_data_overrides(),
+                             "quant.group_size=32", *extra, f"out={out}"]
+
+
+def finished_run(inp: dict[str, Path], out: Path) -> None:
+    out.mkdir()
+    (out / "progress.json").write_text(json.dumps({"config_sha256": "x", "done": ["1-eval"], "finished": True}))
+
+
+def other_recipe_run(inp: dict[str, Path], out: Path) -> None:
+    out.mkdir()
+    (out / "progress.json").write_text(json.dumps({"config_sha256": "another", "done": ["baseline"]}))
+
+
+def foreign_files(inp: dict[str, Path], out: Path) -> None:
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+
+
+def damaged_progress(inp: dict[str, Path], out: Path) -> None:
+    out.mkdir()
+    (out / "progress.json").write_text('{"done": [')
+
+
+ROWS = [
+    # inputs that were refused cleanly before issue 21 (kept so they never regress)
+    Row("no_model_folder", lambda i, o: [*EVAL, f"model.path={o.parent / 'nope'}", f"out={o}"], "model.path"),
+    Row("pickle_only", model("pickle"), "pickled weights are not loaded"),
+    Row("small_vocab", model("small_vocab"), "tokenizer/vocab mismatch"),
+    Row("no_eval_data", model("good", "data.eval.path=/nonexistent/test.jsonl"), "data.eval.path"),
+    Row("unknown_stage", model("good", "pipeline.stages=[eval,compile]"), "unknown stage 'compile'"),
+    Row("unknown_key", model("good", "quant.nbits=4"), "quant.nbits"),
+    Row("bad_type", model("good", "quant.bits=four"), "quant.bits"),
+    Row("unfinished_run_no_resume", model("good"), "pass resume=true", setup=other_recipe_run),
+    # issue 21, 2: missing / unexpected / mismatched / non-finite tensors
+    Row("missing_tensors", model("more_layers"), "tensor 'model.layers.2."),
+    Row("unexpected_tensors", model("fewer_layers"), "is unexpected"),
+    Row("shape_mismatch", model("other_shape"), "has shape [64, 128] but config.json gives [64, 96]"),
+    Row("int_tensor", model("int_weight"), "tensor 'model.layers.0.mlp.up_proj.weight' is I32"),
+    Row("nan_tensor", model("nan"), "tensor 'model.layers.1.mlp.up_proj.weight' holds non-finite"),
+    Row("lost_shard", model("lost_shard"), "model-00002-of-00002.safetensors is listed"),
+    # 3: files linking out of the model folder
+    Row("symlinked_template", model("symlink"), "chat_template.jinja links outside the model folder"),
+    # 4: `+` adds no key
+    Row("plus_unknown_key", model("good", "+quant.bitz=4"), "quant.bitz: unknown key"),
+    Row("plus_unknown_top_key", model("good", "+colour=red"), "colour: unknown key"),
+    # 5: out must be new, empty, or this recipe's unfinished run
+    Row("out_is_the_model", lambda i, o: [*EVAL, f"model.path={i['good']}", f"out={i['good']}"], "is not empty"),
+    Row("out_foreign_files", model("good"), "is not empty and holds no shrink run", setup=foreign_files),
+    Row("out_is_a_file", lambda i, o: [*EVAL, f"model.path={i['good']}", f"out={i['a_file']}"], "is a file"),
+    Row("resume_other_settings", model("good", "resume=true"), "settings differ", setup=other_recipe_run),
+    Row("damaged_progress", model("good", "resume=true"), "is damaged", setup=damaged_progress),
+    # 6: tracebacks before issue 21
+    Row("config_not_json", model("not_json"), "config.json is not valid JSON"),
+    Row("config_no_model_type", model("no_model_type"), "has no model_type"),
+    Row("truncated_safetensors", model("truncated"), "model.safetensors is truncated"),
+    Row("empty_jsonl_gz", model("good", "data.eval.path={empty_gz}"), "is empty"),
+    Row("not_jsonl", model("good", "data.eval.path={not_jsonl}"), "line 1 is not JSON"),
+    Row("not_gzip", model("good", "data.eval.path={not_gzip}"), "cannot read"),
+    Row("empty_csv", model("good", "data.eval.path={csv_empty}"), "is empty"),
+    Row("out_not_creatable", lambda i, o: [*EVAL, f"model.path={i['good']}", "out=/proc/shrink-out"],
+        "out: cannot create /proc/shrink-out"),
+    Row("template_name_traversal", model("template_name"), "chat template name '../../evil'"),
+    # 7: inputs of later stages are checked before any model loads
+    Row("no_calib_data", quantize("good", "data.calib.path=/nonexistent/calib.jsonl.gz"), "data.calib.path"),
+    Row("calib_data_unset", quantize("good", "data.calib.path='???'"),
+        "data.calib.path: not set"),
+    # 8: a finished run is not resumed
+    Row("resume_finished", model("good", "resume=true"), "nothing to resume", setup=finished_run),
+    Row("finished_no_resume", model("good"), "already holds a finished run", setup=finished_run),
+]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    if not folder.exists():
+        return {}
+    if folder.is_file():
+        return {"": folder.read_bytes()}
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"" for p in folder.rglob("*")}
+
+
+def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
+    """`shrink ARGS` in this process (seconds instead of a fresh interpreter per row)."""
+    from shrink.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["shrink", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(row: Row, inputs, tmp_path, capsys, monkeypatch) -> None:
+    out = tmp_path / "out"
+    row.setup(inputs, out)
+    args = [a.format(**{k: str(v) for k, v in inputs.items()}) for a in row.args(inputs, out)]
+    target = Path(next(a for a in args if a.startswith("out=")).split("=", 1)[1])
+    before = snapshot(target)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # Hydra writes nothing here either (no outputs/DATE/TIME)
+    code, err = run_cli(args, capsys, monkeypatch)
+    errors = [line for line in err.splitlines() if line.startswith("shrink: error:")]
+    assert code == 2 and len(errors) == 1 and row.expect in errors[0], err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert snapshot(target) == before  # out absent, or exactly as it was
+    assert list(cwd.iterdir()) == []
+
+
+def test_a_good_run_writes_only_out_and_world_readable_files(inputs, tmp_path, capsys, monkeypatch) -> None:
+    """The counterpart of the table: the same command with good inputs succeeds, writes out
+    (files 0644) and nothing else, not even Hydra's outputs/DATE/TIME."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    out = tmp_path / "out"
+    code, err = run_cli(model("good")(inputs, out), capsys, monkeypatch)
+    assert code == 0, err[-3000:]
+    assert list(cwd.iterdir()) == []
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "progress.json", "recipe.yaml"]
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in out.iterdir())
+    assert json.loads((out / "progress.json").read_text())["finished"]
+
+
+def test_documents_without_the_text_field_are_counted_in_a_warning(tmp_path, caplog) -> None:
+    from engine.data import load_texts
+
+    file = tmp_path / "mixed.jsonl"
+    file.write_text("\n".join(json.dumps(d) for d in [{"text": "a b"}, {"body": "x"}, {"text": ""}, {"text": "c"}]))
+    assert load_texts(file, "text", "data.eval.path") == ["a b", "c"]
+    assert "2 of 4 documents of mixed.jsonl have no 'text' text" in caplog.text
+
+
+# ---------------------------------------------------------------------------- faults
+def shrink_process(*args: str, kill: tuple[str, str, str] | None = None) -> subprocess.CompletedProcess:
+    """`shrink ARGS` in a fresh process; with kill=(MODULE:FUNCTION, before|after, KILL|INT)
+    the process signals itself at that point (tests/shrink/killpoint.py)."""
+    prefix = ["-m", "tests.shrink.killpoint", *kill] if kill else ["-m", "shrink.cli"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *prefix, *args], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def reference(inputs, tmp_path_factory) -> tuple[list[str], Path]:
+    """An uninterrupted pipeline=quantize run and its command."""
+    args = quantize("good")(inputs, Path("unused"))[:-1]
+    out = tmp_path_factory.mktemp("reference") / "run"
+    result = shrink_process(*args, f"out={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return args, out
+
+
+def reload_perplexity(folder: Path) -> float:
+    from engine.config import ModelConfig
+    from engine.data import eval_windows, token_stream
+    from engine.evaluation import perplexity
+    from shrink.model_folder import load_model
+
+    model, tokenizer = load_model(ModelConfig(path=str(folder)))
+    windows = eval_windows(token_stream(SHAKESPEARE_EVAL, tokenizer), 32, 4)
+    return perplexity(model, windows, 4, torch.device("cpu"))
+
+
+FAULTS = {
+    # killed right after the quantize stage's checkpoint (before the eval stage starts)
+    "sigkill_after_quantize_checkpoint": (("shrink.pipeline:eval_stage", "before", "KILL"), -signal.SIGKILL),
+    # killed in the middle of the export: model/ written to its temp folder, not yet renamed
+    "sigkill_during_export": (("shrink.pipeline:save_model_folder", "after", "KILL"), -signal.SIGKILL),
+    # Ctrl-C after the quantize checkpoint: one line, exit 2, the run stays resumable
+    "sigint_after_quantize_checkpoint": (("shrink.pipeline:eval_stage", "before", "INT"), 2),
+}
+
+
+@pytest.mark.slow  # three CLI processes each
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_resume_after_a_kill_equals_an_uninterrupted_run(fault: str, reference, tmp_path) -> None:
+    args, ref = reference
+    kill, code = FAULTS[fault]
+    out = tmp_path / "run"
+    killed = shrink_process(*args, f"out={out}", kill=kill)
+    assert killed.returncode == code, killed.stderr[-3000:]
+    if code == 2:
+        errors = [line for line in killed.stderr.splitlines() if line.startswith("shrink: error:")]
+        assert len(errors) == 1 and "interrupted" in errors[0] and "resume=true" in errors[0], killed.stderr[-3000:]
+        assert "Traceback" not in killed.stderr
+    progress = json.loads((out / "progress.json").read_text())
+    assert progress["checkpoint"] == "checkpoints/1-quantize"  # relative: the run folder can move
+    assert not (out / "model").exists()
+
+    resumed = shrink_process(*args, f"out={out}", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())  # no temp, no checkpoints
+    files = sorted(p.name for p in (ref / "model").iterdir())
+    assert {"config.json", "quantize_config.json", "model.safetensors", "README.md"} <= set(files)
+    assert sorted(p.name for p in (out / "model").iterdir()) == files
+    for name in files:
+        assert (out / "model" / name).read_bytes() == (ref / "model" / name).read_bytes(), name
+        assert (out / "model" / name).stat().st_mode & 0o777 == 0o644, name
+    assert json.loads((out / "model" / "config.json").read_text())["quantization_config"]["bits"] == 4
+    ref_ppl = json.loads((ref / "metrics.json").read_text())["ppl"]
+    assert json.loads((out / "metrics.json").read_text())["ppl"] == ref_ppl
+    assert reload_perplexity(out / "model") == pytest.approx(reload_perplexity(ref / "model"), rel=0, abs=0)
+    assert reload_perplexity(out / "model") == pytest.approx(ref_ppl[EVAL_NAME], rel=1e-4)
