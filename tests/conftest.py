@@ -21,8 +21,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("SHRINK_SHARED", ROOT.parent / "shared"))
 TEACHER = SHARED / "models" / "llama-teacher"
 STUDENT = SHARED / "models" / "llama-student"
-TOKENIZER = SHARED / "models" / "tokenizer-docs-en"
-DOCS = SHARED / "data" / "docs-en"
 
 needs_shared = pytest.mark.skipif(not TEACHER.is_dir(), reason="../shared is not present (figures of its models)")
 

@@ -15,6 +15,7 @@ from tests.conftest import ROOT, run_shrink
 from tests.distill.helpers import tiny_distill
 
 
+@pytest.mark.slow
 # progressive: its AKT-only phases put no module output on the loss path, which FSDP2's hooks need
 @pytest.mark.parametrize("schedule", ["joint", "progressive"])
 def test_two_gloo_processes_agree_and_match_a_single_process(tmp_path: Path, teacher_dir: Path, schedule: str) -> None:

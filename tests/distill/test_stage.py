@@ -25,6 +25,7 @@ def shrink_cli(*args: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow
 def test_cli_distills_a_pretrained_student_into_a_loadable_model(tmp_path: Path, on_shipped_shared: Path) -> None:
     """The preset for a pretrained student (conf/distill/akt_pretrained.yaml), as a user runs it,
     on the presets' models and data (../shared's layout, here built from what ships)."""
@@ -111,6 +112,7 @@ def test_a_reloaded_teacher_after_a_modifying_stage_is_refused_before_anything_r
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_student(tmp_path: Path, teacher_dir: Path) -> None:
     args = tiny_distill(teacher_dir, "distill.steps=80", "distill.checkpoint_every=2", "distill.loss=akt+logits+lm")
     run_shrink(args, tmp_path / "whole")

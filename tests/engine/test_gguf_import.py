@@ -22,6 +22,7 @@ def test_bad_specs_are_clear(tmp_path) -> None:
         resolve_gguf(str(tmp_path / "missing.gguf"))
 
 
+@pytest.mark.slow
 @has_wheel
 def test_default_job_imports_once_then_quantizes_and_exports(tmp_path, monkeypatch) -> None:
     """`shrink` with no overrides (short calibration and eval here): import the GGUF into the

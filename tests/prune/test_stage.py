@@ -87,6 +87,7 @@ def test_bad_settings_are_refused_and_nothing_is_written(tmp_path, tiny_model_di
     assert not (out / "model").exists()
 
 
+@pytest.mark.slow
 @needs_shared
 def test_sparsegpt_beats_magnitude_by_far_on_the_shared_teacher(tmp_path) -> None:
     common = ["pipeline=prune", "model=llama_teacher", "data=docs_en", "data.calib.num_samples=32",

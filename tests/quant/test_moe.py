@@ -9,9 +9,7 @@ import torch
 from safetensors import safe_open
 
 from engine.errors import ShrinkError
-from tests.conftest import MOE_FAMILIES, needs_shared, run_shrink, tiny_data_overrides
-
-pytestmark = needs_shared
+from tests.conftest import MOE_FAMILIES, run_shrink, tiny_data_overrides
 
 
 def keys(folder) -> set[str]:

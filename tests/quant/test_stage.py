@@ -61,6 +61,7 @@ def test_bad_settings_are_refused(tmp_path, tiny_model_dir, override, key) -> No
                    tmp_path / "run")
 
 
+@pytest.mark.slow
 @needs_shared
 def test_gptq_beats_rtn_on_the_shared_teacher(tmp_path) -> None:
     """Same calibration and eval windows: GPTQ 3-bit per-channel must beat RTN clearly."""

@@ -41,6 +41,7 @@ def shrink(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           cwd=cwd or ROOT, env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_bad_inputs_exit_nonzero_with_one_line_and_no_model_folder(tmp_path, tiny_model_dir) -> None:
     out = tmp_path / "out"
     model = tiny_model_dir("llama")
@@ -59,6 +60,7 @@ def test_bad_inputs_exit_nonzero_with_one_line_and_no_model_folder(tmp_path, tin
     assert result.returncode != 0 and "quant.nbits" in result.stderr
 
 
+@pytest.mark.slow
 def test_every_job_of_a_sweep_is_checked_before_anything_is_written(tmp_path) -> None:
     """A bad value anywhere in a sweep (wrong type, unknown method, unsupported bits, unknown
     stage) fails the whole command at once: no job runs and no sweep folder is created."""
@@ -77,6 +79,7 @@ def test_every_job_of_a_sweep_is_checked_before_anything_is_written(tmp_path) ->
         assert not sweep.exists()
 
 
+@pytest.mark.slow
 def test_tokenizer_vocab_larger_than_embedding_is_refused(tmp_path, shipped_tokenizer) -> None:
     import transformers
 
@@ -91,6 +94,7 @@ def test_tokenizer_vocab_larger_than_embedding_is_refused(tmp_path, shipped_toke
     assert result.returncode == 2 and "tokenizer/vocab mismatch" in result.stderr
 
 
+@pytest.mark.slow
 @needs_shared
 def test_eval_of_the_shared_teacher_matches_the_reference_perplexity(tmp_path) -> None:
     """The protocol of ../shared/README.md: 16.597 in fp32 on docs-en test."""

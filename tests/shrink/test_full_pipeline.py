@@ -25,6 +25,7 @@ print("NEW_TOKENS:", len(new), repr(tokenizer.decode(new)))
 """
 
 
+@pytest.mark.slow
 def test_full_recipe_in_one_command_then_load_and_generate(tmp_path, on_shipped_shared) -> None:
     pytest.importorskip("gptqmodel")
     out = tmp_path / "full"

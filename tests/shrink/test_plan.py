@@ -152,6 +152,7 @@ def test_target_parsing() -> None:
     assert parse_target("2xRTX-4090-24GB").name == "RTX-4090"
 
 
+@pytest.mark.slow
 def test_cli_writes_plan_and_device_map(tmp_path: Path) -> None:
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     cmd = [sys.executable, "-m", "shrink.cli", "plan", f"model.path={LLAMA70}", "target=4xA100-80GB",

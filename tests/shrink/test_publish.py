@@ -166,6 +166,7 @@ def test_bad_repo_id_and_missing_folder(folder: Path, tmp_path: Path, offline) -
         check_folder(tmp_path / "nope")
 
 
+@pytest.mark.slow
 def test_cli_dry_run_and_error_exit(folder: Path) -> None:
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     cmd = [sys.executable, "-m", "shrink.cli", "publish", str(folder), "--repo-id", "me/tiny", "--dry-run"]

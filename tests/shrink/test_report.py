@@ -36,6 +36,7 @@ def sweep(tmp_path_factory, shipped_tokenizer: Path) -> Path:
     return root / "multirun"
 
 
+@pytest.mark.slow
 def test_report_of_a_multirun_sweep(sweep: Path, tmp_path: Path) -> None:
     result = shrink("report", str(sweep), "--out", str(tmp_path / "r"))
     assert result.returncode == 0, result.stderr[-2000:]
@@ -55,6 +56,7 @@ def test_report_of_a_multirun_sweep(sweep: Path, tmp_path: Path) -> None:
     assert not list((tmp_path / "r").glob(".*"))  # no temporary files left
 
 
+@pytest.mark.slow
 def test_default_out_is_the_first_dir(sweep: Path) -> None:
     write_report([sweep])
     assert {"report.md", "report.csv", "report.png"} <= {p.name for p in sweep.iterdir()}

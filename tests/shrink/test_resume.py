@@ -17,6 +17,7 @@ def prune_quantize(folder, extra=()) -> list[str]:
             "quant.group_size=32", "quant.act_order=true", *extra]
 
 
+@pytest.mark.slow
 def test_rerunning_recipe_yaml_reproduces_the_weights_byte_for_byte(tmp_path, tiny_model_dir) -> None:
     first = tmp_path / "first"
     run_shrink(prune_quantize(tiny_model_dir("llama")), first)
@@ -34,6 +35,7 @@ def test_rerunning_recipe_yaml_reproduces_the_weights_byte_for_byte(tmp_path, ti
     assert a == (second / "model" / "model.safetensors").read_bytes()
 
 
+@pytest.mark.slow
 def test_a_recipe_refuses_changed_inputs(tmp_path, tiny_model_dir) -> None:
     calib = tmp_path / "calib.jsonl.gz"
     shutil.copy(SHAKESPEARE_TRAIN, calib)
