@@ -20,7 +20,7 @@ from torch import nn
 from distill.distributed import DistContext, full_state
 from engine.errors import ShrinkError
 from engine.files import atomic_folder
-from engine.modeling import unique_tensors
+from engine.weights import unique_tensors
 
 SEP = "::"  # between a parameter name and its optimizer-state key
 

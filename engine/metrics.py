@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.modeling import (count_parameters, find_decoder_layers, find_linears, is_packed_linear, unique_tensors,
-                             weight_matrix)
+from engine.modeling import count_parameters, find_decoder_layers, find_linears, is_packed_linear, weight_matrix
+from engine.weights import unique_tensors
 
 
 def peak_memory_bytes() -> dict[str, int]:

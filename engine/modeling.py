@@ -10,7 +10,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -228,27 +228,6 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
 def set_weight_matrix(module: nn.Module, W: torch.Tensor) -> None:
     target = module.weight.data
     target.copy_(W.t() if isinstance(module, Conv1D) else W)
-
-
-def unique_tensors(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(the first tensor of each storage view, every later name -> the first name of the same view).
-
-    Tied weights are one tensor under two names; safetensors refuses to write both and a size
-    must count it once. A view is its storage, offset, shape and dtype; empty tensors alias nothing.
-    """
-    first: dict[tuple, str] = {}
-    unique: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    for name, tensor in state.items():
-        key = ((tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
-               if tensor.numel() else None)
-        if key is not None and key in first:
-            aliases[name] = first[key]
-            continue
-        if key is not None:
-            first[key] = name
-        unique[name] = tensor
-    return unique, aliases
 
 
 def folder_size_bytes(folder: str | os.PathLike, suffixes: tuple[str, ...] = WEIGHT_SUFFIXES) -> int:

@@ -14,7 +14,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -102,6 +102,27 @@ def kind(dtype: str | torch.dtype) -> str:
     return "bool" if dtype == "BOOL" else "float" if dtype.startswith(("F", "BF")) else "int"
 
 
+def unique_tensors(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(the first tensor of each storage view, every later name -> the first name of the same view).
+
+    Tied weights are one tensor under two names; safetensors refuses to write both and a size
+    must count it once. A view is its storage, offset, shape and dtype; empty tensors alias nothing.
+    """
+    first: dict[tuple, str] = {}
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for name, tensor in state.items():
+        key = ((tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+               if tensor.numel() else None)
+        if key is not None and key in first:
+            aliases[name] = first[key]
+            continue
+        if key is not None:
+            first[key] = name
+        unique[name] = tensor
+    return unique, aliases
+
+
 def check_load(folder: Path, model: nn.Module, headers: dict[str, TensorHeader], missing: Iterable[str] = (),
                unexpected: Iterable[str] = (), mismatched: Sequence[tuple] = (), check_kinds: bool = True,
                key: str = "model.path") -> None:
@@ -126,15 +147,15 @@ def check_load(folder: Path, model: nn.Module, headers: dict[str, TensorHeader],
         file = headers[name].file if name in headers else where
         raise ShrinkError(f"{key}: {file}: tensor {name!r} has shape {list(found)} but config.json "
                           f"gives {list(wanted)} ({len(mismatched)} mismatched in all)")
-    seen: set[int] = set()  # tied weights are checked once
-    for name, tensor in model.state_dict().items():
+    state = model.state_dict()
+    _, aliases = unique_tensors({name: tensor for name, tensor in state.items() if not tensor.is_meta})
+    for name, tensor in state.items():
         entry = headers.get(name)
         file = entry.file if entry else where
         if check_kinds and entry is not None and kind(entry.dtype) != kind(tensor.dtype):
             raise ShrinkError(f"{key}: {file}: tensor {name!r} is {entry.dtype} but the model holds "
                               f"{kind(tensor.dtype)} values there")
-        if tensor.is_meta or not tensor.is_floating_point() or tensor.data_ptr() in seen:
+        if tensor.is_meta or not tensor.is_floating_point() or name in aliases:  # tied weights: checked once
             continue
-        seen.add(tensor.data_ptr())
         if not bool(torch.isfinite(tensor).all()):
             raise ShrinkError(f"{key}: {file}: tensor {name!r} holds non-finite values (NaN or inf)")

@@ -26,7 +26,8 @@ from torch import nn
 
 from engine.experts import disk_names, split_experts, split_modules, to_disk_key, to_memory_key
 from engine.files import atomic_folder
-from engine.modeling import linear_dims, unique_tensors
+from engine.modeling import linear_dims
+from engine.weights import unique_tensors
 from engine.weights import check_load, read_headers
 from quant.config import QuantConfig
 from quant.qlinear import QuantLinear

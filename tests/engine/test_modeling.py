@@ -7,7 +7,8 @@ from transformers.pytorch_utils import Conv1D
 
 from engine.errors import ShrinkError
 from engine.modeling import (check_model_folder, count_parameters, find_decoder_layers, find_linears, linear_dims,
-                             set_weight_matrix, unique_tensors, weight_matrix)
+                             set_weight_matrix, weight_matrix)
+from engine.weights import unique_tensors
 from tests.conftest import FAMILIES, tiny_model
 
 EXPECTED_LINEARS = {  # Linears per decoder layer, found without any per-family table
