@@ -176,6 +176,9 @@ def check_eval_windows(cfg: DictConfig, sets: list[EvalSet]) -> None:
     folder = Path(cfg.model.path).expanduser()
     if not (folder / "tokenizer_config.json").is_file():
         return
+    check_model_folder(folder)  # its own one-line errors before the tokenizer's
+    for eval_set in sets:
+        check_data_file(eval_set.path, f"{eval_set.key}.path")
     tokenizer = load_tokenizer(folder, cfg.model.trust_remote_code)
     for eval_set in sets:
         stream = token_stream(eval_set.path, tokenizer, cfg.data.text_field, cfg.data.cache_dir,
@@ -201,6 +204,10 @@ def check_inputs(cfg: DictConfig, stages: list[str]) -> None:
     a model loads or `out` is made, not after an hour of calibration."""
     table = stage_table()
     for key in dict.fromkeys(k for name in stages for k in table[name].inputs(cfg)):
+        if key == "data.eval.path":  # one eval set, a list or a named map of them
+            for eval_set in eval_sets(cfg.data.eval):
+                check_data_file(eval_set.path, f"{eval_set.key}.path")
+            continue
         try:
             path = OmegaConf.select(cfg, key, throw_on_missing=True)
         except MissingMandatoryValue:
