@@ -42,12 +42,12 @@ def test_quantized_teacher_goes_to_the_rank_gpu_under_torchrun(monkeypatch, rank
     class Loaded(Exception):
         pass
 
-    def from_pretrained(folder: Any, **kwargs: Any) -> None:
+    def load_checked(folder: Any, check_kinds: bool = True, **kwargs: Any) -> None:
         loads.append(kwargs)
         raise Loaded
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(teacher.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(teacher, "load_checked", load_checked)
     monkeypatch.setattr(teacher, "check_model_folder", lambda path: path)
     monkeypatch.setattr(teacher.importlib.util, "find_spec", lambda name: object())
     monkeypatch.setattr(dist, "is_initialized", lambda: ranked)
