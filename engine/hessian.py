@@ -18,8 +18,8 @@ class HessianError(ValueError):
 # Columns per block of the triangular X^T X product: wide enough for GEMM speed, narrow
 # enough that skipping the blocks below the diagonal saves most of the lower half.
 TRIANGLE_BLOCK = 256
-# add_all() concatenates inputs of fewer rows than this into one GEMM (small windows
-# leave the cores idle in a GEMM whose reduction dimension is short).
+# Inputs of fewer rows than this are staged and multiplied together (a GEMM whose
+# reduction dimension is a few short windows leaves the cores idle).
 MIN_GEMM_ROWS = 2048
 
 
