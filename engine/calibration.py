@@ -7,8 +7,12 @@
 2. Per layer: move it to the device; find which Linears read the same input tensor
    (q/k/v, gate/up) so they share ONE Hessian; hook them, run the calibration
    batches, hand each Linear and its Hessian to the compressor; with true-sequential
-   the groups are done in execution order, each seeing the already-compressed ones;
-   re-run the compressed layer so its outputs feed the next layer; move it back.
+   the groups are done in execution order, each seeing the already-compressed ones:
+   in ONE forward per layer (engine/lockstep.py: every batch pauses before each group
+   until all have got there, the group is compressed, the forwards go on and end with
+   the next layer's inputs), bitwise equal to re-running the layer per group, which
+   remains for expert layers and layers that call a Linear twice or not at all;
+   otherwise re-run the compressed layer so its outputs feed the next layer; move it back.
 Mixture-of-experts blocks are first split into per-expert Linears (engine/experts.py), so
 each expert gets its own Hessian from the tokens routed to it, captured inside the block's
 own forward; with moe.all_experts every token also runs through every expert for the
