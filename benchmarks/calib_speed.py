@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import ROOT, Results, compose_config, run
+from benchmarks.common import ROOT, Results, run
 from benchmarks.markdown import footer, md
 from engine.metrics import peak_memory_bytes
+from shrink.config import compose
 
 TOOLS = ("shrink", "gptqmodel")
 SETTINGS = [(4, 128), (3, 128)]
@@ -54,7 +55,7 @@ def arm_gptqmodel(bits: int, group_size: int, quick: bool) -> dict[str, Any]:
     from engine.state import RunState
     from shrink.model_folder import load_model
 
-    cfg = compose_config(quant_overrides(bits, group_size, quick))
+    cfg = compose(quant_overrides(bits, group_size, quick))
     model, tokenizer = load_model(cfg.model)
     state = RunState(cfg, ROOT, model, tokenizer)
     windows = state.calibration()
