@@ -154,6 +154,14 @@ def summary(loaded: dict[str, dict[str, Any]]) -> str:
                 rtn = ppl.get(("rtn", False, bits, g))
                 rows.append([f"quantize, {bits}-bit g{g}", rtn and f"RTN {rtn:.3f}",
                              f"GPTQ {ppl[('gptq', False, bits, g)]:.3f}", "[quantization](docs/results.md#quantization)"])
+    speed = {(r["tool"], r["bits"]): r for r in loaded.get("calib_speed", {}).get("rows", []) if r["group_size"] == 128}
+    for bits in (4, 3):
+        ours, theirs = speed.get(("shrink", bits)), speed.get(("gptqmodel", bits))
+        if ours and theirs:
+            rows.append([f"GPTQ {bits}-bit g128 time, 2 CPU threads",
+                         f"gptqmodel {theirs['seconds']:.0f} s (ppl {theirs['ppl']:.3f})",
+                         f"{ours['seconds']:.0f} s (ppl {ours['ppl']:.3f}), {theirs['seconds'] / ours['seconds']:.1f}x faster",
+                         "[calibration speed](docs/results.md#calibration-speed-against-gptqmodel-python--m-benchmarkscalib_speed)"])
     prune = [r for r in loaded.get("prune_quality", {}).get("rows", []) if r["kind"] == "prune"]
     by = {(r["pattern"], r["sparsity_target"], r["method"], bool(r.get("reconstruct"))): r["ppl"] for r in prune}
     for pattern, label in (("unstructured", "50% unstructured"), ("2:4", "2:4")):
@@ -169,6 +177,12 @@ def summary(loaded: dict[str, dict[str, Any]]) -> str:
     return head + md(["task", "baselines", "shrink", "details"], rows)
 
 
+def calib_speed(p: dict[str, Any]) -> str:
+    from benchmarks.calib_speed import render_table
+
+    return render_table(p)
+
+
 def distill_akt(p: dict[str, Any]) -> str:
     from benchmarks.distill_akt_tables import render_table
 
@@ -177,6 +191,7 @@ def distill_akt(p: dict[str, Any]) -> str:
 
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "quant_quality": quant_quality,
+    "calib_speed": calib_speed,
     "prune_quality": prune_quality,
     "prune_ablation": prune_ablation,
     "distill_akt": distill_akt,

@@ -7,8 +7,12 @@
 2. Per layer: move it to the device; find which Linears read the same input tensor
    (q/k/v, gate/up) so they share ONE Hessian; hook them, run the calibration
    batches, hand each Linear and its Hessian to the compressor; with true-sequential
-   the groups are done in execution order, each seeing the already-compressed ones;
-   re-run the compressed layer so its outputs feed the next layer; move it back.
+   the groups are done in execution order, each seeing the already-compressed ones:
+   in ONE forward per layer (engine/lockstep.py: every batch pauses before each group
+   until all have got there, the group is compressed, the forwards go on and end with
+   the next layer's inputs), bitwise equal to re-running the layer per group, which
+   remains for expert layers and layers that call a Linear twice or not at all;
+   otherwise re-run the compressed layer so its outputs feed the next layer; move it back.
 Mixture-of-experts blocks are first split into per-expert Linears (engine/experts.py), so
 each expert gets its own Hessian from the tokens routed to it, captured inside the block's
 own forward; with moe.all_experts every token also runs through every expert for the
@@ -36,6 +40,7 @@ from engine.coverage import check_coverage, coverage, is_skipped
 from engine.errors import ShrinkError
 from engine.experts import SplitExperts, split_experts, split_modules
 from engine.hessian import HessianAccumulator, HessianError
+from engine.lockstep import Lockstep
 from engine.modeling import find_decoder_layers, find_linears, weight_matrix
 
 log = logging.getLogger(__name__)
@@ -121,9 +126,11 @@ def capture_layer_calls(model: nn.Module, windows: torch.Tensor, batch_size: int
                         device: torch.device, store: torch.device) -> list[list[LayerBatch]]:
     """calls[i][j]: the args and kwargs decoder layer i receives for calibration batch j.
 
-    Only layer 0 runs (plus embeddings); layers >= 1 are stand-ins that record their own
-    kwargs, so per-layer masks/positions are right. Their hidden states are left out (None):
-    the engine feeds each layer the previous layer's compressed outputs. A tensor passed to
+    Only the embeddings run, plus layer 0 on the first batch (to learn the structure of a
+    layer's output); otherwise every layer is a stand-in that records its own kwargs (so
+    per-layer masks/positions are right) and passes the hidden states on. Layers >= 1 are
+    stored without hidden states (None): the engine feeds each layer the previous layer's
+    compressed outputs. A tensor passed to
     several layers (the usual case) is stored once per batch."""
     parent_name, layers = find_decoder_layers(model)
     parent = model.get_submodule(parent_name.rsplit(".", 1)[0]) if "." in parent_name else model
@@ -146,8 +153,8 @@ def capture_layer_calls(model: nn.Module, windows: torch.Tensor, batch_size: int
                                        {k: keep(v) for k, v in batch.kwargs.items()}))
         return record
 
-    stand_ins = [_CallRecorder(layer, recorder(i), template) for i, layer in enumerate(layers) if i > 0]
-    setattr(parent, attr, nn.ModuleList([layers[0], *stand_ins]))
+    stand_ins = [_CallRecorder(layer, recorder(i), template) for i, layer in enumerate(layers)]
+    setattr(parent, attr, nn.ModuleList([layers[0], *stand_ins[1:]]))
     handles = [layers[0].register_forward_pre_hook(lambda _m, a, kw: recorder(0)(a, kw), with_kwargs=True),
                layers[0].register_forward_hook(lambda _m, _i, out: template.append(out))]
     base = model.base_model
@@ -155,7 +162,8 @@ def capture_layer_calls(model: nn.Module, windows: torch.Tensor, batch_size: int
         base.to(device)
         for start in range(0, windows.shape[0], batch_size):
             stored.clear()
-            template.clear()
+            if start:  # layer 0's output structure is known now: it need not run again
+                setattr(parent, attr, nn.ModuleList(stand_ins))
             base(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
     finally:
         for handle in handles:
@@ -179,20 +187,26 @@ def run_layer(layer: nn.Module, batches: list[LayerBatch], device: torch.device,
     return outputs if store is not None else None
 
 
-def input_groups(layer: nn.Module, batch: LayerBatch, device: torch.device,
-                 linears: Optional[dict[str, nn.Module]] = None) -> list[list[str]]:
-    """Linears grouped by the input tensor they read, in execution order; a Linear the batch
-    did not reach (an expert no token was routed to) forms a group of its own."""
+def discover(layer: nn.Module, batch: LayerBatch, device: torch.device,
+             linears: Optional[dict[str, nn.Module]] = None) -> tuple[list[list[str]], bool, float]:
+    """(input groups, irregular, FLOPs of this batch's forward).
+
+    Groups are the Linears that read the same input tensor, in execution order; a Linear the
+    batch did not reach (an expert no token was routed to) forms a group of its own.
+    Irregular: a Linear ran more than once, or not at all (it may run for other batches), so
+    the groups' order need not be the same in every forward."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
     linears = find_linears(layer) if linears is None else linears
     seen: dict[int, list[str]] = {}
     order: list[int] = []
-    handles = []
-
+    calls: dict[str, int] = {}
     keep: list[torch.Tensor] = []  # keeps inputs alive so their ids stay unique during the pass
 
     def hook(name: str):
         def fn(_m: nn.Module, inp: tuple, _out: Any) -> None:
             keep.append(inp[0])
+            calls[name] = calls.get(name, 0) + 1
             key = id(inp[0])
             if key not in seen:
                 seen[key] = []
@@ -201,16 +215,26 @@ def input_groups(layer: nn.Module, batch: LayerBatch, device: torch.device,
                 seen[key].append(name)
         return fn
 
-    for name, module in linears.items():
-        handles.append(module.register_forward_hook(hook(name)))
+    handles = [module.register_forward_hook(hook(name)) for name, module in linears.items()]
+    # the CPU's fused attention kernel has no formula of its own in torch's counter
+    cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                lambda q, k, v, *_a, out_shape=None, **_k: sdpa_flop_count(q, k, v)}
     try:
-        run_layer(layer, [batch], device, None)
+        with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
+            run_layer(layer, [batch], device, None)
     finally:
         for h in handles:
             h.remove()
     groups = [seen[k] for k in order]
     missing = [n for n in linears if not any(n in g for g in groups)]
-    return groups + [[n] for n in missing]
+    irregular = bool(missing) or any(c > 1 for c in calls.values())
+    return groups + [[n] for n in missing], irregular, float(counter.get_total_flops())
+
+
+def input_groups(layer: nn.Module, batch: LayerBatch, device: torch.device,
+                 linears: Optional[dict[str, nn.Module]] = None) -> list[list[str]]:
+    """Linears grouped by the input tensor they read, in execution order."""
+    return discover(layer, batch, device, linears)[0]
 
 
 class _Enough(Exception):
@@ -219,8 +243,8 @@ class _Enough(Exception):
 
 def accumulate(layer: nn.Module, groups: list[list[str]], batches: list[LayerBatch],
                device: torch.device, full: bool = True,
-               linears: Optional[dict[str, nn.Module]] = None, stop_early: bool = True
-               ) -> dict[str, HessianAccumulator]:
+               linears: Optional[dict[str, nn.Module]] = None, stop_early: bool = True,
+               clock: Optional["LayerProfile"] = None) -> dict[str, HessianAccumulator]:
     """One Hessian per input group, shared by the Linears of the group (only its
     diagonal unless `full`). Unless told otherwise (a pass that also counts routed tokens),
     a batch's forward stops as soon as every group has seen it (q/k/v need no MLP; with
@@ -229,10 +253,13 @@ def accumulate(layer: nn.Module, groups: list[list[str]], batches: list[LayerBat
     hessians: dict[str, HessianAccumulator] = {}
     handles = []
     fired: set[int] = set()
+    clock = clock if clock is not None else LayerProfile(-1)
+    start, hessian_before = time.perf_counter(), clock.hessian_seconds
 
     def hook(index: int, acc: HessianAccumulator) -> Callable[..., None]:
         def fn(_m: nn.Module, inp: tuple, _o: Any) -> None:
-            acc.add(inp[0])
+            with clock.timing("hessian_seconds", device):
+                acc.add(inp[0])
             fired.add(index)
             if stop_early and len(fired) == len(groups):
                 raise _Enough
@@ -255,7 +282,51 @@ def accumulate(layer: nn.Module, groups: list[list[str]], batches: list[LayerBat
     finally:
         for h in handles:
             h.remove()
+    clock.forward_seconds += time.perf_counter() - start - (clock.hessian_seconds - hessian_before)
+    clock.forwards += 1  # forward passes over every batch (these may stop early)
     return hessians
+
+
+def _accumulators(linears: dict[str, nn.Module], groups: list[list[str]], device: torch.device,
+                  full: bool) -> list[HessianAccumulator]:
+    return [HessianAccumulator(weight_matrix(linears[g[0]]).shape[1], device, full) for g in groups]
+
+
+@dataclass
+class LayerProfile:
+    """Where one decoder layer's calibration time went, next to the arithmetic it needed."""
+    layer: int
+    forward_seconds: float = 0.0  # the layer's forwards over the calibration batches
+    hessian_seconds: float = 0.0  # the x^T x products
+    compress_seconds: float = 0.0  # the compressor (its own stats split it further)
+    forwards: float = 0.0  # forwards over all batches run, in units of one full pass
+    forward_flops: float = 0.0  # FLOPs of ONE forward over all calibration windows
+    hessian_flops: float = 0.0  # 2 n cols^2 per input group (the full product's count)
+
+    @contextmanager
+    def timing(self, key: str, device: torch.device) -> Iterator[None]:
+        if device.type == "cuda":  # time the work, not the queueing
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            setattr(self, key, getattr(self, key) + time.perf_counter() - start)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def add_compressor_seconds(profile: list[dict[str, Any]], report: list[dict[str, Any]],
+                           keys: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The per-layer profile with the compressor's own timings (e.g. its sweep and packing
+    seconds, per Linear in `report`) summed per layer next to the engine's."""
+    for entry in profile:
+        rows = [r for r in report if r["layer"] == entry["layer"]]
+        entry.update({key: sum(r.get(key, 0.0) for r in rows) for key in keys})
+    return profile
 
 
 def relative_error(W0: torch.Tensor, W1: torch.Tensor, acc: Optional[HessianAccumulator]) -> float:
@@ -337,11 +408,14 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
                    device: torch.device, true_sequential: bool = True, batch_size: int = 8,
                    offload_activations: Optional[bool] = None, label: str = "compress",
                    full_hessian: bool = True, skip: Sequence[str] = (), moe: Optional[MoeConfig] = None,
-                   min_coverage: float = 0.0) -> list[dict[str, Any]]:
+                   min_coverage: float = 0.0, profile: Optional[list[dict[str, Any]]] = None,
+                   _rerun: bool = False) -> list[dict[str, Any]]:
     """Compress every Linear of every decoder layer (fused experts split first; names matching
     `skip` left alone); returns a per-Linear report. `full_hessian=False` hands the compressor
     accumulators holding only diag(H). Fails before touching a weight if the Linears reached
-    hold under `min_coverage` of the decoder-layer weights."""
+    hold under `min_coverage` of the decoder-layer weights. `profile`, when given, receives
+    one LayerProfile dict per layer. `_rerun` makes true-sequential run one forward per input
+    group (the reference path) instead of one lockstep forward per layer."""
     moe = moe or MoeConfig()
     split_experts(model)
     parent_name, layers = find_decoder_layers(model)
@@ -356,48 +430,118 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
     for i, layer in enumerate(layers):
         start = time.time()
         layer.to(device)
-        linears, roles = targets[i], expert_roles(layer)
-        # layer i's own kwargs, fed the previous layer's (compressed) outputs
-        batches = [c.with_hidden(h) for c, h in zip(calls[i], hidden)] if calls is not None else None
-        if batches is None:
-            passes = [[list(linears)]]
+        job = _LayerJob(i, len(layers), parent_name, targets[i], expert_roles(layer), compressor, moe, device, report)
+        first = len(report)
+        if calls is None:
+            job.compress([list(job.linears)], {})
         else:
-            with expert_mode(layer, moe.all_experts, count=False):
-                groups = input_groups(layer, batches[0], device, linears)
-            passes = sequential_passes(groups, roles) if true_sequential else [groups]
-        first, counted = len(report), False
-        for pass_groups in passes:
-            hessians = {}
-            if batches is not None:
-                # every token through every expert only where an expert's statistics are taken; the
-                # routed tokens are counted in the first such pass (the router runs before experts)
-                has_experts = any(n in roles for group in pass_groups for n in group)
-                count = has_experts and not counted
-                with expert_mode(layer, moe.all_experts and has_experts, count=count):
-                    hessians = accumulate(layer, pass_groups, batches, device, full_hessian, linears,
-                                          stop_early=not count)
-                counted = counted or has_experts
-            names = [n for group in pass_groups for n in group]
-            jobs = {n: _make_job(i, len(layers), parent_name, n, linears[n], hessians.get(n),
-                                 moe.min_tokens if n in roles else 0) for n in names}
-            for members in _expert_batches(names, roles, jobs).values():
+            # layer i's own kwargs, fed the previous layer's (compressed) outputs
+            batches = [c.with_hidden(h) for c, h in zip(calls[i], hidden)]
+            hidden = _calibrate_layer(layer, batches, job, true_sequential, full_hessian, store, _rerun)
+            calls[i] = []  # this layer's kwargs are no longer needed
+        _add_routing(report[first:], job.roles, layer, f"{parent_name}.{i}")
+        layer.to("cpu")
+        if profile is not None:
+            profile.append(job.clock.as_dict())
+        errors = [r["rel_error"] for r in report[first:]] or [0.0]
+        elapsed = time.time() - total
+        log.info("%s layer %d/%d: %.1fs (forward %.1fs, Hessians %.1fs, compressor %.1fs), mean rel. error %.4g, "
+                 "max %.4g, ETA %.0fs", label, i + 1, len(layers), time.time() - start, job.clock.forward_seconds,
+                 job.clock.hessian_seconds, job.clock.compress_seconds, sum(errors) / len(errors), max(errors),
+                 elapsed / (i + 1) * (len(layers) - i - 1))
+    return report
+
+
+@dataclass
+class _LayerJob:
+    """One decoder layer being compressed: its Linears (and expert roles), the compressor,
+    the report and the clock."""
+    index: int
+    num_layers: int
+    parent: str
+    linears: dict[str, nn.Module]
+    roles: dict[str, tuple[str, int, int]]
+    compressor: Compressor
+    moe: MoeConfig
+    device: torch.device
+    report: list[dict[str, Any]]
+
+    def __post_init__(self) -> None:
+        self.clock = LayerProfile(self.index)
+
+    def compress(self, groups: list[list[str]], hessians: dict[str, HessianAccumulator]) -> None:
+        """Compress the Linears of one pass (its groups' Hessians complete)."""
+        for group in groups:
+            acc = hessians.get(group[0])
+            if acc is not None:
+                self.clock.hessian_flops += 2.0 * acc.n * acc.columns ** 2
+        names = [n for group in groups for n in group]
+        with self.clock.timing("compress_seconds", self.device):
+            jobs = {n: _make_job(self.index, self.num_layers, self.parent, n, self.linears[n], hessians.get(n),
+                                 self.min_tokens(n)) for n in names}
+            for members in _expert_batches(names, self.roles, jobs).values():
                 for n in members:
                     jobs[n].batch = [jobs[m] for m in members]
             for name in names:
-                report.append(_compress_one(jobs[name], compressor, moe.min_tokens if name in roles else 0))
-        _add_routing(report[first:], roles, layer, f"{parent_name}.{i}")
-        if batches is not None:
+                self.report.append(_compress_one(jobs[name], self.compressor, self.min_tokens(name)))
+
+    def min_tokens(self, name: str) -> int:
+        return self.moe.min_tokens if name in self.roles else 0
+
+
+def _calibrate_layer(layer: nn.Module, batches: list[LayerBatch], job: _LayerJob, true_sequential: bool,
+                     full: bool, store: torch.device, rerun: bool) -> list[torch.Tensor]:
+    """Hessians, compression and the compressed layer's outputs (the next layer's inputs)."""
+    device, clock, roles = job.device, job.clock, job.roles
+    with clock.timing("forward_seconds", device), expert_mode(layer, job.moe.all_experts, count=False):
+        groups, irregular, flops = discover(layer, batches[0], device, job.linears)
+    share = batches[0].hidden().shape[0] / sum(b.hidden().shape[0] for b in batches)
+    clock.forward_flops, clock.forwards = flops / share, share
+    # The lockstep forwards keep every batch's intermediate activations on the device at once:
+    # not where the activations themselves had to be offloaded for want of device memory.
+    # Expert layers keep their own passes (all experts' gate/up in one, routed tokens counted).
+    if true_sequential and not rerun and not irregular and not roles and store == device:
+        outputs = _lockstep_layer(layer, batches, groups, job, full, store)
+    else:
+        counted = False
+        for pass_groups in (sequential_passes(groups, roles) if true_sequential else [groups]):
+            # every token through every expert only where an expert's statistics are taken; the
+            # routed tokens are counted in the first such pass (the router runs before experts)
+            has_experts = any(n in roles for group in pass_groups for n in group)
+            count = has_experts and not counted
+            with expert_mode(layer, job.moe.all_experts and has_experts, count=count):
+                hessians = accumulate(layer, pass_groups, batches, device, full, job.linears,
+                                      stop_early=not count, clock=clock)
+            counted = counted or has_experts
+            job.compress(pass_groups, hessians)
+        with clock.timing("forward_seconds", device):
             outputs = run_layer(layer, batches, device, store)
-            if not all(torch.isfinite(o).all() for o in outputs):
-                raise ShrinkError(f"layer {i}: NaN/inf activations after compression (check the input model and calibration data)")
-            hidden = outputs
-            calls[i] = []  # this layer's kwargs are no longer needed
-        layer.to("cpu")
-        errors = [r["rel_error"] for r in report[first:]] or [0.0]
-        elapsed = time.time() - total
-        log.info("%s layer %d/%d: %.1fs, mean rel. error %.4g, max %.4g, ETA %.0fs", label, i + 1, len(layers),
-                 time.time() - start, sum(errors) / len(errors), max(errors), elapsed / (i + 1) * (len(layers) - i - 1))
-    return report
+        clock.forwards += 1
+    if not all(torch.isfinite(o).all() for o in outputs):
+        raise ShrinkError(f"layer {job.index}: NaN/inf activations after compression (check the input model and calibration data)")
+    return outputs
+
+
+def _lockstep_layer(layer: nn.Module, batches: list[LayerBatch], groups: list[list[str]], job: _LayerJob,
+                    full: bool, store: torch.device) -> list[torch.Tensor]:
+    """True-sequential in one forward per batch: each group is compressed when every batch
+    has reached its first Linear (engine.lockstep); the forwards then end with the layer's
+    compressed outputs."""
+    accs = _accumulators(job.linears, groups, job.device, full)
+
+    def at_pause(stage: int, inputs: list[torch.Tensor]) -> None:
+        with job.clock.timing("hessian_seconds", job.device):
+            accs[stage].add_all(inputs)
+        job.compress([groups[stage]], {name: accs[stage] for name in groups[stage]})
+
+    def forward(batch: LayerBatch) -> Callable[[], torch.Tensor]:
+        return lambda: run_layer(layer, [batch], job.device, store)[0]
+
+    stepper = Lockstep([job.linears[group[0]] for group in groups])
+    outputs = stepper.run([forward(b) for b in batches], at_pause, job.device)
+    job.clock.forward_seconds += stepper.forward_seconds
+    job.clock.forwards += 1
+    return outputs
 
 
 def _add_routing(entries: list[dict[str, Any]], roles: dict[str, tuple[str, int, int]], layer: nn.Module,

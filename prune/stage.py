@@ -8,6 +8,7 @@ they are written back, whichever method chose the mask.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,7 +20,7 @@ from prune.sparsegpt import sparsegpt_prune
 from quant.export import install_quantized
 from quant.gptq import rtn_quantize
 from quant.pack import pack_result
-from engine.calibration import LinearJob, compress_model, record_coverage
+from engine.calibration import LinearJob, add_compressor_seconds, compress_model, record_coverage
 from engine.errors import ShrinkError
 from engine.modeling import set_weight_matrix, weight_matrix
 
@@ -37,6 +38,7 @@ def prune_stage(state: "RunState") -> dict[str, Any]:
     per_linear: dict[str, float] = {}
 
     def compressor(job: LinearJob) -> dict[str, Any]:
+        start, pack_seconds = time.perf_counter(), 0.0
         W = weight_matrix(job.module)
         if m and W.shape[1] % m:
             raise ShrinkError(f"{job.full_name}: prune.pattern {n}:{m}: M={m} does not divide {W.shape[1]} input columns")
@@ -56,7 +58,9 @@ def prune_stage(state: "RunState") -> dict[str, Any]:
             result = sparsegpt_prune(W.float(), job.hessian.H, sparsity, n, m, prune.block_size, prune.damp, **joint)
             new, mask = (result.quant.Q if result.quant is not None else result.W), result.mask
             if result.quant is not None:
+                pack_start = time.perf_counter()
                 packed[job.full_name] = pack_result(result.quant, job.module)
+                pack_seconds = time.perf_counter() - pack_start
             stats.update(obs_error=result.error, damp=result.damp_fraction)
         else:
             Wf = W.float()
@@ -74,12 +78,14 @@ def prune_stage(state: "RunState") -> dict[str, Any]:
         stats["sparsity"] = achieved
         if m:
             stats["pattern_ok"] = has_nm_pattern(weight_matrix(job.module), n, m)
+        stats.update(sweep_seconds=time.perf_counter() - start - pack_seconds, pack_seconds=pack_seconds)
         return stats
 
     windows = None if prune.method == "magnitude" and not prune.reconstruct else state.calibration()
     # Wanda reads only activation norms: no [cols, cols] Hessian for it unless reconstructing
+    profile: list[dict[str, Any]] = []
     report = compress_model(state.model, windows, compressor, state.device, prune.true_sequential,
-                            offload_activations=quant.offload_activations,
+                            offload_activations=quant.offload_activations, profile=profile,
                             label=f"{prune.method}{' + reconstruct' if prune.reconstruct else ''} {prune.pattern}",
                             full_hessian=prune.method != "wanda" or prune.reconstruct,
                             skip=prune.skip, moe=state.cfg.moe, min_coverage=state.cfg.min_coverage)
@@ -87,7 +93,8 @@ def prune_stage(state: "RunState") -> dict[str, Any]:
         state.quantization_config = install_quantized(state.model, packed, quant)
     overall = sum(per_linear.values()) / max(len(per_linear), 1)
     result = {"method": prune.method, "pattern": prune.pattern, "reconstruct": prune.reconstruct,
-              "sparsity_mean": overall, "per_linear": per_linear, "layers": report, **record_coverage(state, report)}
+              "sparsity_mean": overall, "per_linear": per_linear, "layers": report, **record_coverage(state, report),
+              "profile": add_compressor_seconds(profile, report, ("sweep_seconds", "pack_seconds"))}
     if m:
         result["pattern_ok"] = all(r.get("pattern_ok", False) for r in report)
     log.info("pruned: mean sparsity %.4f%s", overall, f", {n}:{m} pattern ok: {result['pattern_ok']}" if m else "")

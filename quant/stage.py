@@ -8,6 +8,7 @@ Existing zeros (a pruned model) are kept zero: they are passed to GPTQ as a mask
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -16,7 +17,7 @@ from quant.config import QuantConfig
 from quant.export import install_quantized
 from quant.gptq import QuantResult, gptq_quantize, gptq_quantize_batch, rtn_quantize
 from quant.pack import pack_result
-from engine.calibration import LinearJob, compress_model, record_coverage
+from engine.calibration import LinearJob, add_compressor_seconds, compress_model, record_coverage
 from engine.modeling import set_weight_matrix, weight_matrix
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ def quantize_stage(state: "RunState") -> dict[str, Any]:
 
     def compressor(job: LinearJob) -> dict[str, Any]:
         W = weight_matrix(job.module)
+        start = time.perf_counter()
         if job.full_name not in solved and len(job.batch or []) > 1 and quant.method == "gptq" and not quant.act_order:
             # the experts of one block in one sweep; zeros of a pruned model stay zero
             Ws = [weight_matrix(j.module).float() for j in job.batch]
@@ -55,14 +57,18 @@ def quantize_stage(state: "RunState") -> dict[str, Any]:
         result = solved.pop(job.full_name, None)
         if result is None:
             result = quantize_linear(W.float(), job.hessian.H if job.hessian is not None else None, quant)
+        swept = time.perf_counter()
         set_weight_matrix(job.module, result.Q.to(W.dtype))
         packed[job.full_name] = pack_result(result, job.module)
-        return {"gptq_error": result.error, "damp": result.damp_fraction}
+        return {"gptq_error": result.error, "damp": result.damp_fraction,
+                "sweep_seconds": swept - start, "pack_seconds": time.perf_counter() - swept}
 
     windows = state.calibration() if quant.method == "gptq" else None
+    profile: list[dict[str, Any]] = []
     report = compress_model(state.model, windows, compressor, state.device, quant.true_sequential,
                             offload_activations=quant.offload_activations, label=f"{quant.method} {quant.bits}-bit",
-                            skip=quant.skip, moe=state.cfg.moe, min_coverage=state.cfg.min_coverage)
+                            skip=quant.skip, moe=state.cfg.moe, min_coverage=state.cfg.min_coverage, profile=profile)
     state.quantization_config = install_quantized(state.model, packed, quant)
     return {"method": quant.method, "bits": quant.bits, "group_size": quant.group_size, "layers": report,
-            **record_coverage(state, report)}
+            **record_coverage(state, report),
+            "profile": add_compressor_seconds(profile, report, ("sweep_seconds", "pack_seconds"))}

@@ -158,3 +158,62 @@ def test_compressor_value_errors_name_the_linear() -> None:
         raise ValueError("group size 48 does not divide 64")
     with pytest.raises(ShrinkError, match=r"model.layers.0.self_attn.q_proj: group size"):
         compress_model(tiny_model("llama"), windows(), bad, CPU)
+
+
+def grid_compressor(seen: dict[str, tuple[torch.Tensor, int]]):
+    """Records each group's Hessian and rounds weights onto a coarse grid, so every later
+    group's inputs depend on the earlier groups' compression."""
+    def compress(job: LinearJob) -> dict:
+        seen[job.full_name] = (job.hessian.H.clone(), job.hessian.n)
+        W = weight_matrix(job.module)
+        step = W.abs().amax() / 3
+        with torch.no_grad():
+            set_weight_matrix(job.module, torch.round(W / step) * step)
+        return {}
+    return compress
+
+
+@pytest.mark.parametrize("family", FAMILIES + ["qwen2-sliding", "gemma3"])
+def test_lockstep_true_sequential_equals_the_full_rerun_path_bitwise(family: str) -> None:
+    """One lockstep forward per layer gives exactly the Hessians, weights and report of
+    re-running the whole layer once per input group (the reference path)."""
+    results = []
+    for rerun in (True, False):
+        model = tiny_model(family) if family in FAMILIES else mixed_attention_model(family)
+        seen: dict[str, tuple[torch.Tensor, int]] = {}
+        profile: list[dict] = []
+        report = compress_model(model, windows(n=5), grid_compressor(seen), CPU, batch_size=2, profile=profile,
+                                _rerun=rerun)
+        results.append((seen, model.state_dict(), report, profile))
+    (seen_ref, state_ref, report_ref, prof_ref), (seen, state, report, prof) = results
+    assert list(seen) == list(seen_ref) and len(seen) >= 8
+    for name, (H, n) in seen.items():
+        assert n == seen_ref[name][1] == 5 * 16
+        assert torch.equal(H, seen_ref[name][0]), name
+    for key, value in state.items():
+        assert torch.equal(value, state_ref[key]), key
+    assert [r["rel_error"] for r in report] == [r["rel_error"] for r in report_ref]
+    # the reference runs (1 + number of groups) forwards per layer, the lockstep one
+    groups = len({r["name"] for r in report if r["layer"] == 0})
+    assert all(p["forwards"] == pytest.approx(1 + 2 / 5) for p in prof)  # + discovery on batch 0 (2 of 5 windows)
+    assert all(p["forwards"] > 2 for p in prof_ref) and groups >= 2
+    assert all(p["forward_flops"] > 0 and p["hessian_flops"] > 0 for p in prof)
+
+
+def test_a_forward_error_in_one_batch_is_raised_and_leaves_no_thread_behind() -> None:
+    import threading
+
+    model = tiny_model("llama")
+    _, layers = find_decoder_layers(model)
+    calls = {"n": 0}
+
+    def fail_third_call(_m, args):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the discovery pass is the first call; then batches 0 and 1
+            raise RuntimeError("boom in batch 1")
+
+    layers[0].mlp.down_proj.register_forward_pre_hook(fail_third_call)
+    before = threading.active_count()
+    with pytest.raises(RuntimeError, match="boom in batch 1"):
+        compress_model(model, windows(), lambda job: {}, CPU, batch_size=2)
+    assert threading.active_count() == before

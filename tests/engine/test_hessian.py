@@ -109,3 +109,45 @@ def test_diagonal_only_accumulator_keeps_the_same_statistics_without_H():
     assert diag.finite()
     diag.add(torch.full((1, 24), float("nan")))
     assert not diag.finite()
+
+
+def test_block_triangle_product_mirrors_to_the_full_gram_matrix():
+    from engine.hessian import add_gram_
+
+    X = inputs(n=64, cols=40).double()
+    S = torch.zeros(40, 40, dtype=torch.float64)
+    add_gram_(S, X, block=16)  # blocks of 16, 16, 8: the lower off-diagonal blocks are skipped
+    full = X.T @ X
+    torch.testing.assert_close(torch.triu(S), torch.triu(full))
+    assert torch.all(S[16:, :16] == 0)
+
+
+def test_small_inputs_are_staged_into_one_gemm_and_the_result_ignores_call_batching(monkeypatch):
+    import engine.hessian as hessian
+
+    monkeypatch.setattr(hessian, "MIN_GEMM_ROWS", 64)
+    X = inputs(n=300)
+    products = []
+    real = hessian.add_gram_
+    monkeypatch.setattr(hessian, "add_gram_", lambda S, x, **kw: products.append(x.shape[0]) or real(S, x, **kw))
+    one, many = HessianAccumulator(24), HessianAccumulator(24)
+    one.add_all([X[i : i + 10] for i in range(0, 300, 10)])
+    for i in range(0, 300, 10):
+        many.add(X[i : i + 10])
+    assert one.n == many.n == 300 and torch.equal(one.H, many.H)
+    assert products[:4] == [60, 60, 60, 60]  # 6 inputs of 10 rows per GEMM, not 30 GEMMs
+    torch.testing.assert_close(one.H.double(), 2 / 300 * X.double().T @ X.double(), rtol=1e-5, atol=1e-4)
+    big = HessianAccumulator(24)
+    big.add(X)  # >= MIN_GEMM_ROWS rows: multiplied in place, not staged
+    assert products[-1] == 300
+
+
+def test_adding_after_reading_h_continues_the_sum():
+    X = inputs()
+    acc = HessianAccumulator(24)
+    acc.add(X[:100])
+    first = acc.H.clone()
+    acc.add(X[100:])
+    torch.testing.assert_close(first.double(), 2 / 100 * X[:100].double().T @ X[:100].double(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(acc.H.double(), 2 / 300 * X.double().T @ X.double(), rtol=1e-5, atol=1e-4)
+    assert torch.equal(acc.H, acc.H.T)

@@ -1,0 +1,132 @@
+"""Run a decoder layer over every calibration batch in lockstep, pausing at chosen modules.
+
+True-sequential calibration needs, for each input group s of a layer, the inputs that
+group's Linears see once the groups before it are compressed, over ALL calibration
+batches, before group s itself may be compressed. Re-running the whole layer per group
+gives that at the cost of one forward per group. Here each batch's forward runs once, on
+its own thread, and stops in a forward-pre-hook of the group's first Linear (before it
+runs) until every batch has got there; then `at_pause` compresses the group and all
+batches go on, through the now-compressed group, to the next pause. After the last group
+the forwards finish, already with every group compressed, and their outputs are the
+layer's outputs for the next layer: one forward per layer, whatever its number of groups.
+
+Only one thread computes at a time (a baton passed with semaphores), in batch order, so
+every batch runs exactly the operations, shapes and thread count of a serial forward:
+results are bitwise those of the re-run path. The pause is a wait inside the hook, not an
+exception: nothing is unwound, the forward simply continues later.
+
+A batch that reaches a later pause without calling an earlier one (e.g. an expert it did
+not route to) skips the earlier one; a pause module called again after its group was
+compressed does not pause (compress_model uses the re-run path for layers that call a
+Linear twice, where the two would differ).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+# (stage, inputs seen at pauses[stage], in batch order) -> None: compress that group
+AtPause = Callable[[int, list[torch.Tensor]], None]
+
+
+class _Batch:
+    """One batch's forward on its own thread, resumed by the driver and handing back at a pause."""
+
+    def __init__(self, run: Callable[[], Any], handback: threading.Semaphore, cuda_index: Optional[int]) -> None:
+        self.run, self.handback, self.cuda_index = run, handback, cuda_index
+        self.go = threading.Semaphore(0)
+        self.inputs: dict[int, list[torch.Tensor]] = {}
+        self.paused_at = -1
+        self.done = False
+        self.output: Any = None
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        self.go.acquire()
+        try:
+            if self.cuda_index is not None:  # the current CUDA device is per host thread
+                torch.cuda.set_device(self.cuda_index)
+            with torch.no_grad():  # grad mode is per thread too
+                self.output = self.run()
+        except BaseException as exc:  # handed to the driver thread, which raises it
+            self.error = exc
+        finally:
+            self.done = True
+            self.handback.release()
+
+    def resume(self) -> None:
+        """Let this batch compute until its next pause or its end (blocks the caller meanwhile)."""
+        self.go.release()
+        self.handback.acquire()
+
+
+class Lockstep:
+    """Drives the batches' forwards from one pause to the next; see the module docstring."""
+
+    def __init__(self, pauses: list[nn.Module]) -> None:
+        self.pauses = pauses
+        self.stage = 0  # the pause being gathered; pauses before it are done
+        self.aborting = False
+        self.handback = threading.Semaphore(0)
+        self.local = threading.local()
+        self.forward_seconds = 0.0  # time the batches computed (the driver waits meanwhile)
+
+    def _hook(self, stage: int) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple) -> None:
+            batch: Optional[_Batch] = getattr(self.local, "batch", None)
+            if batch is None or self.aborting or stage < self.stage:
+                return
+            batch.inputs.setdefault(stage, []).append(args[0])
+            if batch.paused_at < stage:  # first call at this pause: hand back, wait for the group
+                batch.paused_at = stage
+                self.handback.release()
+                batch.go.acquire()
+        return hook
+
+    def _start(self, run: Callable[[], Any], cuda_index: Optional[int]) -> _Batch:
+        def body() -> Any:
+            self.local.batch = batch
+            return run()
+        batch = _Batch(body, self.handback, cuda_index)
+        batch.thread.start()
+        return batch
+
+    def _advance(self, batches: list[_Batch], stage: int) -> None:
+        """Every batch not finished and paused before `stage` computes up to its next pause."""
+        start = time.perf_counter()
+        for batch in batches:
+            if not batch.done and batch.paused_at < stage:
+                batch.resume()
+                if batch.error is not None:
+                    break
+        self.forward_seconds += time.perf_counter() - start
+
+    def run(self, runs: list[Callable[[], Any]], at_pause: AtPause, device: torch.device) -> list[Any]:
+        """Each of `runs` is one batch's forward (returning what to keep); returns their results."""
+        cuda_index = torch.cuda.current_device() if device.type == "cuda" else None
+        handles = [m.register_forward_pre_hook(self._hook(s)) for s, m in enumerate(self.pauses)]
+        batches = [self._start(run, cuda_index) for run in runs]
+        try:
+            for stage in range(len(self.pauses) + 1):
+                self.stage = stage
+                self._advance(batches, stage)
+                failed = next((b.error for b in batches if b.error is not None), None)
+                if failed is not None:
+                    raise failed
+                if stage < len(self.pauses):
+                    at_pause(stage, [x for b in batches for x in b.inputs.pop(stage, [])])
+            return [b.output for b in batches]
+        finally:
+            # on an error: let every batch still paused run to its end without pausing again
+            self.aborting = True
+            for batch in batches:
+                if not batch.done:
+                    batch.resume()
+                batch.thread.join()
+            for handle in handles:
+                handle.remove()
