@@ -84,6 +84,15 @@ class HessianAccumulator:
         for x in xs:
             self.add(x)
 
+    def raw_sum(self) -> torch.Tensor:
+        """The running sum itself, staged rows added: sum x x^T on the upper block triangle
+        (sum x^2 per feature with full=False), fp32. A distributed reduction adds these up in
+        place and then sets `n` to the total rows; only valid before H is read."""
+        if self._final:
+            raise RuntimeError("raw_sum: H was already read (the sum is divided)")
+        self._flush()
+        return self._sum if self._sum is not None else self._sq
+
     def _flush(self) -> None:
         if self._staged:
             self._add_rows(self._stage[: self._staged])
