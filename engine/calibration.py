@@ -552,7 +552,10 @@ def _lockstep_layer(layer: nn.Module, batches: list[LayerBatch], groups: list[li
 
     def at_pause(stage: int, inputs: list[torch.Tensor]) -> None:
         with job.clock.timing("hessian_seconds", job.device):
-            accs[stage].add_all(inputs)
+            if job.comm is not None:  # torchrun: one process's order of the sum, over the ranks
+                job.comm.add_in_order(accs[stage], inputs, f"layer {job.index}'s Hessian sums")
+            else:
+                accs[stage].add_all(inputs)
         job.compress([groups[stage]], {name: accs[stage] for name in groups[stage]})
 
     def forward(batch: LayerBatch) -> Callable[[], torch.Tensor]:

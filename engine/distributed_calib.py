@@ -8,7 +8,13 @@ and runs the same compress_model with a `CalibComm`:
   summed over the ranks onto the rank that owns its Linears (a Hessian shared by Linears of
   several owners is summed onto all of them). Owners balance the sweep's cost (in^2 * out
   per Linear: the largest first, onto the least loaded rank); they depend on shapes only,
-  so every rank computes the same;
+  so every rank computes the same. On the lockstep path (dense layers), where each pause
+  holds the inputs of all of a rank's windows, the sum is instead handed along the ranks in
+  window order (`add_in_order`): rank r adds its share onto rank r-1's running sum, exactly
+  as one process adds them, so the Hessians and codes equal one process's bit for bit (with
+  the same threads per process); only the x^T x products are serialized, the forwards are not.
+  Expert layers (several forwards per layer) sum the ranks' partial sums instead: equal up to
+  the order of a floating-point sum;
 - each owner compresses its Linears, and every rank gathers every owner's results (the new
   weight, the stage's side outputs such as the packed GPTQ tensors, the report entry) and
   installs them, so the next layer's inputs are right on every rank.
@@ -52,6 +58,8 @@ class CalibComm:
     # Dicts keyed by a Linear's full name that the stage's compressor fills (packed tensors,
     # per-Linear figures): the owner's entries are copied into every rank's.
     outputs: tuple[dict[str, Any], ...] = ()
+    # id(accumulator) -> the rank holding its whole sum, for sums handed along the ranks
+    chained: dict[int, int] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def create(cls, timeout: timedelta = DEFAULT_TIMEOUT) -> Optional["CalibComm"]:
@@ -107,7 +115,8 @@ class CalibComm:
     def reduce(self, groups: list[list[str]], hessians: dict[str, HessianAccumulator],
                owner: dict[str, int], what: str) -> None:
         """Sum every group's Hessian (running sum and row count) over the ranks onto the
-        owners of its Linears; other ranks keep a partial sum they never read."""
+        owners of its Linears (one handed along the ranks is sent from the rank holding it);
+        other ranks keep a partial sum they never read."""
         accs: list[tuple[HessianAccumulator, set[int]]] = []
         for group in groups:
             acc = hessians.get(group[0])
@@ -116,15 +125,40 @@ class CalibComm:
         if not accs:
             return
         with self.guard(what):
-            counts = torch.tensor([acc.n for acc, _ in accs], dtype=torch.int64)
+            holders = [self.chained.pop(id(acc), None) for acc, _ in accs]
+            # partial sums' row counts add up; a chained sum's count is its holder's
+            counts = torch.tensor([acc.n if holder in (None, self.rank) else 0
+                                   for (acc, _), holder in zip(accs, holders)], dtype=torch.int64)
             dist.all_reduce(counts, group=self.objects)
-            for (acc, ranks), total in zip(accs, counts.tolist()):
+            for (acc, ranks), total, holder in zip(accs, counts.tolist(), holders):
                 partial = acc.raw_sum()
-                if len(ranks) == 1:
+                if holder is not None:  # the whole sum is on the holder already
+                    dist.broadcast(partial, src=holder, group=self.group)
+                elif len(ranks) == 1:
                     dist.reduce(partial, dst=next(iter(ranks)), group=self.group)
                 else:
                     dist.all_reduce(partial, group=self.group)
                 acc.n = int(total)
+
+    def add_in_order(self, acc: HessianAccumulator, inputs: list[torch.Tensor], what: str) -> None:
+        """acc += inputs of every rank, in window order: receive rank r-1's running state (sum,
+        staged rows, counts), add this rank's inputs, hand it to rank r+1. The last rank then
+        holds what one process would hold; reduce() passes it to the owners."""
+        with self.guard(what):
+            buffers = acc.chain_buffers()
+            counts = torch.zeros(2, dtype=torch.int64, device=buffers[0].device)
+            if self.rank > 0:
+                for buffer in buffers:
+                    dist.recv(buffer, src=self.rank - 1, group=self.group)
+                dist.recv(counts, src=self.rank - 1, group=self.group)
+                acc.n, acc.staged = (int(c) for c in counts.tolist())
+            acc.add_all(inputs)
+            if self.rank < self.world - 1:
+                for buffer in acc.chain_buffers():
+                    dist.send(buffer, dst=self.rank + 1, group=self.group)
+                counts.copy_(torch.tensor([acc.n, acc.staged]))
+                dist.send(counts, dst=self.rank + 1, group=self.group)
+        self.chained[id(acc)] = self.world - 1
 
     def share(self, entries: dict[str, dict[str, Any]], linears: dict[str, nn.Module],
               what: str) -> dict[str, dict[str, Any]]:
