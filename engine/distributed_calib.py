@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 import time
 from contextlib import contextmanager
@@ -232,7 +233,8 @@ class CalibComm:
             if dead or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        # the backend's own words, less its source location ("[.../pair.cc:537] Read error ...")
+        first = re.sub(r"^\[[^\]]*\]\s*", "", (str(exc).strip().splitlines() or [type(exc).__name__])[0])[:160]
         who = ", ".join(f"rank {r}" for r in dead) or "a peer rank"
         return f"torchrun: {who} stopped during {what}; rank {self.rank} stops too ({first})"
 
