@@ -7,6 +7,9 @@ quantize stage's own seconds. Writes benchmarks/results/scale_distributed.json.
 
     python -m benchmarks.scale_distributed            # both models
     python -m benchmarks.scale_distributed --quick    # a smoke run (16 x 128, 8 eval windows)
+    python -m benchmarks.scale_distributed --model moe-teacher --calib 16 --eval-windows 32  # a smaller row
+
+A row measured with --calib / --eval-windows records them (`extra_overrides`).
 
 The 1-minute load average before and after each arm is recorded: on a machine shared with
 other jobs the timings are noisy, the codes and perplexities are not.
@@ -81,13 +84,13 @@ def compare(a: Path, b: Path) -> dict[str, Any]:
             "linears": len(ca), "linears_identical": len(ca) - len(differ)}
 
 
-def measure(name: str, quick: bool) -> dict[str, Any]:
-    overrides = MODELS[name] + BASE + (QUICK if quick else [])
+def measure(name: str, quick: bool, extra: list[str]) -> dict[str, Any]:
+    overrides = MODELS[name] + BASE + (QUICK if quick else []) + extra
     with tempfile.TemporaryDirectory() as tmp:
         one = arm(1, overrides, Path(tmp) / "one")
         two = arm(2, overrides, Path(tmp) / "two")
         match = compare(Path(tmp) / "one" / "model", Path(tmp) / "two" / "model")
-    return {"model": name, "one": one, "two": two, **match,
+    return {"model": name, "extra_overrides": extra, "one": one, "two": two, **match,
             "ppl_rel_diff": abs(two["ppl"] - one["ppl"]) / one["ppl"],
             "wall_speedup": one["wall_seconds"] / two["wall_seconds"],
             "quantize_speedup": one["quantize_seconds"] / two["quantize_seconds"]}
@@ -97,7 +100,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=list(MODELS), help="only this model")
     parser.add_argument("--quick", action="store_true", help="a smoke run (scale_distributed_quick.json)")
+    parser.add_argument("--calib", type=int, help="calibration windows of 512 tokens (default 128)")
+    parser.add_argument("--eval-windows", type=int, help="docs-en test windows evaluated (default all)")
     args = parser.parse_args()
+    extra = ([f"data.calib.num_samples={args.calib}"] if args.calib else []) + (
+        [f"data.eval.max_windows={args.eval_windows}"] if args.eval_windows else [])
     results = Results("scale_distributed" + ("_quick" if args.quick else ""),
                       {"overrides": BASE + (QUICK if args.quick else []), "models": {n: o[0] for n, o in MODELS.items()},
                        "arms": "python -m shrink vs torchrun --standalone --nproc_per_node 2 -m shrink, "
@@ -105,11 +112,11 @@ def main() -> None:
                       key=("model",))
     for name in MODELS:
         if (args.model is None or name == args.model) and not results.has(model=name):
-            results.add(measure(name, args.quick))
+            results.add(measure(name, args.quick, extra))
 
 
 def render_table(p: dict[str, Any]) -> str:
-    rows = [[r["model"], f"{100 * r['identical_share']:.3f}% ({r['linears_identical']}/{r['linears']} Linears all equal)",
+    rows = [[r["model"] + "".join(f", {o}" for o in r.get("extra_overrides", [])), f"{100 * r['identical_share']:.3f}% ({r['linears_identical']}/{r['linears']} Linears all equal)",
              r["one"]["ppl"], r["two"]["ppl"], f"{100 * r['ppl_rel_diff']:.4f}%",
              f"{r['one']['wall_seconds']:.1f}", f"{r['two']['wall_seconds']:.1f}",
              f"{r['one']['quantize_seconds']:.1f}", f"{r['two']['quantize_seconds']:.1f}",
