@@ -179,3 +179,20 @@ def test_partial_hessian_sums_add_up_to_the_whole() -> None:
     assert torch.allclose(parts[0].H, whole.H, rtol=1e-5, atol=1e-6)
     with pytest.raises(RuntimeError, match="already read"):
         parts[0].raw_sum()
+
+
+@pytest.mark.parametrize("rows", [40, 3000])  # staged (< MIN_GEMM_ROWS rows per input) and direct
+def test_a_running_sum_handed_on_continues_bit_for_bit(rows: int) -> None:
+    """What add_in_order sends from rank to rank (sum, staging block, counts) lets the next
+    accumulator go on exactly as one accumulator over all inputs would."""
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(rows, 24, generator=g) for _ in range(5)]
+    whole = HessianAccumulator(24)
+    whole.add_all(xs)
+    first, second = HessianAccumulator(24), HessianAccumulator(24)
+    first.add_all(xs[:2])
+    for mine, theirs in zip(second.chain_buffers(), first.chain_buffers()):
+        mine.copy_(theirs)  # dist.send / dist.recv
+    second.n, second.staged = first.n, first.staged
+    second.add_all(xs[2:])
+    assert second.n == whole.n and torch.equal(second.H, whole.H)
