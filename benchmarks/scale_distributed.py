@@ -117,7 +117,7 @@ def main() -> None:
 
 def render_table(p: dict[str, Any]) -> str:
     rows = [[r["model"] + "".join(f", {o}" for o in r.get("extra_overrides", [])), f"{100 * r['identical_share']:.3f}% ({r['linears_identical']}/{r['linears']} Linears all equal)",
-             r["one"]["ppl"], r["two"]["ppl"], f"{100 * r['ppl_rel_diff']:.4f}%",
+             r["one"]["ppl"], r["two"]["ppl"], f"{100 * r['ppl_rel_diff']:.2g}%",
              f"{r['one']['wall_seconds']:.1f}", f"{r['two']['wall_seconds']:.1f}",
              f"{r['one']['quantize_seconds']:.1f}", f"{r['two']['quantize_seconds']:.1f}",
              f"{r['one']['load_avg_before']:.1f} / {r['two']['load_avg_before']:.1f}"] for r in p["rows"]]
