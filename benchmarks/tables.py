@@ -183,6 +183,12 @@ def calib_speed(p: dict[str, Any]) -> str:
     return render_table(p)
 
 
+def scale_distributed(p: dict[str, Any]) -> str:
+    from benchmarks.scale_distributed import render_table
+
+    return render_table(p)
+
+
 def distill_akt(p: dict[str, Any]) -> str:
     from benchmarks.distill_akt_tables import render_table
 
@@ -192,6 +198,7 @@ def distill_akt(p: dict[str, Any]) -> str:
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "quant_quality": quant_quality,
     "calib_speed": calib_speed,
+    "scale_distributed": scale_distributed,
     "prune_quality": prune_quality,
     "prune_ablation": prune_ablation,
     "distill_akt": distill_akt,

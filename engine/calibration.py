@@ -37,6 +37,7 @@ from torch import nn
 
 from engine.config import MoeConfig
 from engine.coverage import check_coverage, coverage, is_skipped
+from engine.distributed_calib import CalibComm
 from engine.errors import ShrinkError
 from engine.experts import SplitExperts, split_experts, split_modules
 from engine.hessian import HessianAccumulator, HessianError
@@ -409,19 +410,24 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
                    offload_activations: Optional[bool] = None, label: str = "compress",
                    full_hessian: bool = True, skip: Sequence[str] = (), moe: Optional[MoeConfig] = None,
                    min_coverage: float = 0.0, profile: Optional[list[dict[str, Any]]] = None,
-                   _rerun: bool = False) -> list[dict[str, Any]]:
+                   comm: Optional[CalibComm] = None, _rerun: bool = False) -> list[dict[str, Any]]:
     """Compress every Linear of every decoder layer (fused experts split first; names matching
     `skip` left alone); returns a per-Linear report. `full_hessian=False` hands the compressor
     accumulators holding only diag(H). Fails before touching a weight if the Linears reached
     hold under `min_coverage` of the decoder-layer weights. `profile`, when given, receives
     one LayerProfile dict per layer. `_rerun` makes true-sequential run one forward per input
-    group (the reference path) instead of one lockstep forward per layer."""
+    group (the reference path) instead of one lockstep forward per layer. With `comm` (torchrun)
+    this rank calibrates on its share of the windows and the Linears are compressed by their
+    owner ranks (engine/distributed_calib.py)."""
     moe = moe or MoeConfig()
     split_experts(model)
     parent_name, layers = find_decoder_layers(model)
     targets = [{n: m for n, m in find_linears(layer).items() if not is_skipped(n, skip)} for layer in layers]
     check_coverage(coverage(model, [f"{parent_name}.{i}.{n}" for i, t in enumerate(targets) for n in t]),
                    min_coverage, label)
+    if comm is not None:  # distributed: this rank's share of the windows
+        comm.check_layers(targets)
+        windows = comm.shard(windows, "data.calib.num_samples") if windows is not None else None
     store = activation_store(model, windows, device, offload_activations) if windows is not None else device
     calls = capture_layer_calls(model, windows, batch_size, device, store) if windows is not None else None
     hidden = [b.hidden() for b in calls[0]] if calls is not None else None
@@ -430,8 +436,10 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
     for i, layer in enumerate(layers):
         start = time.time()
         layer.to(device)
-        job = _LayerJob(i, len(layers), parent_name, targets[i], expert_roles(layer), compressor, moe, device, report)
+        job = _LayerJob(i, len(layers), parent_name, targets[i], expert_roles(layer), compressor, moe, device, report,
+                        comm)
         first = len(report)
+        routed_before = comm.routed_before(layer) if comm is not None else None
         if calls is None:
             job.compress([list(job.linears)], {})
         else:
@@ -439,6 +447,8 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
             batches = [c.with_hidden(h) for c, h in zip(calls[i], hidden)]
             hidden = _calibrate_layer(layer, batches, job, true_sequential, full_hessian, store, _rerun)
             calls[i] = []  # this layer's kwargs are no longer needed
+        if comm is not None:
+            comm.sum_routed(layer, routed_before, f"layer {i}'s routed-token counts")
         _add_routing(report[first:], job.roles, layer, f"{parent_name}.{i}")
         layer.to("cpu")
         if profile is not None:
@@ -465,25 +475,34 @@ class _LayerJob:
     moe: MoeConfig
     device: torch.device
     report: list[dict[str, Any]]
+    comm: Optional[CalibComm] = None  # torchrun: Hessians summed onto owners, results shared
 
     def __post_init__(self) -> None:
         self.clock = LayerProfile(self.index)
 
     def compress(self, groups: list[list[str]], hessians: dict[str, HessianAccumulator]) -> None:
-        """Compress the Linears of one pass (its groups' Hessians complete)."""
+        """Compress the Linears of one pass (its groups' Hessians complete); with `comm`, the
+        Hessians are first summed over the ranks and each rank compresses the Linears it owns."""
+        names = [n for group in groups for n in group]
+        mine = names
+        if self.comm is not None:
+            owner = self.comm.owners(names, self.linears)
+            self.comm.reduce(groups, hessians, owner, f"layer {self.index}'s Hessian sums")
+            mine = [n for n in names if owner[n] == self.comm.rank]
         for group in groups:
             acc = hessians.get(group[0])
             if acc is not None:
                 self.clock.hessian_flops += 2.0 * acc.n * acc.columns ** 2
-        names = [n for group in groups for n in group]
         with self.clock.timing("compress_seconds", self.device):
             jobs = {n: _make_job(self.index, self.num_layers, self.parent, n, self.linears[n], hessians.get(n),
-                                 self.min_tokens(n)) for n in names}
-            for members in _expert_batches(names, self.roles, jobs).values():
+                                 self.min_tokens(n)) for n in mine}
+            for members in _expert_batches(mine, self.roles, jobs).values():
                 for n in members:
                     jobs[n].batch = [jobs[m] for m in members]
-            for name in names:
-                self.report.append(_compress_one(jobs[name], self.compressor, self.min_tokens(name)))
+            entries = {name: _compress_one(jobs[name], self.compressor, self.min_tokens(name)) for name in mine}
+        if self.comm is not None:
+            entries = self.comm.share(entries, self.linears, f"layer {self.index}'s compressed Linears")
+        self.report.extend(entries[name] for name in names)
 
     def min_tokens(self, name: str) -> int:
         return self.moe.min_tokens if name in self.roles else 0
@@ -495,6 +514,8 @@ def _calibrate_layer(layer: nn.Module, batches: list[LayerBatch], job: _LayerJob
     device, clock, roles = job.device, job.clock, job.roles
     with clock.timing("forward_seconds", device), expert_mode(layer, job.moe.all_experts, count=False):
         groups, irregular, flops = discover(layer, batches[0], device, job.linears)
+    if job.comm is not None:  # every rank takes rank 0's view (an expert may see no token of a share)
+        groups, irregular = job.comm.agree((groups, irregular), f"layer {job.index}'s input groups")
     share = batches[0].hidden().shape[0] / sum(b.hidden().shape[0] for b in batches)
     clock.forward_flops, clock.forwards = flops / share, share
     # The lockstep forwards keep every batch's intermediate activations on the device at once:
@@ -531,7 +552,10 @@ def _lockstep_layer(layer: nn.Module, batches: list[LayerBatch], groups: list[li
 
     def at_pause(stage: int, inputs: list[torch.Tensor]) -> None:
         with job.clock.timing("hessian_seconds", job.device):
-            accs[stage].add_all(inputs)
+            if job.comm is not None:  # torchrun: one process's order of the sum, over the ranks
+                job.comm.add_in_order(accs[stage], inputs, f"layer {job.index}'s Hessian sums")
+            else:
+                accs[stage].add_all(inputs)
         job.compress([groups[stage]], {name: accs[stage] for name in groups[stage]})
 
     def forward(batch: LayerBatch) -> Callable[[], torch.Tensor]:

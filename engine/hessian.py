@@ -84,6 +84,34 @@ class HessianAccumulator:
         for x in xs:
             self.add(x)
 
+    def raw_sum(self) -> torch.Tensor:
+        """The running sum itself, staged rows added: sum x x^T on the upper block triangle
+        (sum x^2 per feature with full=False), fp32. A distributed reduction adds these up in
+        place and then sets `n` to the total rows; only valid before H is read."""
+        if self._final:
+            raise RuntimeError("raw_sum: H was already read (the sum is divided)")
+        self._flush()
+        return self._sum if self._sum is not None else self._sq
+
+    def chain_buffers(self) -> list[torch.Tensor]:
+        """The running sum and the staging block, in place (the block allocated if need be).
+        A distributed chain copies a predecessor's into them, with its `n` and `staged`, and
+        adds on from there exactly as one process would have gone on."""
+        if self._final:
+            raise RuntimeError("chain_buffers: H was already read (the sum is divided)")
+        if self._stage is None:
+            self._stage = torch.empty(MIN_GEMM_ROWS, self.columns, dtype=torch.float32, device=self.device)
+        return [self._sum if self._sum is not None else self._sq, self._stage]
+
+    @property
+    def staged(self) -> int:
+        """Rows waiting in the staging block."""
+        return self._staged
+
+    @staged.setter
+    def staged(self, rows: int) -> None:
+        self._staged = rows
+
     def _flush(self) -> None:
         if self._staged:
             self._add_rows(self._stage[: self._staged])

@@ -12,6 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from engine import data as data_mod
 from engine.config import EvalSet, eval_sets
+from engine.distributed_calib import CalibComm
 from engine.modeling import resolve_device
 
 
@@ -25,6 +26,8 @@ class RunState:
     # Set by the quantize stage: export then writes the GPTQ layout with this config.
     quantization_config: Optional[dict[str, Any]] = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    # Under torchrun with every rank compressing: calibration and evaluation split over the ranks.
+    comm: Optional[CalibComm] = None
     _calib: Optional[torch.Tensor] = None
     _text_lengths: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 

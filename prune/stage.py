@@ -88,7 +88,8 @@ def prune_stage(state: "RunState") -> dict[str, Any]:
                             offload_activations=quant.offload_activations, profile=profile,
                             label=f"{prune.method}{' + reconstruct' if prune.reconstruct else ''} {prune.pattern}",
                             full_hessian=prune.method != "wanda" or prune.reconstruct,
-                            skip=prune.skip, moe=state.cfg.moe, min_coverage=state.cfg.min_coverage)
+                            skip=prune.skip, moe=state.cfg.moe, min_coverage=state.cfg.min_coverage,
+                            comm=state.comm.sharing(packed, per_linear) if state.comm is not None else None)
     if prune.joint_quant:
         state.quantization_config = install_quantized(state.model, packed, quant)
     overall = sum(per_linear.values()) / max(len(per_linear), 1)

@@ -1,10 +1,15 @@
 """Multi-process runs: `torchrun --nproc_per_node N -m shrink OVERRIDES`.
 
 OVERRIDES are those of the `shrink` command (out= is required). Rank 0 runs the whole
-pipeline exactly as `shrink` would and writes every artifact; the other ranks wait for
-rank 0 to reach a distill/pretrain stage, join its training (the student sharded with
-FSDP2 across all ranks), and exit when rank 0's pipeline is over. The backend is NCCL on
-GPUs (one per rank, LOCAL_RANK) and gloo on CPUs.
+pipeline exactly as `shrink` would and writes every artifact. In a pipeline of compression
+stages (quantize, prune, eval, export: no distill/pretrain) every rank runs the same stages
+on the same model: calibration windows and eval windows are split over the ranks, each
+Linear is compressed by one owner rank and shared (engine/distributed_calib.py). Otherwise
+the other ranks wait for rank 0 to reach a distill/pretrain stage, join its training (the
+student sharded with FSDP2 across all ranks), and exit when rank 0's pipeline is over, while
+any compression runs on rank 0 alone. The backend is NCCL on GPUs (one per rank, LOCAL_RANK)
+and gloo on CPUs. SHRINK_DIST_TIMEOUT (seconds, default 1800) bounds how long a rank waits for
+the others inside calibration and evaluation before it stops with an error.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from distill.distributed import DONE, receive, send
+from engine.distributed_calib import DEFAULT_TIMEOUT, CalibComm
 from engine.errors import ShrinkError
 from shrink.config import compose, quiet_import_noise
 
@@ -51,6 +57,19 @@ def init_backend() -> None:
     dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout, device_id=local)
 
 
+def compresses_together(cfg: Any) -> bool:
+    """Every rank runs the pipeline (no training stage, whose ranks follow rank 0's lead)."""
+    return not {"distill", "pretrain"} & set(cfg.pipeline.stages)
+
+
+def calib_timeout() -> timedelta:
+    value = os.environ.get("SHRINK_DIST_TIMEOUT")
+    try:
+        return timedelta(seconds=float(value)) if value else DEFAULT_TIMEOUT
+    except ValueError:
+        raise ShrinkError(f"SHRINK_DIST_TIMEOUT: {value!r} is not a number of seconds") from None
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     overrides = sys.argv[1:] if argv is None else argv
     quiet_import_noise()
@@ -60,19 +79,26 @@ def main(argv: Optional[list[str]] = None) -> None:
                         format=f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] - %(message)s")
     status = 0
     try:
+        comm = CalibComm.create(calib_timeout())  # every rank, before any other group is made
         cfg = compose(overrides)
         if not cfg.out:
             raise ShrinkError("out: a torchrun job needs out=FOLDER")
+        together = compresses_together(cfg)
         if rank == 0:
             from shrink.pipeline import run_pipeline
 
             # On an error rank 0 exits without DONE: torchrun then stops the workers, which
             # may be inside a collective of the training.
-            metrics = run_pipeline(cfg, Path(cfg.out))
-            send(DONE)
+            metrics = run_pipeline(cfg, Path(cfg.out), comm if together else None)
+            if not together:
+                send(DONE)
             for name, ppl in metrics.get("ppl", {}).items():
                 print(f"ppl[{name}] = {ppl:.3f}")
             print(f"out: {cfg.out}")
+        elif together:
+            from shrink.pipeline import follow_pipeline
+
+            follow_pipeline(cfg, Path(cfg.out), comm)
         else:
             worker(cfg, Path(cfg.out))
     except ShrinkError as exc:

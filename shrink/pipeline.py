@@ -23,6 +23,7 @@ from engine.data import token_stream, window_count
 from engine.errors import ShrinkError
 from engine.evaluation import measure
 from engine.data import check_data_file
+from engine.distributed_calib import CalibComm
 from engine.files import atomic_folder, atomic_write_json
 from engine.gguf_import import import_dir, import_gguf
 from engine.metrics import peak_memory_bytes, size_metrics, sparsity_report
@@ -53,13 +54,17 @@ def evaluate(state: RunState, label: str) -> dict[str, dict[str, Any]]:
             n, seq_len = windows.shape
             capped = f" (capped by {eval_set.key}.max_windows)" if n < total else ""
             log.info("%s: %s, %d of %d windows of %d tokens%s", label, eval_set.name, n, total, seq_len, capped)
-            m = measure(model, windows, state.cfg.eval.batch_size, state.device, f"{label} {eval_set.name}",
+            mine = state.comm.shard(windows, f"{eval_set.key}.max_windows") if state.comm is not None else windows
+            m = measure(model, mine, state.cfg.eval.batch_size, state.device, f"{label} {eval_set.name}",
                         state.text_lengths())
+            if state.comm is not None:  # torchrun: each rank measured its share of the windows
+                m = state.comm.sum_measured(m, f"{label} {eval_set.name}")
             figures[eval_set.name] = {"ppl": m.ppl, "bits_per_byte": m.bits_per_byte,
                                       "bits_per_char": m.bits_per_char,
                                       "windows": {"evaluated": n, "total": total, "seq_len": seq_len},
                                       "tokens": m.tokens, "bytes": m.bytes, "chars": m.chars}
-        tasks = run_tasks(model, state.tokenizer, state.cfg, label) if state.cfg.eval.tasks else None
+        on_rank0 = state.comm is None or state.comm.rank == 0  # lm-eval tasks are not split over ranks
+        tasks = run_tasks(model, state.tokenizer, state.cfg, label) if state.cfg.eval.tasks and on_rank0 else None
     finally:
         state.model.to("cpu")
     return {"sets": figures, "tasks": tasks}
@@ -221,11 +226,12 @@ def check_inputs(cfg: DictConfig, stages: list[str]) -> None:
 MODIFYING = {"distill", "pretrain", "prune", "quantize"}
 
 
-def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
+def run_pipeline(cfg: DictConfig, out: Path, comm: Optional[CalibComm] = None) -> dict[str, Any]:
     """Run cfg.pipeline.stages on cfg.model, writing metrics.json (and model/) into out.
 
     Everything that can be checked without a model (settings, input files, out) is checked
     first, and out is made only once the model has loaded: a bad input leaves nothing.
+    With `comm` (rank 0 of a torchrun compression job) the other ranks run follow_pipeline.
     """
     stages = check_config(cfg)
     table = stage_table()
@@ -235,7 +241,10 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
     ensure_model(cfg, progress)
     check_inputs(cfg, stages)
     check_fingerprints(cfg)
+    if comm is not None:
+        comm.agree(progress, "the run's start")  # the other ranks load the same model
     state = load_state(cfg, out, progress)
+    state.comm = comm
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -243,7 +252,7 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
     write_progress(out, progress)  # from here on out is a resumable run of this recipe
     write_recipe(cfg, out)
     seconds = progress["seconds"]
-    if cfg.eval.baseline and "eval" in stages and MODIFYING & set(stages) and "baseline" not in progress["done"]:
+    if baseline_due(cfg, stages, progress):
         t = time.time()
         record(state.metrics, evaluate(state, "baseline"), "baseline_")
         seconds["baseline_eval"] = time.time() - t
@@ -267,6 +276,28 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
     write_progress(out, progress)
     remove_checkpoints(out)
     return state.metrics
+
+
+def baseline_due(cfg: DictConfig, stages: list[str], progress: dict[str, Any]) -> bool:
+    """The input model is evaluated first (eval.baseline, a model-changing pipeline with eval)."""
+    return bool(cfg.eval.baseline and "eval" in stages and MODIFYING & set(stages)
+                and "baseline" not in progress["done"])
+
+
+def follow_pipeline(cfg: DictConfig, out: Path, comm: CalibComm) -> None:
+    """Ranks > 0 of a torchrun compression job: the stages of rank 0's run_pipeline on the
+    same model, joining its calibration and evaluation collectives; they write nothing."""
+    stages = check_config(cfg)
+    table = stage_table()
+    progress = comm.agree(None, "the run's start")  # rank 0's, once its checks passed
+    state = load_state(cfg, out, progress)
+    state.comm = comm
+    if baseline_due(cfg, stages, progress):
+        evaluate(state, "baseline")
+    for i, name in enumerate(stages, 1):
+        if f"{i}-{name}" not in progress["done"] and name != "export":
+            table[name].run(state)
+            state.changed = state.changed or name in MODIFYING
 
 
 def load_state(cfg: DictConfig, out: Path, progress: dict[str, Any]) -> RunState:
