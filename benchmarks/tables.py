@@ -195,6 +195,12 @@ def distill_akt(p: dict[str, Any]) -> str:
     return render_table(p)
 
 
+def distill_moe(p: dict[str, Any]) -> str:
+    from benchmarks.distill_moe import render_table
+
+    return render_table(p)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "quant_quality": quant_quality,
     "calib_speed": calib_speed,
@@ -202,6 +208,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "prune_quality": prune_quality,
     "prune_ablation": prune_ablation,
     "distill_akt": distill_akt,
+    "distill_moe": distill_moe,
 }
 
 

@@ -147,3 +147,18 @@ def test_pipeline_distills_a_skip_moe_student_from_an_moe_teacher(tmp_path: Path
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model")
     assert sparse_layers(model.config) == [False, True]
     assert json.loads((tmp_path / "out" / "model" / "config.json").read_text())["mlp_only_layers"] == [0]
+
+
+def test_deepseek_mla_teacher_distills_by_logits_and_akt_refuses_it_clearly() -> None:
+    """Multi-head latent attention has no plain Q/K/V projections to hook."""
+    teacher = tiny_model("deepseek_v3").requires_grad_(False)
+    for loss in ("logits", "akt"):
+        student = tiny_llama(layers=1, hidden=32, heads=2, kv=2, seed=1)
+        distill = settings(loss=loss, steps=2, batch_size=2)
+        plan = make_train_plan(distill, [(0, 1)], student)
+        trainer = Trainer(student, teacher, CPU, WindowSampler(random_stream(), 16, 0), plan, distill, CPU)
+        if loss == "logits":
+            assert trainer.run(RunFiles()).history[-1]["logit"] > 0
+        else:
+            with pytest.raises(ShrinkError, match="no Q/K/V projections found in a deepseek_v3"):
+                trainer.run(RunFiles())
