@@ -11,7 +11,7 @@ Perplexity (docs-en test, 512-token windows, the first `eval_windows`) of the st
 training (distill.eval_init), after it, and of the teacher. Writes
 benchmarks/results/distill_moe.json; one process per arm may fill it at the same time.
 
-    python -m benchmarks.distill_moe --arm pretrained --threads 1   # ~35 min on 2 busy cores
+    python -m benchmarks.distill_moe --arm pretrained --threads 1   # ~25 min on 2 busy cores
     python -m benchmarks.distill_moe --table
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 from benchmarks.common import RESULTS, Results, run
 from benchmarks.markdown import footer
 
-BUDGET = {"steps": 120, "batch_size": 8, "seq_len": 256, "eval_windows": 64}
+BUDGET = {"steps": 40, "batch_size": 4, "seq_len": 256, "eval_windows": 32}
 SHARED = os.environ.get("SHRINK_SHARED", "../shared")  # as conf/ resolves it (runs from the repo root)
 ARMS = {
     "pretrained": ["distill=akt_pretrained", f"distill.student.path={SHARED}/models/llama-student"],

@@ -6,7 +6,8 @@ device), its contiguous units, and the bytes of every unit as each recipe stage 
   semi-structured (half the values + 2 bits of metadata per kept value: 9/16 of fp16);
 - GPTQ b-bit, group g (the layout quant.export writes): qweight b/8 bytes per weight,
   qzeros b bits and scales fp16 per group and output column, g_idx int32 per input.
-  Everything outside the decoder-layer Linears (embeddings, norms, lm_head) stays in dtype.
+  Everything outside the decoder-layer Linears (embeddings, norms, lm_head) stays in floating
+  point: quant.export_dtype where the config has it, else dtype.
 - fused mixture-of-experts tensors ([E, out, in], or transposed as their class declares) are
   E experts of gate, up and down matrices, each priced like the Linear the export writes; names matching the stage's `skip`
   patterns (MoE routers by default) stay in dtype, as the stages leave them.
@@ -139,6 +140,7 @@ class Storage:
     bits: Optional[int] = None  # GPTQ packed
     group_size: int = -1
     skip: tuple[str, ...] = ()  # module name patterns the stage leaves in full precision
+    float_bytes: Optional[int] = None  # bytes of the tensors it keeps in floating point (None: the dtype's)
 
 
 def gptq_bytes(in_features: int, out_features: int, bits: int, group_size: int) -> int:
@@ -205,7 +207,8 @@ def recipe_storages(stages: list[str], quant: Any, prune: Any, dtype: str) -> li
             check_quant_config(quant)
             groups = "per-channel" if quant.group_size == -1 else f"g{quant.group_size}"
             result.append(Storage("quantize", f"{quant.method} {quant.bits}-bit {groups}", bits=quant.bits,
-                                  group_size=quant.group_size, skip=tuple(quant.skip)))
+                                  group_size=quant.group_size, skip=tuple(quant.skip),
+                                  float_bytes=DTYPE_BYTES.get(getattr(quant, "export_dtype", None) or dtype)))
         elif stage == "distill":
             log.warning("plan: the distill stage changes the architecture; plan the student's config instead")
     return result
@@ -215,6 +218,7 @@ def price_units(model: nn.Module, units: list[Unit], storage: Storage, dtype_byt
                 linears: set[str], experts: dict[str, ExpertLayout]) -> list[Unit]:
     seen: set[int] = set()
     priced = []
+    dtype_bytes = storage.float_bytes or dtype_bytes
     for unit in units:
         expert_bytes: dict[str, int] = {}
         weight = sum(price_module(model.get_submodule(m), m, storage, dtype_bytes, linears, experts, seen,

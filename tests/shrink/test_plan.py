@@ -228,3 +228,14 @@ def test_experts_are_spread_over_the_gpus_and_plans_fit_or_refuse() -> None:
     assert [d["experts_per_block"] for d in uneven["moe"]["expert_parallel"]["devices"]] == [42, 43, 43]
     with pytest.raises(ShrinkError, match="alone needs"):  # one bf16 DeepSeek-V3 layer is larger than 16 GB
         plan_for(f"model.path={CONFIGS / 'deepseek-v3.json'}", "target=8xT4-16GB", "pipeline=eval")
+
+
+def test_moe_plan_is_written_and_printed_with_its_expert_layout(tmp_path: Path, capsys) -> None:
+    run_plan([f"model.path={CONFIGS / 'qwen3-235b-a22b.json'}", "target=4xH100-80GB", "pipeline=quantize",
+              f"out={tmp_path}"])
+    printed = capsys.readouterr().out
+    assert "experts: 94 blocks x 128 experts, 8 per token" in printed and "| GPU | experts per block |" in printed
+    assert "22.19B active params" in printed and "K and V: 2 x 4 KV heads x 128" in printed
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["moe"]["expert_parallel"]["placement"]["model.layers.0.mlp.experts"] == [[0, 32], [32, 64], [64, 96],
+                                                                                         [96, 128]]
