@@ -62,8 +62,6 @@ def router_weight(distill: Any, student: nn.Module) -> float:
     weight = getattr(distill, "router_aux_weight", None)
     if weight is None:
         return float(student.config.router_aux_loss_coef or 0.0) if has_router_loss(student) else 0.0
-    if weight < 0:
-        raise ShrinkError(f"distill.router_aux_weight={weight} must be >= 0")
     if weight > 0 and not has_router_loss(student):
         raise ShrinkError(f"distill.router_aux_weight={weight}: the student ({student.config.model_type}) has no "
                           "router load-balancing loss (a dense model, or an MoE family transformers gives none)")

@@ -91,6 +91,8 @@ def check_distill_config(distill: Any) -> None:
         raise ShrinkError(f"distill.relations={distill.relations!r}: name each of q, k, v at most once "
                           "(e.g. qkv, v, kv)")
     teacher_device_map(distill.teacher.device_map)  # a device_map.json file: present and well formed
+    if (distill.router_aux_weight or 0) < 0:
+        raise ShrinkError(f"distill.router_aux_weight={distill.router_aux_weight} must be >= 0")
 
 
 def joint_objective(distill: Any, pairs: list[tuple[int, int]]) -> Objective:

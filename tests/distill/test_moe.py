@@ -13,7 +13,7 @@ from distill.capture import QKVCapture
 from distill.data import WindowSampler
 from distill.losses import logit_kd_loss, qkv_relation_loss
 from distill.moe import router_weight, sparse_layers
-from distill.plan import make_train_plan
+from distill.plan import check_distill_config, make_train_plan
 from distill.student import skip_student
 from distill.trainer import RunFiles, Trainer
 from engine.errors import ShrinkError
@@ -120,7 +120,7 @@ def test_router_aux_loss_is_weighted_as_configured_and_balances_the_router() -> 
     with pytest.raises(ShrinkError, match="router_aux_weight"):
         router_weight(settings(router_aux_weight=0.1), tiny_llama(layers=1))
     with pytest.raises(ShrinkError, match="router_aux_weight"):
-        router_weight(settings(router_aux_weight=-1.0), skip_student(teacher, [1]))
+        check_distill_config(settings(router_aux_weight=-1.0))  # before any model is loaded
     finals = {}
     for weight in (0.0, 1.0):
         student = skip_student(teacher, [1])
