@@ -8,8 +8,10 @@ from shrink.plan.memory import gib
 
 def format_plan(plan: dict[str, Any]) -> str:
     model, target, workload = plan["model"], plan["target"], plan["workload"]
+    attention = ("multi-head latent attention" if model["kv_cache_holds"].startswith("MLA")
+                 else f"{model['kv_heads']} KV heads x {model['head_dim']}")
     lines = [f"{model['architecture']} ({model['params'] / 1e9:.2f}B params, {model['layers']} layers, "
-             f"{model['kv_heads']} KV heads x {model['head_dim']}) on {target['spec']}: "
+             f"{attention}) on {target['spec']}: "
              f"{gib(target['usable_bytes'])} usable per GPU ({target['reserve']:.0%} reserve)",
              f"KV cache: batch {workload['batch']} x context {workload['context']} ({workload['dtype']}) = "
              f"{gib(workload['kv_cache_bytes'])} ({model['kv_cache_holds']} per token and layer)",
