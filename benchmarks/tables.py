@@ -126,6 +126,8 @@ def plans(paths: list[Path]) -> str:
             cells.append(("fits" if st["fits"] else "does not fit") + f", largest GPU {gib(max(st['balanced_per_device_bytes']))}")
         rows.append(cells)
     text += md(["stage", "weights", "weights + KV"] + [p["target"]["spec"] for p in loaded], rows)
+    if "moe" in first:
+        text += "\n\n" + moe_plan_line(loaded)
     for plan in loaded:
         if plan["target"]["count"] > 1:
             text += f"\n\nDevice map on {plan['target']['spec']} ({plan['device_map_stage']} stage):\n\n"
@@ -134,6 +136,21 @@ def plans(paths: list[Path]) -> str:
                          ", ".join(u for u in d["units"] if not u.startswith(plan["model"]["layers_module"] + ".")) or "-",
                          gib(d["total_bytes"])] for d in plan["devices"]])
     return text
+
+
+def moe_plan_line(loaded: list[dict[str, Any]]) -> str:
+    """Active parameters, compute per token and the expert-parallel layout of an MoE plan."""
+    first = loaded[0]
+    moe, w = first["moe"], first["workload"]
+    layouts = "; ".join(
+        f"{p['target']['spec']}: {p['moe']['expert_parallel']['devices'][0]['experts_per_block']} experts per block "
+        f"per GPU, largest GPU {gib(max(d['total_bytes'] for d in p['moe']['expert_parallel']['devices']))} "
+        f"({'fits' if p['moe']['expert_parallel']['fits'] else 'does not fit'})" for p in loaded)
+    return (f"Mixture of experts: {moe['experts_blocks']} blocks of {moe['experts_per_block']} experts, "
+            f"{moe['experts_per_token']} per token: {first['model']['active_params'] / 1e9:.1f}B active parameters, "
+            f"{w['flops_per_token'] / 1e9:.0f} GFLOP per token at position {w['context']}; KV cache of "
+            f"{first['model']['kv_cache_holds']} per token and layer. Expert-parallel layout "
+            f"({first['device_map_stage']} stage): {layouts}.")
 
 
 def sweep_report(report_md: Path, where: Path) -> str:
@@ -195,6 +212,12 @@ def distill_akt(p: dict[str, Any]) -> str:
     return render_table(p)
 
 
+def distill_moe(p: dict[str, Any]) -> str:
+    from benchmarks.distill_moe import render_table
+
+    return render_table(p)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "quant_quality": quant_quality,
     "calib_speed": calib_speed,
@@ -202,6 +225,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "prune_quality": prune_quality,
     "prune_ablation": prune_ablation,
     "distill_akt": distill_akt,
+    "distill_moe": distill_moe,
 }
 
 

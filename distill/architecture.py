@@ -9,15 +9,19 @@ from transformers import PretrainedConfig
 
 from distill.capture import attention_shape
 from distill.config import StudentConfig
+from distill.moe import keep_sparse_pattern
 from engine.errors import ShrinkError
 
 
 def depth_config(config: PretrainedConfig, layers: list[int]) -> PretrainedConfig:
-    """The config with only `layers` (teacher indices) kept; per-layer lists are sliced too."""
+    """The config with only `layers` (teacher indices) kept; per-layer lists are sliced too,
+    and an MoE family's dense/MoE layer pattern follows the kept layers (distill/moe.py)."""
+    teacher = config
     config = copy.deepcopy(config)
     config.num_hidden_layers = len(layers)
     if getattr(config, "layer_types", None):
         config.layer_types = [config.layer_types[i] for i in layers]
+    keep_sparse_pattern(config, teacher, layers)
     return config
 
 

@@ -73,3 +73,6 @@ class DistillConfig:
     log_every: int = 10  # steps between loss records (metrics + TensorBoard)
     tensorboard: bool = False  # write out/tensorboard (needs the tensorboard package)
     eval_init: bool = False  # also report the initialized student's perplexity
+    # MoE students: weight of the router load-balancing loss (None: the student config's
+    # router_aux_loss_coef, 0 for dense students; 0: off). distill/moe.py
+    router_aux_weight: Optional[float] = None

@@ -19,6 +19,7 @@ from torch import nn
 from distill.capture import find_qkv
 from distill.layer_map import akt_layer_weights
 from distill.losses import valid_parts
+from distill.moe import router_weight
 from engine.errors import ShrinkError
 from engine.modeling import find_decoder_layers
 
@@ -32,6 +33,7 @@ class Objective:
     lm: float = 0.0
     logit: float = 0.0
     akt: dict[int, float] = field(default_factory=dict)  # student layer -> w_l
+    router: float = 0.0  # MoE student's router load-balancing loss (aux_loss)
 
 
 @dataclass
@@ -89,6 +91,8 @@ def check_distill_config(distill: Any) -> None:
         raise ShrinkError(f"distill.relations={distill.relations!r}: name each of q, k, v at most once "
                           "(e.g. qkv, v, kv)")
     teacher_device_map(distill.teacher.device_map)  # a device_map.json file: present and well formed
+    if (distill.router_aux_weight or 0) < 0:
+        raise ShrinkError(f"distill.router_aux_weight={distill.router_aux_weight} must be >= 0")
 
 
 def joint_objective(distill: Any, pairs: list[tuple[int, int]]) -> Objective:
@@ -105,6 +109,7 @@ def joint_objective(distill: Any, pairs: list[tuple[int, int]]) -> Objective:
 
 def make_train_plan(distill: Any, pairs: list[tuple[int, int]], student: nn.Module) -> TrainPlan:
     joint = joint_objective(distill, pairs)
+    joint.router = router_weight(distill, student)
     phases = [Phase("joint", distill.steps, joint)]
     if distill.schedule == "progressive":
         if not joint.akt:

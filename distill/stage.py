@@ -22,6 +22,7 @@ from distill.capture import attention_shape
 from distill.data import WindowSampler
 from distill.distributed import DistContext, local_device
 from distill.layer_map import parse_layer_map
+from distill.moe import router_weight
 from distill.plan import TrainPlan, make_train_plan
 from distill.student import Student, build_student, shape_report
 from distill.teacher import TopKCache, prepare_teacher, teacher_vocab_check
@@ -95,6 +96,7 @@ def run_training(state: "RunState", pretrain: bool, evaluate_init: bool = False)
     report: dict[str, Any] = {"student": student.report, "teacher": shape_report(state.model),
                               "loss": distill.loss, "schedule": distill.schedule, "layer_map": [list(p) for p in pairs],
                               "phases": [{"name": p.name, "steps": p.steps} for p in plan.phases],
+                              "router_aux_weight": router_weight(distill, student.model),
                               "world_size": ctx.world}
     if evaluate_init and ctx.main:
         report["init_ppl"] = evaluate(state, student, device)

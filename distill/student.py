@@ -101,6 +101,9 @@ def skip_student(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel
         if name.startswith(prefix + "."):
             index, rest = name[len(prefix) + 1:].split(".", 1)
             teacher_name = f"{prefix}.{layers[int(index)]}.{rest}"
+        if teacher_name not in source:  # a layer kind (dense / MoE) the student config did not reproduce
+            raise ShrinkError(f"distill.student.layers: student weight {name} has no teacher counterpart "
+                              f"{teacher_name} ({teacher.config.model_type} layers {layers})")
         state[name] = source[teacher_name]
     student.load_state_dict(state, strict=True)
     return student

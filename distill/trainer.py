@@ -4,7 +4,7 @@ TensorBoard scalars and progress lines with tokens/s.
 
 One micro-step: the student's forward (hooks record its Q/K/V), the teacher's forward
 under no_grad when the phase needs it (hooks record its Q/K/V), then
-    loss = w_lm LM + w_logit KD(T) + sum_l w_l AKT_l
+    loss = w_lm LM + w_logit KD(T) + sum_l w_l AKT_l (+ w_router aux, MoE students)
 computed in fp32 outside autocast, divided by grad_accum and backpropagated.
 """
 from __future__ import annotations
@@ -111,9 +111,13 @@ class Trainer:
 
     def micro_loss(self, ids: torch.Tensor, start: int, objective: Objective, s_cap: QKVCapture,
                    t_cap: Optional[QKVCapture]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        router = {"output_router_logits": True} if objective.router else {}
         with self.autocast():
-            logits = self.student(input_ids=ids, use_cache=False).logits
+            out = self.student(input_ids=ids, use_cache=False, **router)
+        logits = out.logits
         terms: dict[str, torch.Tensor] = {}
+        if objective.router:
+            terms["router"] = out.aux_loss.float()
         if objective.lm:
             terms["lm"] = lm_loss(logits, ids)
         teacher_logits = None
@@ -136,7 +140,8 @@ class Trainer:
         s_cap.clear()
         if t_cap is not None:
             t_cap.clear()
-        weights = {"lm": objective.lm, "logit": objective.logit, **{f"akt.{s}": w for s, w in objective.akt.items()}}
+        weights = {"lm": objective.lm, "logit": objective.logit, "router": objective.router,
+                   **{f"akt.{s}": w for s, w in objective.akt.items()}}
         total = sum(weights[name] * value for name, value in terms.items())
         if self.ctx.sharded and not (objective.lm or objective.logit):
             # FSDP2 re-gathers a layer's freed parameters for backward, and reduces its gradients,

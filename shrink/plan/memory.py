@@ -6,19 +6,25 @@ device), its contiguous units, and the bytes of every unit as each recipe stage 
   semi-structured (half the values + 2 bits of metadata per kept value: 9/16 of fp16);
 - GPTQ b-bit, group g (the layout quant.export writes): qweight b/8 bytes per weight,
   qzeros b bits and scales fp16 per group and output column, g_idx int32 per input.
-  Everything outside the decoder-layer Linears (embeddings, norms, lm_head) stays in dtype.
+  Everything outside the decoder-layer Linears (embeddings, norms, lm_head) stays in floating
+  point: quant.export_dtype where the config has it, else dtype.
+- fused mixture-of-experts tensors ([E, out, in], or transposed as their class declares) are
+  E experts of gate, up and down matrices, each priced like the Linear the export writes; names matching the stage's `skip`
+  patterns (MoE routers by default) stay in dtype, as the stages leave them.
 """
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
+from engine.coverage import is_skipped
 from engine.errors import ShrinkError
+from engine.experts import ExpertLayout
 from engine.modeling import linear_dims
 from quant.config import check_quant_config
 
@@ -56,6 +62,7 @@ class Unit:
     modules: list[str]
     weight_bytes: int = 0
     kv_bytes: int = 0
+    expert_bytes: dict[str, int] = field(default_factory=dict)  # routed-experts module -> bytes (in weight_bytes)
 
     @property
     def total(self) -> int:
@@ -132,6 +139,8 @@ class Storage:
     semi_structured: bool = False  # 2:4 compressed values + metadata
     bits: Optional[int] = None  # GPTQ packed
     group_size: int = -1
+    skip: tuple[str, ...] = ()  # module name patterns the stage leaves in full precision
+    float_bytes: Optional[int] = None  # bytes of the tensors it keeps in floating point (None: the dtype's)
 
 
 def gptq_bytes(in_features: int, out_features: int, bits: int, group_size: int) -> int:
@@ -144,28 +153,45 @@ def gptq_bytes(in_features: int, out_features: int, bits: int, group_size: int) 
     return qweight + qzeros + scales + g_idx
 
 
-def price_module(module: nn.Module, prefix: str, storage: Storage, dtype_bytes: int,
-                 linears: set[str], seen: set[int]) -> int:
-    """Bytes of the parameters under `module` in this storage (shared tensors counted once)."""
+def price_module(module: nn.Module, prefix: str, storage: Storage, dtype_bytes: int, linears: set[str],
+                 experts: dict[str, ExpertLayout], seen: set[int], expert_bytes: dict[str, int]) -> int:
+    """Bytes of the parameters under `module` in this storage (shared tensors counted once);
+    the bytes of routed-experts modules (`experts`: name -> layout) also go to expert_bytes."""
     total = 0
     for name, sub in module.named_modules(prefix=prefix):
         for pname, p in sub.named_parameters(recurse=False):
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            if pname == "weight" and name in linears:
-                total += _linear_weight_bytes(sub, p, storage, dtype_bytes)
+            compress = not is_skipped(name, storage.skip)
+            if pname == "weight" and name in linears and compress:
+                n = _matrix_bytes(*linear_dims(sub), storage, dtype_bytes)
+            elif name in experts and p.ndim == 3 and compress:
+                n = p.shape[0] * sum(_matrix_bytes(*dims, storage, dtype_bytes)
+                                     for dims in _expert_matrices(pname, experts[name]))
             else:
-                total += p.numel() * dtype_bytes
+                n = p.numel() * dtype_bytes
+            total += n
+            if name in experts:
+                expert_bytes[name] = expert_bytes.get(name, 0) + n
     return total
 
 
-def _linear_weight_bytes(module: nn.Module, p: torch.Tensor, storage: Storage, dtype_bytes: int) -> int:
+def _expert_matrices(pname: str, layout: ExpertLayout) -> list[tuple[int, int]]:
+    """(in, out) of the matrices one expert's slice of `pname` holds: down [H, I], or up
+    [I, H] and, when gated, gate [I, H] as well (stored and exported as separate Linears)."""
+    if pname == "down_proj":
+        return [(layout.intermediate, layout.hidden)]
+    return [(layout.hidden, layout.intermediate)] * (2 if layout.gate else 1)
+
+
+def _matrix_bytes(in_features: int, out_features: int, storage: Storage, dtype_bytes: int) -> int:
+    numel = in_features * out_features
     if storage.bits is not None:
-        return gptq_bytes(*linear_dims(module), storage.bits, storage.group_size)
+        return gptq_bytes(in_features, out_features, storage.bits, storage.group_size)
     if storage.semi_structured:
-        return p.numel() * dtype_bytes // 2 + p.numel() // 8  # kept half + 2 bits per kept value
-    return p.numel() * dtype_bytes
+        return numel * dtype_bytes // 2 + numel // 8  # kept half + 2 bits per kept value
+    return numel * dtype_bytes
 
 
 def recipe_storages(stages: list[str], quant: Any, prune: Any, dtype: str) -> list[Storage]:
@@ -176,28 +202,31 @@ def recipe_storages(stages: list[str], quant: Any, prune: Any, dtype: str) -> li
             semi = prune.pattern == "2:4"
             what = f"{prune.method} {prune.pattern if prune.pattern != 'unstructured' else prune.sparsity}"
             how = "2:4 semi-structured storage" if semi else "dense storage"
-            result.append(Storage("prune", f"{what} ({how})", semi_structured=semi))
+            result.append(Storage("prune", f"{what} ({how})", semi_structured=semi, skip=tuple(prune.skip)))
         elif stage == "quantize":
             check_quant_config(quant)
             groups = "per-channel" if quant.group_size == -1 else f"g{quant.group_size}"
             result.append(Storage("quantize", f"{quant.method} {quant.bits}-bit {groups}", bits=quant.bits,
-                                  group_size=quant.group_size))
+                                  group_size=quant.group_size, skip=tuple(quant.skip),
+                                  float_bytes=DTYPE_BYTES.get(getattr(quant, "export_dtype", None) or dtype)))
         elif stage == "distill":
             log.warning("plan: the distill stage changes the architecture; plan the student's config instead")
     return result
 
 
 def price_units(model: nn.Module, units: list[Unit], storage: Storage, dtype_bytes: int,
-                linears: set[str]) -> list[Unit]:
+                linears: set[str], experts: dict[str, ExpertLayout]) -> list[Unit]:
     seen: set[int] = set()
     priced = []
+    dtype_bytes = storage.float_bytes or dtype_bytes
     for unit in units:
-        weight = sum(price_module(model.get_submodule(m), m, storage, dtype_bytes, linears, seen)
-                     for m in unit.modules)
-        priced.append(Unit(unit.label, unit.modules, weight, unit.kv_bytes))
+        expert_bytes: dict[str, int] = {}
+        weight = sum(price_module(model.get_submodule(m), m, storage, dtype_bytes, linears, experts, seen,
+                                  expert_bytes) for m in unit.modules)
+        priced.append(Unit(unit.label, unit.modules, weight, unit.kv_bytes, expert_bytes))
     return priced
 
 
 def merge(label: str, units: list[Unit]) -> Unit:
     return Unit(label, [m for u in units for m in u.modules], sum(u.weight_bytes for u in units),
-                sum(u.kv_bytes for u in units))
+                sum(u.kv_bytes for u in units), {k: v for u in units for k, v in u.expert_bytes.items()})

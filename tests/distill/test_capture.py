@@ -23,7 +23,7 @@ def heads(x: torch.Tensor, n: int, d: int, like: torch.Tensor) -> torch.Tensor:
     return x.repeat_interleave(like.shape[1] // n, dim=1) if like.shape[1] != n else x
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "falcon", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "falcon", "qwen2", "mixtral", "qwen2_moe"])
 def test_captured_qkv_match_what_sdpa_receives(family: str, monkeypatch) -> None:
     model = tiny_model(family)
     assert model.config._attn_implementation == "sdpa"

@@ -96,7 +96,8 @@ def test_llama70b_fits_one_h100_only_after_quantization() -> None:
     assert set(dmap.values()) == {0}
 
 
-@pytest.mark.parametrize("family", ["llama", "opt", "bloom", "gpt2", "falcon", "gpt_neox"])
+@pytest.mark.parametrize("family", ["llama", "opt", "bloom", "gpt2", "falcon", "gpt_neox", "mixtral", "deepseek_v3",
+                                    "gpt_oss"])
 def test_device_map_of_every_family_loads_in_transformers(tmp_path: Path, family: str) -> None:
     """Names must be the model's own modules: transformers loads with the map (GPUs -> cpu here)."""
     from accelerate.utils import check_device_map
@@ -113,8 +114,10 @@ def test_device_map_of_every_family_loads_in_transformers(tmp_path: Path, family
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
 
 
-def test_quantized_bytes_match_a_real_gptq_export(tmp_path: Path, tiny_model_dir) -> None:
-    folder = tiny_model_dir("llama")
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_quantized_bytes_match_a_real_gptq_export(tmp_path: Path, tiny_model_dir, family: str) -> None:
+    """Per-expert GPTQ matrices and full-precision routers are priced as the export stores them."""
+    folder = tiny_model_dir(family)
     run_shrink(["pipeline=quantize", f"model.path={folder}", *tiny_data_overrides(), "quant.method=rtn",
                 "quant.bits=4", "quant.group_size=32"], tmp_path / "run")
     plan, _ = plan_for(f"model.path={folder}", "target=1xT4-16GB", "dtype=float32", "pipeline=quantize",
@@ -165,3 +168,74 @@ def test_cli_writes_plan_and_device_map(tmp_path: Path) -> None:
     bad = subprocess.run(cmd[:-2] + ["pipeline=eval", "target=1xA100-1GB", f"out={tmp_path / 'x'}"], capture_output=True,
                          text=True, cwd=ROOT, env=env, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("shrink: error: target:")
+
+
+MOE = {"mixtral-8x22b": (141, 39), "qwen3-235b-a22b": (235, 22), "deepseek-v3": (671, 37)}
+
+
+@pytest.mark.parametrize("name", list(MOE))
+def test_moe_configs_price_weights_at_total_and_compute_at_active_params(name: str) -> None:
+    total, active = MOE[name]
+    plan, _ = plan_for(f"model.path={CONFIGS / name}.json", "target=8xH100-80GB")
+    assert plan["model"]["params"] == pytest.approx(total * 1e9, rel=0.01)
+    assert plan["model"]["active_params"] == pytest.approx(active * 1e9, rel=0.02)
+    assert plan["stages"][0]["weights_bytes"] == plan["model"]["params"] * 2  # every expert is stored (bf16)
+
+
+def test_mixtral_flops_per_token_count_only_the_routed_experts() -> None:
+    plan, _ = plan_for(f"model.path={CONFIGS / 'mixtral-8x22b.json'}", "target=4xH100-80GB", "context=4096")
+    h, inter, layers, vocab, heads, kv = 6144, 16384, 56, 32000, 48, 8
+    per_layer = 2 * h * h + 2 * h * (kv * 128) + 8 * h + 2 * 3 * h * inter  # attention, router, 2 of 8 experts
+    matmul = layers * per_layer + vocab * h  # + lm_head; the input embedding is a lookup
+    assert plan["workload"]["flops_per_token"] == 2 * matmul + 2 * layers * heads * 4096 * (128 + 128)
+
+
+def test_deepseek_v3_caches_the_mla_latent_and_its_dense_layers_are_not_experts() -> None:
+    plan, _ = plan_for(f"model.path={CONFIGS / 'deepseek-v3.json'}", "target=8xH100-80GB", "batch=2", "context=4096")
+    assert plan["model"]["kv_values_per_token_per_layer"] == 512 + 64
+    assert plan["workload"]["kv_cache_bytes"] == 61 * (512 + 64) * 4096 * 2 * 2
+    moe = plan["moe"]
+    assert (moe["experts_blocks"], moe["experts_per_block"], moe["experts_per_token"]) == (58, 256, 8)  # 3 dense
+    placement = moe["expert_parallel"]["placement"]
+    assert "model.layers.2.mlp.experts" not in placement and "model.layers.3.mlp.experts" in placement
+
+
+def test_gptq_prices_each_expert_as_a_matrix_and_keeps_routers() -> None:
+    plan, _ = plan_for(f"model.path={CONFIGS / 'mixtral-8x22b.json'}", "target=2xH100-80GB", "pipeline=quantize",
+                       "quant.bits=4", "quant.group_size=128")
+    dense, quant = plan["stages"]
+    h, inter, layers = 6144, 16384, 56
+    expert = 2 * gptq_bytes(h, inter, 4, 128) + gptq_bytes(inter, h, 4, 128)  # w1, w3 [I, H], w2 [H, I]
+    assert plan["moe"]["expert_bytes"] == layers * 8 * expert
+    attn = 2 * gptq_bytes(h, h, 4, 128) + 2 * gptq_bytes(h, 1024, 4, 128)
+    router_and_norms = 8 * h * 2 + 2 * h * 2
+    assert quant["layers_bytes"] == layers * (8 * expert + attn + router_and_norms)
+    assert [dense["fits"], quant["fits"]] == [False, True]  # 141B: 2 x 80 GB only after 4-bit
+
+
+def test_experts_are_spread_over_the_gpus_and_plans_fit_or_refuse() -> None:
+    plan, dmap = plan_for(f"model.path={CONFIGS / 'deepseek-v3.json'}", "target=8xH200-141GB", "pipeline=quantize",
+                          "quant.bits=4")
+    ep = plan["moe"]["expert_parallel"]
+    assert [s["fits"] for s in plan["stages"]] == [False, True] and plan["fits"] and ep["fits"]
+    assert {d["experts_per_block"] for d in ep["devices"]} == {32}
+    for ranges in ep["placement"].values():  # contiguous, disjoint, all 256 experts
+        assert [r[0] for r in ranges[1:]] == [r[1] for r in ranges[:-1]] and ranges[0][0] == 0 and ranges[-1][1] == 256
+    assert sorted(set(dmap.values())) == list(range(8))  # the pipeline device_map uses every GPU too
+    dense, _ = plan_for(f"model.path={CONFIGS / 'deepseek-v3.json'}", "target=8xH200-141GB", "pipeline=eval")
+    assert not dense["fits"] and dense["offloaded_to_cpu"] and not dense["moe"]["expert_parallel"]["fits"]
+    uneven, _ = plan_for(f"model.path={CONFIGS / 'qwen3-235b-a22b.json'}", "target=3xH100-80GB", "pipeline=quantize")
+    assert [d["experts_per_block"] for d in uneven["moe"]["expert_parallel"]["devices"]] == [42, 43, 43]
+    with pytest.raises(ShrinkError, match="alone needs"):  # one bf16 DeepSeek-V3 layer is larger than 16 GB
+        plan_for(f"model.path={CONFIGS / 'deepseek-v3.json'}", "target=8xT4-16GB", "pipeline=eval")
+
+
+def test_moe_plan_is_written_and_printed_with_its_expert_layout(tmp_path: Path, capsys) -> None:
+    run_plan([f"model.path={CONFIGS / 'qwen3-235b-a22b.json'}", "target=4xH100-80GB", "pipeline=quantize",
+              f"out={tmp_path}"])
+    printed = capsys.readouterr().out
+    assert "experts: 94 blocks x 128 experts, 8 per token" in printed and "| GPU | experts per block |" in printed
+    assert "22.19B active params" in printed and "K and V: 2 x 4 KV heads x 128" in printed
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["moe"]["expert_parallel"]["placement"]["model.layers.0.mlp.experts"] == [[0, 32], [32, 64], [64, 96],
+                                                                                         [96, 128]]
