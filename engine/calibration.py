@@ -238,53 +238,38 @@ def input_groups(layer: nn.Module, batch: LayerBatch, device: torch.device,
     return discover(layer, batch, device, linears)[0]
 
 
-class _Enough(Exception):
-    """Every hooked group has seen this batch: the rest of the layer's forward is not needed."""
-
-
 def accumulate(layer: nn.Module, groups: list[list[str]], batches: list[LayerBatch],
                device: torch.device, full: bool = True,
-               linears: Optional[dict[str, nn.Module]] = None, stop_early: bool = True,
+               linears: Optional[dict[str, nn.Module]] = None,
                clock: Optional["LayerProfile"] = None) -> dict[str, HessianAccumulator]:
     """One Hessian per input group, shared by the Linears of the group (only its
-    diagonal unless `full`). Unless told otherwise (a pass that also counts routed tokens),
-    a batch's forward stops as soon as every group has seen it (q/k/v need no MLP; with
-    every token through every expert, all gate/up inputs are known at the first expert)."""
+    diagonal unless `full`), from whole forwards of the layer over every batch (the
+    reference path: nothing stops a forward half-way)."""
     linears = find_linears(layer) if linears is None else linears
     hessians: dict[str, HessianAccumulator] = {}
     handles = []
-    fired: set[int] = set()
     clock = clock if clock is not None else LayerProfile(-1)
     start, hessian_before = time.perf_counter(), clock.hessian_seconds
 
-    def hook(index: int, acc: HessianAccumulator) -> Callable[..., None]:
+    def hook(acc: HessianAccumulator) -> Callable[..., None]:
         def fn(_m: nn.Module, inp: tuple, _o: Any) -> None:
             with clock.timing("hessian_seconds", device):
                 acc.add(inp[0])
-            fired.add(index)
-            if stop_early and len(fired) == len(groups):
-                raise _Enough
         return fn
 
-    for index, group in enumerate(groups):
+    for group in groups:
         first = linears[group[0]]
-        columns = weight_matrix(first).shape[1]
-        acc = HessianAccumulator(columns, device, full)
+        acc = HessianAccumulator(weight_matrix(first).shape[1], device, full)
         for name in group:
             hessians[name] = acc
-        handles.append(first.register_forward_hook(hook(index, acc)))
+        handles.append(first.register_forward_hook(hook(acc)))
     try:
-        for batch in batches:
-            fired.clear()
-            try:
-                run_layer(layer, [batch], device, None)
-            except _Enough:
-                pass
+        run_layer(layer, batches, device, None)
     finally:
         for h in handles:
             h.remove()
     clock.forward_seconds += time.perf_counter() - start - (clock.hessian_seconds - hessian_before)
-    clock.forwards += 1  # forward passes over every batch (these may stop early)
+    clock.forwards += 1
     return hessians
 
 
@@ -531,8 +516,7 @@ def _calibrate_layer(layer: nn.Module, batches: list[LayerBatch], job: _LayerJob
             has_experts = any(n in roles for group in pass_groups for n in group)
             count = has_experts and not counted
             with expert_mode(layer, job.moe.all_experts and has_experts, count=count):
-                hessians = accumulate(layer, pass_groups, batches, device, full, job.linears,
-                                      stop_early=not count, clock=clock)
+                hessians = accumulate(layer, pass_groups, batches, device, full, job.linears, clock=clock)
             counted = counted or has_experts
             job.compress(pass_groups, hessians)
         with clock.timing("forward_seconds", device):
