@@ -22,6 +22,9 @@ Linear twice, where the two would differ).
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -31,6 +34,23 @@ from torch import nn
 
 # (stage, inputs seen at pauses[stage], in batch order) -> None: compress that group
 AtPause = Callable[[int, list[torch.Tensor]], None]
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Optional[Callable[[int], int]]:
+    """glibc's malloc_trim, or None where the C library has none (macOS, musl)."""
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release_free_memory() -> None:
+    """Give the free pages of every malloc arena back to the OS (glibc; a no-op elsewhere)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class _Batch:
@@ -102,6 +122,7 @@ class Lockstep:
         for batch in batches:
             if not batch.done and batch.paused_at < stage:
                 batch.resume()
+                release_free_memory()  # what this batch freed in its own arena
                 if batch.error is not None:
                     break
         self.forward_seconds += time.perf_counter() - start
