@@ -41,7 +41,7 @@ from engine.distributed_calib import CalibComm
 from engine.errors import ShrinkError
 from engine.experts import SplitExperts, split_experts, split_modules
 from engine.hessian import HessianAccumulator, HessianError
-from engine.lockstep import Lockstep
+from engine.lockstep import Lockstep, available_memory
 from engine.modeling import find_decoder_layers, find_linears, weight_matrix
 
 log = logging.getLogger(__name__)
@@ -395,12 +395,15 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
                    offload_activations: Optional[bool] = None, label: str = "compress",
                    full_hessian: bool = True, skip: Sequence[str] = (), moe: Optional[MoeConfig] = None,
                    min_coverage: float = 0.0, profile: Optional[list[dict[str, Any]]] = None,
-                   comm: Optional[CalibComm] = None, _rerun: bool = False) -> list[dict[str, Any]]:
+                   comm: Optional[CalibComm] = None, lockstep_memory: Optional[int] = None,
+                   _rerun: bool = False) -> list[dict[str, Any]]:
     """Compress every Linear of every decoder layer (fused experts split first; names matching
     `skip` left alone); returns a per-Linear report. `full_hessian=False` hands the compressor
     accumulators holding only diag(H). Fails before touching a weight if the Linears reached
     hold under `min_coverage` of the decoder-layer weights. `profile`, when given, receives
-    one LayerProfile dict per layer. `_rerun` makes true-sequential run one forward per input
+    one LayerProfile dict per layer. `lockstep_memory`: bytes the paused lockstep forwards may
+    keep (None: half of the memory available when a layer starts); batches beyond it are
+    recomputed, with the same results. `_rerun` makes true-sequential run one forward per input
     group (the reference path) instead of one lockstep forward per layer. With `comm` (torchrun)
     this rank calibrates on its share of the windows and the Linears are compressed by their
     owner ranks (engine/distributed_calib.py)."""
@@ -422,7 +425,7 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
         start = time.time()
         layer.to(device)
         job = _LayerJob(i, len(layers), parent_name, targets[i], expert_roles(layer), compressor, moe, device, report,
-                        comm)
+                        comm, lockstep_memory=lockstep_memory)
         first = len(report)
         routed_before = comm.routed_before(layer) if comm is not None else None
         if calls is None:
@@ -461,6 +464,7 @@ class _LayerJob:
     device: torch.device
     report: list[dict[str, Any]]
     comm: Optional[CalibComm] = None  # torchrun: Hessians summed onto owners, results shared
+    lockstep_memory: Optional[int] = None  # bytes paused forwards may keep (None: automatic)
 
     def __post_init__(self) -> None:
         self.clock = LayerProfile(self.index)
@@ -533,23 +537,54 @@ def _lockstep_layer(layer: nn.Module, batches: list[LayerBatch], groups: list[li
     has reached its first Linear (engine.lockstep); the forwards then end with the layer's
     compressed outputs."""
     accs = _accumulators(job.linears, groups, job.device, full)
+    clock = job.clock
 
-    def at_pause(stage: int, inputs: list[torch.Tensor]) -> None:
-        with job.clock.timing("hessian_seconds", job.device):
-            if job.comm is not None:  # torchrun: one process's order of the sum, over the ranks
-                job.comm.add_in_order(accs[stage], inputs, f"layer {job.index}'s Hessian sums")
-            else:
-                accs[stage].add_all(inputs)
+    seen: dict[int, list[torch.Tensor]] = {}  # torchrun: this rank's inputs, summed in order over the ranks
+    observed = [0.0]  # seconds of x^T x inside the batches' forwards
+
+    def observe(stage: int, x: torch.Tensor) -> None:
+        if job.comm is not None:
+            seen.setdefault(stage, []).append(x)
+            return
+        start = clock.hessian_seconds
+        with clock.timing("hessian_seconds", job.device):
+            accs[stage].add(x)
+        observed[0] += clock.hessian_seconds - start
+
+    def at_pause(stage: int) -> None:
+        if job.comm is not None:  # torchrun: one process's order of the sum, over the ranks
+            with clock.timing("hessian_seconds", job.device):
+                job.comm.add_in_order(accs[stage], seen.pop(stage, []), f"layer {job.index}'s Hessian sums")
         job.compress([groups[stage]], {name: accs[stage] for name in groups[stage]})
 
     def forward(batch: LayerBatch) -> Callable[[], torch.Tensor]:
         return lambda: run_layer(layer, [batch], job.device, store)[0]
 
-    stepper = Lockstep([job.linears[group[0]] for group in groups])
+    hold = lockstep_hold(batches, [job.linears[g[0]] for g in groups], job.device, job.lockstep_memory)
+    if hold is not None:
+        log.info("layer %d: at most %d of %d calibration batches wait at a pause (memory), the others are "
+                 "recomputed", job.index, hold, len(batches))
+    stepper = Lockstep([job.linears[group[0]] for group in groups], observe, hold)
     outputs = stepper.run([forward(b) for b in batches], at_pause, job.device)
-    job.clock.forward_seconds += stepper.forward_seconds
-    job.clock.forwards += 1
+    # the x^T x products ran inside the batches' forwards
+    clock.forward_seconds += stepper.forward_seconds - observed[0]
+    rows = [b.hidden().shape[0] for b in batches]
+    clock.forwards += 1 + sum(r * n for r, n in zip(stepper.restarts, rows)) / sum(rows)
     return outputs
+
+
+def lockstep_hold(batches: list[LayerBatch], pauses: list[nn.Module], device: torch.device,
+                  budget: Optional[int]) -> Optional[int]:
+    """How many batches may wait at a pause at once within `budget` bytes (None: half of what is
+    available now); None when all of them fit. A waiting batch keeps about its pause input and
+    four hidden-sized tensors (residual, normed input, attention's q/k/v or the MLP's input)."""
+    hidden = batches[0].hidden()
+    widest = max(weight_matrix(m).shape[1] for m in pauses)
+    tokens = max(b.hidden().numel() // hidden.shape[-1] for b in batches)
+    per_batch = tokens * (widest + 4 * hidden.shape[-1]) * hidden.element_size()
+    budget = available_memory(device) // 2 if budget is None else budget
+    hold = max(1, budget // per_batch)
+    return None if hold >= len(batches) else int(hold)
 
 
 def _add_routing(entries: list[dict[str, Any]], roles: dict[str, tuple[str, int, int]], layer: nn.Module,
