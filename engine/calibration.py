@@ -11,7 +11,8 @@
    in ONE forward per layer (engine/lockstep.py: every batch pauses before each group
    until all have got there, the group is compressed, the forwards go on and end with
    the next layer's inputs), bitwise equal to re-running the layer per group, which
-   remains for expert layers and layers that call a Linear twice or not at all;
+   remains (whole forwards, never stopped half-way) for expert layers and layers that
+   call a Linear twice or not at all;
    otherwise re-run the compressed layer so its outputs feed the next layer; move it back.
 Mixture-of-experts blocks are first split into per-expert Linears (engine/experts.py), so
 each expert gets its own Hessian from the tokens routed to it, captured inside the block's
