@@ -236,3 +236,29 @@ def test_a_forward_error_in_one_batch_is_raised_and_leaves_no_thread_behind() ->
     with pytest.raises(RuntimeError, match="boom in batch 1"):
         compress_model(model, windows(), lambda job: {}, CPU, batch_size=2)
     assert threading.active_count() == before
+
+
+def test_lockstep_threads_compute_with_the_thread_count_the_caller_set() -> None:
+    """torch.set_num_threads reaches ATen, OpenMP and MKL in every batch's thread (the GEMMs of
+    the forwards and of the Hessians run there)."""
+    import threading
+
+    model = tiny_model("llama")
+    _, layers = find_decoder_layers(model)
+    seen: set[tuple[str, str]] = set()
+
+    def record(_m, _args):
+        if threading.current_thread() is not threading.main_thread():
+            info = torch.__config__.parallel_info().splitlines()
+            seen.add(tuple(line.split(":")[-1].strip() for line in info if "omp_get_max_threads" in line or "at::get_num_threads()" in line))
+
+    layers[0].mlp.down_proj.register_forward_pre_hook(record)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            seen.clear()
+            compress_model(model, windows(), lambda job: {}, CPU, batch_size=2)
+            assert seen == {(str(threads), str(threads))}
+    finally:
+        torch.set_num_threads(before)
