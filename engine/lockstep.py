@@ -97,7 +97,8 @@ class _Batch:
             if self.cuda_index is not None:  # the current CUDA device is per host thread
                 torch.cuda.set_device(self.cuda_index)
             with torch.no_grad():  # grad mode is per thread too
-                self.output = self.run()
+                output = self.run()
+            self.output = None if self.passing else output  # a pass-through's output is thrown away
         except BaseException as exc:  # handed to the driver thread, which raises it
             self.error = exc
         finally:
