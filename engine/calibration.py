@@ -11,7 +11,8 @@
    in ONE forward per layer (engine/lockstep.py: every batch pauses before each group
    until all have got there, the group is compressed, the forwards go on and end with
    the next layer's inputs), bitwise equal to re-running the layer per group, which
-   remains for expert layers and layers that call a Linear twice or not at all;
+   remains (whole forwards, never stopped half-way) for expert layers and layers that
+   call a Linear twice or not at all;
    otherwise re-run the compressed layer so its outputs feed the next layer; move it back.
 Mixture-of-experts blocks are first split into per-expert Linears (engine/experts.py), so
 each expert gets its own Hessian from the tokens routed to it, captured inside the block's
@@ -41,7 +42,7 @@ from engine.distributed_calib import CalibComm
 from engine.errors import ShrinkError
 from engine.experts import SplitExperts, split_experts, split_modules
 from engine.hessian import HessianAccumulator, HessianError
-from engine.lockstep import Lockstep
+from engine.lockstep import Lockstep, available_memory
 from engine.modeling import find_decoder_layers, find_linears, weight_matrix
 
 log = logging.getLogger(__name__)
@@ -238,53 +239,38 @@ def input_groups(layer: nn.Module, batch: LayerBatch, device: torch.device,
     return discover(layer, batch, device, linears)[0]
 
 
-class _Enough(Exception):
-    """Every hooked group has seen this batch: the rest of the layer's forward is not needed."""
-
-
 def accumulate(layer: nn.Module, groups: list[list[str]], batches: list[LayerBatch],
                device: torch.device, full: bool = True,
-               linears: Optional[dict[str, nn.Module]] = None, stop_early: bool = True,
+               linears: Optional[dict[str, nn.Module]] = None,
                clock: Optional["LayerProfile"] = None) -> dict[str, HessianAccumulator]:
     """One Hessian per input group, shared by the Linears of the group (only its
-    diagonal unless `full`). Unless told otherwise (a pass that also counts routed tokens),
-    a batch's forward stops as soon as every group has seen it (q/k/v need no MLP; with
-    every token through every expert, all gate/up inputs are known at the first expert)."""
+    diagonal unless `full`), from whole forwards of the layer over every batch (the
+    reference path: nothing stops a forward half-way)."""
     linears = find_linears(layer) if linears is None else linears
     hessians: dict[str, HessianAccumulator] = {}
     handles = []
-    fired: set[int] = set()
     clock = clock if clock is not None else LayerProfile(-1)
     start, hessian_before = time.perf_counter(), clock.hessian_seconds
 
-    def hook(index: int, acc: HessianAccumulator) -> Callable[..., None]:
+    def hook(acc: HessianAccumulator) -> Callable[..., None]:
         def fn(_m: nn.Module, inp: tuple, _o: Any) -> None:
             with clock.timing("hessian_seconds", device):
                 acc.add(inp[0])
-            fired.add(index)
-            if stop_early and len(fired) == len(groups):
-                raise _Enough
         return fn
 
-    for index, group in enumerate(groups):
+    for group in groups:
         first = linears[group[0]]
-        columns = weight_matrix(first).shape[1]
-        acc = HessianAccumulator(columns, device, full)
+        acc = HessianAccumulator(weight_matrix(first).shape[1], device, full)
         for name in group:
             hessians[name] = acc
-        handles.append(first.register_forward_hook(hook(index, acc)))
+        handles.append(first.register_forward_hook(hook(acc)))
     try:
-        for batch in batches:
-            fired.clear()
-            try:
-                run_layer(layer, [batch], device, None)
-            except _Enough:
-                pass
+        run_layer(layer, batches, device, None)
     finally:
         for h in handles:
             h.remove()
     clock.forward_seconds += time.perf_counter() - start - (clock.hessian_seconds - hessian_before)
-    clock.forwards += 1  # forward passes over every batch (these may stop early)
+    clock.forwards += 1
     return hessians
 
 
@@ -410,12 +396,15 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
                    offload_activations: Optional[bool] = None, label: str = "compress",
                    full_hessian: bool = True, skip: Sequence[str] = (), moe: Optional[MoeConfig] = None,
                    min_coverage: float = 0.0, profile: Optional[list[dict[str, Any]]] = None,
-                   comm: Optional[CalibComm] = None, _rerun: bool = False) -> list[dict[str, Any]]:
+                   comm: Optional[CalibComm] = None, lockstep_memory: Optional[int] = None,
+                   _rerun: bool = False) -> list[dict[str, Any]]:
     """Compress every Linear of every decoder layer (fused experts split first; names matching
     `skip` left alone); returns a per-Linear report. `full_hessian=False` hands the compressor
     accumulators holding only diag(H). Fails before touching a weight if the Linears reached
     hold under `min_coverage` of the decoder-layer weights. `profile`, when given, receives
-    one LayerProfile dict per layer. `_rerun` makes true-sequential run one forward per input
+    one LayerProfile dict per layer. `lockstep_memory`: bytes the paused lockstep forwards may
+    keep (None: half of the memory available when a layer starts); batches beyond it are
+    recomputed, with the same results. `_rerun` makes true-sequential run one forward per input
     group (the reference path) instead of one lockstep forward per layer. With `comm` (torchrun)
     this rank calibrates on its share of the windows and the Linears are compressed by their
     owner ranks (engine/distributed_calib.py)."""
@@ -437,7 +426,7 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
         start = time.time()
         layer.to(device)
         job = _LayerJob(i, len(layers), parent_name, targets[i], expert_roles(layer), compressor, moe, device, report,
-                        comm)
+                        comm, lockstep_memory=lockstep_memory)
         first = len(report)
         routed_before = comm.routed_before(layer) if comm is not None else None
         if calls is None:
@@ -476,6 +465,7 @@ class _LayerJob:
     device: torch.device
     report: list[dict[str, Any]]
     comm: Optional[CalibComm] = None  # torchrun: Hessians summed onto owners, results shared
+    lockstep_memory: Optional[int] = None  # bytes paused forwards may keep (None: automatic)
 
     def __post_init__(self) -> None:
         self.clock = LayerProfile(self.index)
@@ -531,8 +521,7 @@ def _calibrate_layer(layer: nn.Module, batches: list[LayerBatch], job: _LayerJob
             has_experts = any(n in roles for group in pass_groups for n in group)
             count = has_experts and not counted
             with expert_mode(layer, job.moe.all_experts and has_experts, count=count):
-                hessians = accumulate(layer, pass_groups, batches, device, full, job.linears,
-                                      stop_early=not count, clock=clock)
+                hessians = accumulate(layer, pass_groups, batches, device, full, job.linears, clock=clock)
             counted = counted or has_experts
             job.compress(pass_groups, hessians)
         with clock.timing("forward_seconds", device):
@@ -549,23 +538,54 @@ def _lockstep_layer(layer: nn.Module, batches: list[LayerBatch], groups: list[li
     has reached its first Linear (engine.lockstep); the forwards then end with the layer's
     compressed outputs."""
     accs = _accumulators(job.linears, groups, job.device, full)
+    clock = job.clock
 
-    def at_pause(stage: int, inputs: list[torch.Tensor]) -> None:
-        with job.clock.timing("hessian_seconds", job.device):
-            if job.comm is not None:  # torchrun: one process's order of the sum, over the ranks
-                job.comm.add_in_order(accs[stage], inputs, f"layer {job.index}'s Hessian sums")
-            else:
-                accs[stage].add_all(inputs)
+    seen: dict[int, list[torch.Tensor]] = {}  # torchrun: this rank's inputs, summed in order over the ranks
+    observed = [0.0]  # seconds of x^T x inside the batches' forwards
+
+    def observe(stage: int, x: torch.Tensor) -> None:
+        if job.comm is not None:
+            seen.setdefault(stage, []).append(x)
+            return
+        start = clock.hessian_seconds
+        with clock.timing("hessian_seconds", job.device):
+            accs[stage].add(x)
+        observed[0] += clock.hessian_seconds - start
+
+    def at_pause(stage: int) -> None:
+        if job.comm is not None:  # torchrun: one process's order of the sum, over the ranks
+            with clock.timing("hessian_seconds", job.device):
+                job.comm.add_in_order(accs[stage], seen.pop(stage, []), f"layer {job.index}'s Hessian sums")
         job.compress([groups[stage]], {name: accs[stage] for name in groups[stage]})
 
     def forward(batch: LayerBatch) -> Callable[[], torch.Tensor]:
         return lambda: run_layer(layer, [batch], job.device, store)[0]
 
-    stepper = Lockstep([job.linears[group[0]] for group in groups])
+    hold = lockstep_hold(batches, [job.linears[g[0]] for g in groups], job.device, job.lockstep_memory)
+    if hold is not None:
+        log.info("layer %d: at most %d of %d calibration batches wait at a pause (memory), the others are "
+                 "recomputed", job.index, hold, len(batches))
+    stepper = Lockstep([job.linears[group[0]] for group in groups], observe, hold)
     outputs = stepper.run([forward(b) for b in batches], at_pause, job.device)
-    job.clock.forward_seconds += stepper.forward_seconds
-    job.clock.forwards += 1
+    # the x^T x products ran inside the batches' forwards
+    clock.forward_seconds += stepper.forward_seconds - observed[0]
+    rows = [b.hidden().shape[0] for b in batches]
+    clock.forwards += 1 + sum(r * n for r, n in zip(stepper.restarts, rows)) / sum(rows)
     return outputs
+
+
+def lockstep_hold(batches: list[LayerBatch], pauses: list[nn.Module], device: torch.device,
+                  budget: Optional[int]) -> Optional[int]:
+    """How many batches may wait at a pause at once within `budget` bytes (None: half of what is
+    available now); None when all of them fit. A waiting batch keeps about its pause input and
+    four hidden-sized tensors (residual, normed input, attention's q/k/v or the MLP's input)."""
+    hidden = batches[0].hidden()
+    widest = max(weight_matrix(m).shape[1] for m in pauses)
+    tokens = max(b.hidden().numel() // hidden.shape[-1] for b in batches)
+    per_batch = tokens * (widest + 4 * hidden.shape[-1]) * hidden.element_size()
+    budget = available_memory(device) // 2 if budget is None else budget
+    hold = max(1, budget // per_batch)
+    return None if hold >= len(batches) else int(hold)
 
 
 def _add_routing(entries: list[dict[str, Any]], roles: dict[str, tuple[str, int, int]], layer: nn.Module,

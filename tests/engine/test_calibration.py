@@ -173,17 +173,17 @@ def grid_compressor(seen: dict[str, tuple[torch.Tensor, int]]):
     return compress
 
 
-@pytest.mark.parametrize("family", FAMILIES + ["qwen2-sliding", "gemma3"])
-def test_lockstep_true_sequential_equals_the_full_rerun_path_bitwise(family: str) -> None:
-    """One lockstep forward per layer gives exactly the Hessians, weights and report of
-    re-running the whole layer once per input group (the reference path)."""
+def lockstep_against_rerun(family: str, memory: int | None) -> tuple[list[dict], list[dict], list[dict]]:
+    """Compresses the family's tiny model by the re-run path and by lockstep (paused forwards
+    kept within `memory` bytes), asserts equal Hessians, weights and report; the profiles and
+    the report."""
     results = []
     for rerun in (True, False):
         model = tiny_model(family) if family in FAMILIES else mixed_attention_model(family)
         seen: dict[str, tuple[torch.Tensor, int]] = {}
         profile: list[dict] = []
         report = compress_model(model, windows(n=5), grid_compressor(seen), CPU, batch_size=2, profile=profile,
-                                _rerun=rerun)
+                                lockstep_memory=memory, _rerun=rerun)
         results.append((seen, model.state_dict(), report, profile))
     (seen_ref, state_ref, report_ref, prof_ref), (seen, state, report, prof) = results
     assert list(seen) == list(seen_ref) and len(seen) >= 8
@@ -193,6 +193,25 @@ def test_lockstep_true_sequential_equals_the_full_rerun_path_bitwise(family: str
     for key, value in state.items():
         assert torch.equal(value, state_ref[key]), key
     assert [r["rel_error"] for r in report] == [r["rel_error"] for r in report_ref]
+    return prof, prof_ref, report
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
+def test_lockstep_within_a_memory_cap_still_equals_the_rerun_path_bitwise(family: str) -> None:
+    """With room for one waiting batch (of 3), the other two pass through every pause and start
+    again at the next: more forwards, the same Hessians, weights and report."""
+    prof, _, _ = lockstep_against_rerun(family, memory=1)
+    for p in prof:
+        # batches of 2, 2 and 1 windows: the last two (3/5 of the windows) start again once per group
+        restarts = (p["forwards"] - 1 - 2 / 5) / (3 / 5)  # minus the lockstep forward and the discovery
+        assert restarts == pytest.approx(round(restarts)) and round(restarts) >= 2
+
+
+@pytest.mark.parametrize("family", FAMILIES + ["qwen2-sliding", "gemma3"])
+def test_lockstep_true_sequential_equals_the_full_rerun_path_bitwise(family: str) -> None:
+    """One lockstep forward per layer gives exactly the Hessians, weights and report of
+    re-running the whole layer once per input group (the reference path)."""
+    prof, prof_ref, report = lockstep_against_rerun(family, memory=None)
     # the reference runs (1 + number of groups) forwards per layer, the lockstep one
     groups = len({r["name"] for r in report if r["layer"] == 0})
     assert all(p["forwards"] == pytest.approx(1 + 2 / 5) for p in prof)  # + discovery on batch 0 (2 of 5 windows)
@@ -217,3 +236,29 @@ def test_a_forward_error_in_one_batch_is_raised_and_leaves_no_thread_behind() ->
     with pytest.raises(RuntimeError, match="boom in batch 1"):
         compress_model(model, windows(), lambda job: {}, CPU, batch_size=2)
     assert threading.active_count() == before
+
+
+def test_lockstep_threads_compute_with_the_thread_count_the_caller_set() -> None:
+    """torch.set_num_threads reaches ATen, OpenMP and MKL in every batch's thread (the GEMMs of
+    the forwards and of the Hessians run there)."""
+    import threading
+
+    model = tiny_model("llama")
+    _, layers = find_decoder_layers(model)
+    seen: set[tuple[str, str]] = set()
+
+    def record(_m, _args):
+        if threading.current_thread() is not threading.main_thread():
+            info = torch.__config__.parallel_info().splitlines()
+            seen.add(tuple(line.split(":")[-1].strip() for line in info if "omp_get_max_threads" in line or "at::get_num_threads()" in line))
+
+    layers[0].mlp.down_proj.register_forward_pre_hook(record)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            seen.clear()
+            compress_model(model, windows(), lambda job: {}, CPU, batch_size=2)
+            assert seen == {(str(threads), str(threads))}
+    finally:
+        torch.set_num_threads(before)

@@ -13,7 +13,8 @@ from quant.stage import quantize_linear
 from tests.conftest import tiny_model
 
 
-def gptq_packed(family: str, q: QuantConfig, rerun: bool) -> tuple[dict[str, dict[str, torch.Tensor]], list[dict]]:
+def gptq_packed(family: str, q: QuantConfig, rerun: bool,
+                memory: int | None = None) -> tuple[dict[str, dict[str, torch.Tensor]], list[dict]]:
     model = tiny_model(family)
     packed: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -26,7 +27,8 @@ def gptq_packed(family: str, q: QuantConfig, rerun: bool) -> tuple[dict[str, dic
 
     x = torch.randint(0, 8192, (6, 16), generator=torch.Generator().manual_seed(1))
     profile: list[dict] = []
-    compress_model(model, x, compressor, torch.device("cpu"), batch_size=2, profile=profile, _rerun=rerun)
+    compress_model(model, x, compressor, torch.device("cpu"), batch_size=2, profile=profile, lockstep_memory=memory,
+                   _rerun=rerun)
     return packed, profile
 
 
@@ -44,3 +46,14 @@ def test_packed_gptq_codes_equal_the_rerun_path(family: str, q: QuantConfig) -> 
             assert torch.equal(value, ref[name][key]), f"{name}.{key}"
     # the point of the lockstep path: a layer costs one forward (+ the 1-batch discovery), not 1 + groups
     assert all(p["forwards"] < 1.5 < 3 < r["forwards"] for p, r in zip(profile, ref_profile))
+
+
+def test_packed_gptq_codes_equal_the_rerun_path_within_a_memory_cap() -> None:
+    """One waiting batch of three: the other two are recomputed at every pause, codes unchanged."""
+    q = QuantConfig(bits=4, group_size=32, sym=True)
+    (new, profile), (ref, _) = gptq_packed("llama", q, False, memory=1), gptq_packed("llama", q, True)
+    assert list(new) == list(ref) and len(new) >= 8
+    for name, tensors in new.items():
+        for key, value in tensors.items():
+            assert torch.equal(value, ref[name][key]), f"{name}.{key}"
+    assert all(p["forwards"] > 2 for p in profile)
