@@ -200,6 +200,12 @@ def calib_speed(p: dict[str, Any]) -> str:
     return render_table(p)
 
 
+def scale_resume(p: dict[str, Any]) -> str:
+    from benchmarks.scale_resume import render_table
+
+    return render_table(p)
+
+
 def scale_distributed(p: dict[str, Any]) -> str:
     from benchmarks.scale_distributed import render_table
 
@@ -226,6 +232,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "prune_ablation": prune_ablation,
     "distill_akt": distill_akt,
     "distill_moe": distill_moe,
+    "scale_resume": scale_resume,
 }
 
 

@@ -42,6 +42,7 @@ from engine.distributed_calib import CalibComm
 from engine.errors import ShrinkError
 from engine.experts import SplitExperts, split_experts, split_modules
 from engine.hessian import HessianAccumulator, HessianError
+from engine.layer_checkpoint import LayerCheckpoint
 from engine.lockstep import Lockstep, available_memory
 from engine.modeling import find_decoder_layers, find_linears, weight_matrix
 
@@ -397,6 +398,7 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
                    full_hessian: bool = True, skip: Sequence[str] = (), moe: Optional[MoeConfig] = None,
                    min_coverage: float = 0.0, profile: Optional[list[dict[str, Any]]] = None,
                    comm: Optional[CalibComm] = None, lockstep_memory: Optional[int] = None,
+                   checkpoint: Optional[LayerCheckpoint] = None,
                    _rerun: bool = False) -> list[dict[str, Any]]:
     """Compress every Linear of every decoder layer (fused experts split first; names matching
     `skip` left alone); returns a per-Linear report. `full_hessian=False` hands the compressor
@@ -407,7 +409,10 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
     recomputed, with the same results. `_rerun` makes true-sequential run one forward per input
     group (the reference path) instead of one lockstep forward per layer. With `comm` (torchrun)
     this rank calibrates on its share of the windows and the Linears are compressed by their
-    owner ranks (engine/distributed_calib.py)."""
+    owner ranks (engine/distributed_calib.py). `checkpoint` (engine/layer_checkpoint.py), when
+    given, restores the layers a killed run finished and goes on from there, and is handed
+    every finished layer with the next layer's inputs (one process only: under torchrun the
+    ranks would have to restore together, so the pipeline gives none)."""
     moe = moe or MoeConfig()
     split_experts(model)
     parent_name, layers = find_decoder_layers(model)
@@ -421,8 +426,19 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
     calls = capture_layer_calls(model, windows, batch_size, device, store) if windows is not None else None
     hidden = [b.hidden() for b in calls[0]] if calls is not None else None
     report: list[dict[str, Any]] = []
+    resumed = checkpoint.restore(layers) if checkpoint is not None else None
+    first_layer = 0
+    if resumed is not None:  # the layers a killed run finished, and the next one's inputs
+        first_layer, hidden = resumed.start, [h.to(store) for h in resumed.hidden] if calls is not None else None
+        report += resumed.report
+        if profile is not None:
+            profile.extend(resumed.profile)
     total = time.time()
     for i, layer in enumerate(layers):
+        if i < first_layer:
+            if calls is not None:
+                calls[i] = []
+            continue
         start = time.time()
         layer.to(device)
         job = _LayerJob(i, len(layers), parent_name, targets[i], expert_roles(layer), compressor, moe, device, report,
@@ -442,12 +458,14 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
         layer.to("cpu")
         if profile is not None:
             profile.append(job.clock.as_dict())
+        if checkpoint is not None:
+            checkpoint.save(i, layer, hidden, report[first:], job.clock.as_dict())
         errors = [r["rel_error"] for r in report[first:]] or [0.0]
         elapsed = time.time() - total
         log.info("%s layer %d/%d: %.1fs (forward %.1fs, Hessians %.1fs, compressor %.1fs), mean rel. error %.4g, "
                  "max %.4g, ETA %.0fs", label, i + 1, len(layers), time.time() - start, job.clock.forward_seconds,
                  job.clock.hessian_seconds, job.clock.compress_seconds, sum(errors) / len(errors), max(errors),
-                 elapsed / (i + 1) * (len(layers) - i - 1))
+                 elapsed / (i + 1 - first_layer) * (len(layers) - i - 1))
     return report
 
 

@@ -93,3 +93,26 @@ def remove_stale_temps(folder: Path) -> list[Path]:
         else:
             path.unlink(missing_ok=True)
     return stale
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under folder, and the folders themselves, to the disk: what a rename
+    then publishes survives a power loss, not only a killed process."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            _fsync(path, os.O_RDONLY)
+    for path in [*sorted(p for p in folder.rglob("*") if p.is_dir()), folder]:
+        fsync_dir(path)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it) to the disk."""
+    _fsync(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -75,9 +75,11 @@ def check_fingerprints(cfg: DictConfig) -> None:
                 raise ShrinkError(f"fingerprints: {section} file {name!r} differs from the recipe's (sha256 changed)")
 
 
-def write_recipe(cfg: DictConfig, out: Path) -> None:
+def write_recipe(cfg: DictConfig, out: Path, inputs: dict[str, Any] | None = None) -> None:
+    """`inputs`: input_fingerprints(cfg) when the caller has them already (hashing is not free)."""
     plain = OmegaConf.to_container(cfg, resolve=True)
-    plain["fingerprints"] = {"inputs": input_fingerprints(cfg), "packages": package_versions(),
+    inputs = inputs if inputs is not None else input_fingerprints(cfg)
+    plain["fingerprints"] = {"inputs": inputs, "packages": package_versions(),
                              "seed": cfg.seed, "config_sha256": config_digest(cfg)}
     text = "defaults:\n  - shrink_schema\n  - _self_\n\n" + OmegaConf.to_yaml(OmegaConf.create(plain))
     atomic_write_text(out / "recipe.yaml", text)

@@ -13,6 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from engine import data as data_mod
 from engine.config import EvalSet, eval_sets
 from engine.distributed_calib import CalibComm
+from engine.layer_checkpoint import LayerCheckpoint
 from engine.modeling import resolve_device
 
 
@@ -25,6 +26,9 @@ class RunState:
     changed: bool = False
     # Set by the quantize stage: export then writes the GPTQ layout with this config.
     quantization_config: Optional[dict[str, Any]] = None
+    # Set by the pipeline for a stage that compresses layer by layer: where each finished
+    # decoder layer is checkpointed, so a killed run resumes inside the stage.
+    layer_checkpoint: Optional[LayerCheckpoint] = None
     metrics: dict[str, Any] = field(default_factory=dict)
     # Under torchrun with every rank compressing: calibration and evaluation split over the ranks.
     comm: Optional[CalibComm] = None

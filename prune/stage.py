@@ -35,7 +35,8 @@ def prune_stage(state: "RunState") -> dict[str, Any]:
     n, m = parse_pattern(prune.pattern)
     quant = state.cfg.quant
     packed: dict[str, dict[str, torch.Tensor]] = {}
-    per_linear: dict[str, float] = {}
+    if state.layer_checkpoint is not None:
+        state.layer_checkpoint.track(packed)  # a resumed run gets the finished layers' packed tensors back
 
     def compressor(job: LinearJob) -> dict[str, Any]:
         start, pack_seconds = time.perf_counter(), 0.0
@@ -73,9 +74,7 @@ def prune_stage(state: "RunState") -> dict[str, Any]:
             stats.update(reconstruct_error_before=rec.error_before, reconstruct_error_after=rec.error_after,
                          reconstruct_iterations=rec.iterations, reconstruct_residual=rec.residual)
         set_weight_matrix(job.module, new.to(W.dtype))
-        achieved = float((weight_matrix(job.module) == 0).float().mean())
-        per_linear[job.full_name] = achieved
-        stats["sparsity"] = achieved
+        stats["sparsity"] = float((weight_matrix(job.module) == 0).float().mean())
         if m:
             stats["pattern_ok"] = has_nm_pattern(weight_matrix(job.module), n, m)
         stats.update(sweep_seconds=time.perf_counter() - start - pack_seconds, pack_seconds=pack_seconds)
@@ -89,7 +88,11 @@ def prune_stage(state: "RunState") -> dict[str, Any]:
                             label=f"{prune.method}{' + reconstruct' if prune.reconstruct else ''} {prune.pattern}",
                             full_hessian=prune.method != "wanda" or prune.reconstruct,
                             skip=prune.skip, moe=state.cfg.moe, min_coverage=state.cfg.min_coverage,
-                            comm=state.comm.sharing(packed, per_linear) if state.comm is not None else None)
+                            comm=state.comm.sharing(packed) if state.comm is not None else None,
+                            checkpoint=state.layer_checkpoint)
+    # from the report, which a resumed run restores with the layers a killed run finished (and
+    # which holds every rank's entries under torchrun)
+    per_linear = {r["full_name"]: r["sparsity"] for r in report}
     if prune.joint_quant:
         state.quantization_config = install_quantized(state.model, packed, quant)
     overall = sum(per_linear.values()) / max(len(per_linear), 1)

@@ -64,11 +64,14 @@ def quantize_stage(state: "RunState") -> dict[str, Any]:
                 "sweep_seconds": swept - start, "pack_seconds": time.perf_counter() - swept}
 
     windows = state.calibration() if quant.method == "gptq" else None
+    if state.layer_checkpoint is not None:
+        state.layer_checkpoint.track(packed)  # a resumed run gets the finished layers' packed tensors back
     profile: list[dict[str, Any]] = []
     report = compress_model(state.model, windows, compressor, state.device, quant.true_sequential,
                             offload_activations=quant.offload_activations, label=f"{quant.method} {quant.bits}-bit",
                             skip=quant.skip, moe=state.cfg.moe, min_coverage=state.cfg.min_coverage, profile=profile,
-                            comm=state.comm.sharing(packed) if state.comm is not None else None)
+                            comm=state.comm.sharing(packed) if state.comm is not None else None,
+                            checkpoint=state.layer_checkpoint)
     state.quantization_config = install_quantized(state.model, packed, quant)
     return {"method": quant.method, "bits": quant.bits, "group_size": quant.group_size, "layers": report,
             **record_coverage(state, report),

@@ -28,11 +28,12 @@ from engine.files import atomic_folder, atomic_write_json
 from engine.gguf_import import import_dir, import_gguf
 from engine.metrics import peak_memory_bytes, size_metrics, sparsity_report
 from engine.modeling import check_model_folder, folder_size_bytes, load_tokenizer, resolve_device
-from engine.recipe import check_fingerprints, config_digest, write_recipe
+from engine.recipe import check_fingerprints, config_digest, input_fingerprints, write_recipe
 from engine.state import RunState
 from prune.semi_structured import to_semi_structured
 from shrink.model_folder import load_model, save_model_folder
-from shrink.resume import read_progress, remove_checkpoints, save_checkpoint, write_progress
+from shrink.resume import (check_same_inputs, inputs_digest, layer_checkpoint, read_progress, remove_checkpoints,
+                           save_checkpoint, write_progress)
 from shrink.tasks import check_tasks, run_tasks
 
 log = logging.getLogger(__name__)
@@ -241,6 +242,8 @@ def run_pipeline(cfg: DictConfig, out: Path, comm: Optional[CalibComm] = None) -
     ensure_model(cfg, progress)
     check_inputs(cfg, stages)
     check_fingerprints(cfg)
+    inputs = input_fingerprints(cfg)
+    check_same_inputs(out, progress, inputs_digest(inputs))
     if comm is not None:
         comm.agree(progress, "the run's start")  # the other ranks load the same model
     state = load_state(cfg, out, progress)
@@ -250,7 +253,7 @@ def run_pipeline(cfg: DictConfig, out: Path, comm: Optional[CalibComm] = None) -
     except OSError as exc:
         raise ShrinkError(f"out: cannot create {out}: {exc.strerror or exc}") from None
     write_progress(out, progress)  # from here on out is a resumable run of this recipe
-    write_recipe(cfg, out)
+    write_recipe(cfg, out, inputs)
     seconds = progress["seconds"]
     if baseline_due(cfg, stages, progress):
         t = time.time()
@@ -263,6 +266,9 @@ def run_pipeline(cfg: DictConfig, out: Path, comm: Optional[CalibComm] = None) -
             continue
         log.info("stage %d/%d: %s", i, len(stages), name)
         t = time.time()
+        # per-layer checkpoints in one process (under torchrun every rank would have to restore its share)
+        state.layer_checkpoint = layer_checkpoint(out, f"{i}-{name}", progress) if name in MODIFYING and comm is None \
+            else None
         report = table[name].run(state)
         seconds[name] = time.time() - t
         state.metrics.setdefault("stages", {})[name] = report
@@ -271,6 +277,9 @@ def run_pipeline(cfg: DictConfig, out: Path, comm: Optional[CalibComm] = None) -
             if i < len(stages):
                 progress["checkpoint"] = save_checkpoint(state, i, name)
         finish_step(state, progress, f"{i}-{name}")
+        if state.layer_checkpoint is not None:  # the stage's result is saved: its layers are not needed
+            state.layer_checkpoint.remove()
+            state.layer_checkpoint = None
     finalize_metrics(state, seconds, time.time() - start)
     progress["finished"] = True
     write_progress(out, progress)

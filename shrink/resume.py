@@ -5,12 +5,18 @@ seconds, metrics so far) together with the config digest; after a stage that cha
 the model, the model is saved to `checkpoints/<i>-<stage>/` first (paths in progress.json
 are relative to out, so a run folder can be moved). A resumed run with the same settings
 loads the last checkpoint and goes on with the next stage; a failed or killed stage
-therefore never costs the stages before it. Checkpoints are deleted once the whole
+therefore never costs the stages before it. Inside a stage that compresses layer by
+layer (quantize, prune), every finished decoder layer is checkpointed too
+(`checkpoints/<i>-<stage>.layers/`, engine/layer_checkpoint.py), so a run killed mid-stage
+goes on from its last finished layer and ends with the same bytes; those go once the stage
+is done. progress.json also records a digest of the input files: a resume with other
+settings or other input files is refused. Checkpoints are deleted once the whole
 pipeline has finished. An `out` holding anything else (another recipe's run, a finished
 run, any other files) is refused before anything is loaded or written.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -20,6 +26,7 @@ from typing import Any, Optional
 
 from engine.errors import ShrinkError
 from engine.files import atomic_folder, atomic_write_json, remove_stale_temps
+from engine.layer_checkpoint import LayerCheckpoint
 from shrink.model_folder import save_model_folder
 
 log = logging.getLogger(__name__)
@@ -90,3 +97,25 @@ def save_checkpoint(state: Any, index: int, stage: str) -> str:
 
 def remove_checkpoints(out: Path) -> None:
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+
+def inputs_digest(fingerprints: dict[str, Any]) -> str:
+    """One hash of input_fingerprints(cfg): the input model's and data files' sha256."""
+    return hashlib.sha256(json.dumps(fingerprints, sort_keys=True).encode()).hexdigest()
+
+
+def check_same_inputs(out: Path, progress: dict[str, Any], digest: str) -> None:
+    """A resumed run must read the very input files the killed one read (recorded in
+    progress.json by runs that know to; older runs are not checked)."""
+    recorded = progress.setdefault("inputs_sha256", digest)
+    if recorded != digest:
+        raise ShrinkError(f"resume: the input model or data files differ from those of the run in {out} "
+                          f"(sha256 changed); cannot resume it")
+
+
+def layer_checkpoint(out: Path, step: str, progress: dict[str, Any]) -> LayerCheckpoint:
+    """Where stage `step` (e.g. "2-quantize") checkpoints its finished layers, fingerprinted
+    by the run's settings, its input files and the stage."""
+    key = {k: progress.get(k) for k in ("config_sha256", "inputs_sha256", "checkpoint")}
+    fingerprint = hashlib.sha256(json.dumps({**key, "step": step}, sort_keys=True).encode()).hexdigest()
+    return LayerCheckpoint(out / "checkpoints" / f"{step}.layers", fingerprint)

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import shutil
 import signal
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +21,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import (EVAL_NAME, ROOT, SHAKESPEARE_EVAL, save_with_tokenizer, tiny_config, tiny_data_overrides,
+from tests.conftest import (EVAL_NAME, SHAKESPEARE_EVAL, save_with_tokenizer, tiny_config, tiny_data_overrides,
                             tiny_model)
+from tests.shrink.killpoint import shrink_process
 
 EVAL = ["pipeline=eval", "data=shakespeare", "data.eval.seq_len=32", "data.eval.max_windows=2"]
 
@@ -279,15 +278,6 @@ def test_documents_without_the_text_field_are_counted_in_a_warning(tmp_path, cap
 
 
 # ---------------------------------------------------------------------------- faults
-def shrink_process(*args: str, kill: tuple[str, str, str] | None = None) -> subprocess.CompletedProcess:
-    """`shrink ARGS` in a fresh process; with kill=(MODULE:FUNCTION, before|after, KILL|INT)
-    the process signals itself at that point (tests/shrink/killpoint.py)."""
-    prefix = ["-m", "tests.shrink.killpoint", *kill] if kill else ["-m", "shrink.cli"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *prefix, *args], capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=600)
-
-
 @pytest.fixture(scope="module")
 def reference(inputs, tmp_path_factory) -> tuple[list[str], Path]:
     """An uninterrupted pipeline=quantize run and its command."""
