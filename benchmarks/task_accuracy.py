@@ -7,7 +7,7 @@ by benchmarks/make_tasks.py into a temporary folder. Writes benchmarks/results/t
 re-running skips the arms already there (--arms picks some).
 
     python -m benchmarks.task_accuracy                 # 300 items per task, every window
-    python -m benchmarks.task_accuracy --limit 200     # what the README table ran
+    python -m benchmarks.task_accuracy --limit 100 --windows 64  # what the README table ran
 """
 from __future__ import annotations
 
@@ -83,8 +83,13 @@ def render(p: dict[str, Any]) -> str:
              for t in tasks]
     rows = [[r["label"], r["ppl"], f"{r['bits_per_byte']:.4f}", f"{r['windows']['evaluated']} of {r['windows']['total']}",
              *[cell(r["tasks"][t]) for t in tasks]] for r in p["rows"]]
-    return md(["model", "ppl docs-en test", "bits/byte", "windows", *heads], rows) + footer(p)
-
+    limit = next(o.split("=", 1)[1] for o in p["config"]["overrides"] if o.startswith("eval.limit="))
+    d = dict(kv.split("=", 1) for kv in p["config"]["distilled student"].split())
+    head = (f"{limit} items per task (`--limit {limit}`), accuracy ± its standard error over the items. The "
+            f"distilled student: llama-student after `distill=akt_pretrained` from the teacher, {d['distill.steps']} "
+            f"steps x {d['distill.batch_size']} x {d['distill.seq_len']} tokens of docs-en "
+            f"{Path(d['distill.train_path']).name.split('.')[0]}.\n\n")
+    return head + md(["model", "ppl docs-en test", "bits/byte", "windows", *heads], rows) + footer(p)
 
 if __name__ == "__main__":
     main()

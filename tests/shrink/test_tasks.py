@@ -1,5 +1,6 @@
 """eval.tasks: lm-evaluation-harness on the in-memory model of a stage, results beside the
-baseline's in metrics.json, the model card and `shrink report`; bad task input fails early."""
+baseline's in metrics.json, the model card and `shrink report`. Bad task input (unknown name,
+YAML that does not parse, a hub dataset while offline) is a row of test_bad_inputs.py's table."""
 from __future__ import annotations
 
 import json
@@ -8,15 +9,12 @@ import pytest
 import torch
 import transformers
 
-from engine.config import ModelConfig
-from engine.errors import ShrinkError
-from shrink.model_folder import load_model
-from shrink.pipeline import check_config
-from shrink.report import write_report
 from benchmarks.make_tasks import make_tasks
+from engine.config import ModelConfig
+from shrink.model_folder import load_model
+from shrink.report import write_report
 from shrink.tasks import SHIPPED, run_tasks
 from tests.conftest import SHARED, TEACHER, compose_config, needs_shared, run_shrink, tiny_data_overrides
-from tests.shrink.test_cli import shrink
 
 pytest.importorskip("lm_eval")
 LIMIT = 8
@@ -100,24 +98,3 @@ def test_tasks_before_and_after_gptq_in_metrics_card_and_report(tmp_path, tiny_m
     assert "| shakespeare_next_line | acc_norm |" in card and "bits per byte" in card
     report = (write_report([tmp_path]) / "report.md").read_text()
     assert "shakespeare_next_line acc_norm" in report and "± its standard error" in report
-
-
-def test_bad_task_input_is_one_line_before_any_model(tmp_path, tiny_model_dir) -> None:
-    base = ["pipeline=eval", f"model.path={tiny_model_dir('llama')}"]
-    with pytest.raises(ShrinkError, match="eval.tasks: unknown task 'no_such_task'"):
-        check_config(compose_config(base + ["eval.tasks=[no_such_task]"]))
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "bad.yaml").write_text("task: bad\ndoc_to_text: [unclosed\n")
-    with pytest.raises(ShrinkError, match=r"eval.task_dir: .*bad.yaml does not parse"):
-        check_config(compose_config(base + ["eval.tasks=[shakespeare_next_line]", f"eval.task_dir={broken}"]))
-    hub = tmp_path / "hub"
-    hub.mkdir()
-    (hub / "remote.yaml").write_text("task: remote_task\ndataset_path: some-org/not-cached-here\n"
-                                     "output_type: multiple_choice\ntest_split: test\n")
-    with pytest.raises(ShrinkError, match="'remote_task' needs the dataset 'some-org/not-cached-here' from the"):
-        check_config(compose_config(base + ["eval.tasks=[remote_task]", f"eval.task_dir={hub}"]))
-    out = tmp_path / "out"
-    result = shrink(*base, "eval.tasks=[no_such_task]", f"out={out}")
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "unknown task 'no_such_task'" in result.stderr and not out.exists()
