@@ -98,3 +98,5 @@ def test_tasks_before_and_after_gptq_in_metrics_card_and_report(tmp_path, tiny_m
     assert "| shakespeare_next_line | acc_norm |" in card and "bits per byte" in card
     report = (write_report([tmp_path]) / "report.md").read_text()
     assert "shakespeare_next_line acc_norm" in report and "± its standard error" in report
+    # before as after: the baseline's accuracy with its stderr
+    assert f"Baseline acc_norm on shakespeare_next_line: {before['shakespeare_next_line']['acc_norm']:.3f} ± " in report
