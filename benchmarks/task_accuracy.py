@@ -88,8 +88,10 @@ def render(p: dict[str, Any]) -> str:
     chance = {t: p["config"]["chance"]["_".join(t.split("_")[-2:])] for t in tasks}  # by kind: next_line, ...
     heads = [f"{t} ({'acc_norm' if 'acc_norm' in p['rows'][0]['tasks'][t] else 'acc'}; chance {chance[t]:.2f})"
              for t in tasks]
+    order = [label for label, _ in ARMS]  # rows in the arms' order, whichever process measured them first
+    ranked = sorted(p["rows"], key=lambda r: order.index(r["label"]) if r["label"] in order else len(order))
     rows = [[r["label"], r["ppl"], f"{r['bits_per_byte']:.4f}", f"{r['windows']['evaluated']} of {r['windows']['total']}",
-             *[cell(r["tasks"][t]) for t in tasks]] for r in p["rows"]]
+             *[cell(r["tasks"][t]) for t in tasks]] for r in ranked]
     limit = next(o.split("=", 1)[1] for o in p["config"]["overrides"] if o.startswith("eval.limit="))
     d = dict(kv.split("=", 1) for kv in p["config"]["distilled student"].split())
     head = (f"{limit} items per task (`--limit {limit}`), accuracy ± its standard error over the items. The "
