@@ -164,7 +164,8 @@ class Table:
     baselines: dict[str, Optional[float]]  # eval set -> the common baseline, None if it differs
     pareto: set[int]
     tasks: list[str]  # lm-eval tasks (metrics.json "tasks")
-    task_baselines: dict[str, Optional[float]]  # task -> the common baseline accuracy
+    # task -> the common baseline (accuracy, stderr), None if the runs' baselines differ
+    task_baselines: dict[str, Optional[tuple[float, Optional[float]]]]
 
 
 def build_table(runs: list[Run]) -> Table:
@@ -173,9 +174,9 @@ def build_table(runs: list[Run]) -> Table:
     for name in evals:
         values = {r.metrics.get("baseline_ppl", {}).get(name) for r in runs} - {None}
         baselines[name] = values.pop() if len(values) == 1 else None
-    task_baselines: dict[str, Optional[float]] = {}
+    task_baselines: dict[str, Optional[tuple[float, Optional[float]]]] = {}
     for name in tasks:
-        values = {r.task(name, "baseline_")[0] for r in runs} - {None}
+        values = {r.task(name, "baseline_") for r in runs} - {(None, None)}
         task_baselines[name] = values.pop() if len(values) == 1 else None
     pareto: set[int] = set()
     if evals:
@@ -204,7 +205,7 @@ def csv_rows(table: Table) -> list[dict[str, Any]]:
             figures = (metrics.get("tasks") or {}).get(name) or {}
             for key in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr"):
                 row[f"task:{name}:{key}"] = figures.get(key)
-            row[f"baseline_task:{name}"] = run.task(name, "baseline_")[0]
+            row[f"baseline_task:{name}"], row[f"baseline_task:{name}:stderr"] = run.task(name, "baseline_")
         row.update({"size_bytes": metrics.get("size_bytes"), "bits_per_weight": metrics.get("bits_per_weight"),
                     "sparsity": metrics.get("sparsity"), "seconds": total_seconds(metrics),
                     "pareto": i in table.pareto})
@@ -242,7 +243,7 @@ def render_markdown(table: Table, plot_name: str = "report.png") -> str:
                  _fmt(total_seconds(metrics), ".1f"), "yes" if i in table.pareto else ""]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"Baseline perplexity on {n}: {b:.3f}." for n, b in table.baselines.items() if b is not None]
-    notes += [f"Baseline {metric[t]} on {t}: {b:.3f}." for t, b in table.task_baselines.items() if b is not None]
+    notes += [f"Baseline {metric[t]} on {t}: {_accuracy(*b)}." for t, b in table.task_baselines.items() if b is not None]
     if table.tasks:
         notes.append("Task accuracy from lm-evaluation-harness, ± its standard error.")
     if table.evals:
@@ -286,7 +287,7 @@ def render_plot(table: Table, path: Path) -> None:
         if front:
             ax.plot([p[0] for p in front], [p[1] for p in front], "-o", color="tab:red", zorder=3,
                     label="Pareto front")
-        base = (table.task_baselines if is_task else table.baselines).get(name)
+        base = (table.task_baselines.get(name) or (None,))[0] if is_task else table.baselines.get(name)
         if base is not None:
             ax.axhline(base, color="tab:blue", linestyle="--", linewidth=1, label=f"baseline {base:.2f}")
         ax.set_xlabel("size on disk (MiB)")

@@ -9,6 +9,7 @@ with a model folder equal in every file to an uninterrupted run's, at the same p
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import shutil
 import signal
@@ -26,6 +27,7 @@ from tests.conftest import (EVAL_NAME, SHAKESPEARE_EVAL, save_with_tokenizer, ti
 from tests.shrink.killpoint import shrink_process
 
 EVAL = ["pipeline=eval", "data=shakespeare", "data.eval.seq_len=32", "data.eval.max_windows=2"]
+NEEDS_LM_EVAL = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="the eval extra (lm-eval)")
 
 
 def edit_config(folder: Path, **changes: object) -> Path:
@@ -124,6 +126,14 @@ def inputs(tmp_path_factory, shipped_tokenizer: Path) -> dict[str, Path]:
     paths["csv_empty"].write_text("")
     paths["a_file"] = root / "a_file.txt"
     paths["a_file"].write_text("x")
+    paths["shakespeare"] = SHAKESPEARE_EVAL
+    paths["broken_tasks"] = root / "broken_tasks"  # a task YAML that does not parse
+    paths["broken_tasks"].mkdir()
+    (paths["broken_tasks"] / "bad.yaml").write_text("task: bad\ndoc_to_text: [unclosed\n")
+    paths["hub_tasks"] = root / "hub_tasks"  # a task whose dataset only the hub has
+    paths["hub_tasks"].mkdir()
+    (paths["hub_tasks"] / "remote.yaml").write_text("task: remote_task\ndataset_path: some-org/not-cached-here\n"
+                                                    "output_type: multiple_choice\ntest_split: test\n")
     return paths
 
 
@@ -134,6 +144,8 @@ class Row:
     expect: str  # fragment of the one-line error
     # prepares `out` before the command; whatever it leaves there must be unchanged afterwards
     setup: Callable[[dict[str, Path], Path], None] = field(default=lambda inputs, out: None)
+    before_model: bool = False  # refused before any model is loaded (checked, not only claimed)
+    marks: tuple = ()
 
 
 def model(name: str, *extra: str) -> Callable[[dict[str, Path], Path], list[str]]:
@@ -211,6 +223,17 @@ ROWS = [
     # 8: a finished run is not resumed
     Row("resume_finished", model("good", "resume=true"), "nothing to resume", setup=finished_run),
     Row("finished_no_resume", model("good"), "already holds a finished run", setup=finished_run),
+    # issue 19: evaluation inputs, refused before any model is loaded (the hub is offline in these tests)
+    Row("no_complete_window", model("good", "data.eval.seq_len=100000"), "no complete window", before_model=True),
+    Row("equal_eval_set_names", model("good", "data.eval=null", "data.eval=[{{path:{shakespeare}}},{{path:{shakespeare}}}]"),
+        "two eval sets are named", before_model=True),
+    Row("unknown_task", quantize("good", "eval.tasks=[no_such_task]"), "eval.tasks: unknown task 'no_such_task'",
+        before_model=True, marks=(NEEDS_LM_EVAL,)),
+    Row("task_yaml_not_parsing", quantize("good", "eval.tasks=[shakespeare_next_line]", "eval.task_dir={broken_tasks}"),
+        "bad.yaml does not parse", before_model=True, marks=(NEEDS_LM_EVAL,)),
+    Row("task_needs_the_hub", quantize("good", "eval.tasks=[remote_task]", "eval.task_dir={hub_tasks}"),
+        "'remote_task' needs the dataset 'some-org/not-cached-here' from the Hugging Face Hub",
+        before_model=True, marks=(NEEDS_LM_EVAL,)),
 ]
 
 
@@ -235,9 +258,16 @@ def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+@pytest.mark.parametrize("row", [pytest.param(r, marks=r.marks, id=r.id) for r in ROWS])
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(row: Row, inputs, tmp_path, capsys, monkeypatch) -> None:
+    import shrink.pipeline
+
     out = tmp_path / "out"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as a machine without hub access (no test reaches the hub)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    loaded = []
+    if row.before_model:
+        monkeypatch.setattr(shrink.pipeline, "load_model", lambda *a, **k: loaded.append(a) or pytest.fail("loaded"))
     row.setup(inputs, out)
     args = [a.format(**{k: str(v) for k, v in inputs.items()}) for a in row.args(inputs, out)]
     target = Path(next(a for a in args if a.startswith("out=")).split("=", 1)[1])
@@ -250,7 +280,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(row: Row, inputs, tmp_p
     assert code == 2 and len(errors) == 1 and row.expect in errors[0], err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     assert snapshot(target) == before  # out absent, or exactly as it was
-    assert list(cwd.iterdir()) == []
+    assert list(cwd.iterdir()) == [] and loaded == []
 
 
 def test_a_good_run_writes_only_out_and_world_readable_files(inputs, tmp_path, capsys, monkeypatch) -> None:

@@ -1,5 +1,6 @@
 """Evaluation as a user runs it: the file's own name, every window unless capped (and then
-"n of N" in the log and metrics.json), several sets, bits per byte on Chinese text."""
+"n of N" in the log and metrics.json), several sets, bits per byte on Chinese text. An eval file
+without a complete window and two sets of one name are rows of test_bad_inputs.py's table."""
 from __future__ import annotations
 
 import json
@@ -49,15 +50,3 @@ def test_a_capped_set_says_how_many_of_how_many_and_sets_are_measured_apart(tmp_
     assert "tang-poems, 3 of" in log and "capped by data.eval[0].max_windows" in log
     # an English tokenizer spends about a token per byte on Chinese, several bytes per token on English
     assert m["bits_per_byte"]["tang-poems"] > m["bits_per_byte"]["valid"]
-
-
-def test_bad_eval_sets_fail_in_one_line_before_anything_is_written(tmp_path, model) -> None:
-    out = tmp_path / "out"
-    cases = {
-        "no complete window": [f"data.eval.path={TANG}", "data.eval.seq_len=100000"],
-        "two eval sets are named": ["data.eval=null", f"data.eval=[{{path:{TANG}}},{{path:{TANG}}}]"],
-    }
-    for message, args in cases.items():
-        result = shrink("pipeline=eval", f"model.path={model}", *args, f"out={out}")
-        assert result.returncode == 2 and message in result.stderr, result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
