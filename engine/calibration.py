@@ -31,7 +31,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -397,7 +397,7 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
                    full_hessian: bool = True, skip: Sequence[str] = (), moe: Optional[MoeConfig] = None,
                    min_coverage: float = 0.0, profile: Optional[list[dict[str, Any]]] = None,
                    comm: Optional[CalibComm] = None, lockstep_memory: Optional[int] = None,
-                   _rerun: bool = False) -> list[dict[str, Any]]:
+                   _rerun: bool = False, stream: Optional["LayerStream"] = None) -> list[dict[str, Any]]:
     """Compress every Linear of every decoder layer (fused experts split first; names matching
     `skip` left alone); returns a per-Linear report. `full_hessian=False` hands the compressor
     accumulators holding only diag(H). Fails before touching a weight if the Linears reached
@@ -407,7 +407,8 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
     recomputed, with the same results. `_rerun` makes true-sequential run one forward per input
     group (the reference path) instead of one lockstep forward per layer. With `comm` (torchrun)
     this rank calibrates on its share of the windows and the Linears are compressed by their
-    owner ranks (engine/distributed_calib.py)."""
+    owner ranks (engine/distributed_calib.py). `stream` (a lazy model, engine/streaming.py)
+    reads each layer in before its turn and takes it when done."""
     moe = moe or MoeConfig()
     split_experts(model)
     parent_name, layers = find_decoder_layers(model)
@@ -424,6 +425,8 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
     total = time.time()
     for i, layer in enumerate(layers):
         start = time.time()
+        if stream is not None:
+            stream.load(i, layer)
         layer.to(device)
         job = _LayerJob(i, len(layers), parent_name, targets[i], expert_roles(layer), compressor, moe, device, report,
                         comm, lockstep_memory=lockstep_memory)
@@ -440,6 +443,8 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
             comm.sum_routed(layer, routed_before, f"layer {i}'s routed-token counts")
         _add_routing(report[first:], job.roles, layer, f"{parent_name}.{i}")
         layer.to("cpu")
+        if stream is not None:
+            stream.done(i, layer)
         if profile is not None:
             profile.append(job.clock.as_dict())
         errors = [r["rel_error"] for r in report[first:]] or [0.0]
@@ -449,6 +454,14 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
                  job.clock.hessian_seconds, job.clock.compress_seconds, sum(errors) / len(errors), max(errors),
                  elapsed / (i + 1) * (len(layers) - i - 1))
     return report
+
+
+class LayerStream(Protocol):
+    """Decoder layers that live elsewhere (shards on disk): read in before, handed over after."""
+
+    def load(self, i: int, layer: nn.Module) -> None: ...
+
+    def done(self, i: int, layer: nn.Module) -> None: ...
 
 
 @dataclass
