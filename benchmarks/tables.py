@@ -212,6 +212,12 @@ def scale_distributed(p: dict[str, Any]) -> str:
     return render_table(p)
 
 
+def scale(p: dict[str, Any]) -> str:
+    from benchmarks.scale import render_table
+
+    return render_table(p)
+
+
 def distill_akt(p: dict[str, Any]) -> str:
     from benchmarks.distill_akt_tables import render_table
 
@@ -228,6 +234,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "quant_quality": quant_quality,
     "calib_speed": calib_speed,
     "scale_distributed": scale_distributed,
+    "scale": scale,
     "prune_quality": prune_quality,
     "prune_ablation": prune_ablation,
     "distill_akt": distill_akt,

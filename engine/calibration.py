@@ -31,7 +31,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -398,7 +398,7 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
                    full_hessian: bool = True, skip: Sequence[str] = (), moe: Optional[MoeConfig] = None,
                    min_coverage: float = 0.0, profile: Optional[list[dict[str, Any]]] = None,
                    comm: Optional[CalibComm] = None, lockstep_memory: Optional[int] = None,
-                   checkpoint: Optional[LayerCheckpoint] = None,
+                   checkpoint: Optional[LayerCheckpoint] = None, stream: Optional["LayerStream"] = None,
                    _rerun: bool = False) -> list[dict[str, Any]]:
     """Compress every Linear of every decoder layer (fused experts split first; names matching
     `skip` left alone); returns a per-Linear report. `full_hessian=False` hands the compressor
@@ -412,7 +412,8 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
     owner ranks (engine/distributed_calib.py). `checkpoint` (engine/layer_checkpoint.py), when
     given, restores the layers a killed run finished and goes on from there, and is handed
     every finished layer with the next layer's inputs (one process only: under torchrun the
-    ranks would have to restore together, so the pipeline gives none)."""
+    ranks would have to restore together, so the pipeline gives none). `stream` (a lazy model,
+    engine/streaming.py) reads each layer in before its turn and takes it when done."""
     moe = moe or MoeConfig()
     split_experts(model)
     parent_name, layers = find_decoder_layers(model)
@@ -440,6 +441,8 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
                 calls[i] = []
             continue
         start = time.time()
+        if stream is not None:
+            stream.load(i, layer)
         layer.to(device)
         job = _LayerJob(i, len(layers), parent_name, targets[i], expert_roles(layer), compressor, moe, device, report,
                         comm, lockstep_memory=lockstep_memory)
@@ -456,6 +459,8 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
             comm.sum_routed(layer, routed_before, f"layer {i}'s routed-token counts")
         _add_routing(report[first:], job.roles, layer, f"{parent_name}.{i}")
         layer.to("cpu")
+        if stream is not None:
+            stream.done(i, layer)
         if profile is not None:
             profile.append(job.clock.as_dict())
         if checkpoint is not None:
@@ -467,6 +472,14 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
                  job.clock.hessian_seconds, job.clock.compress_seconds, sum(errors) / len(errors), max(errors),
                  elapsed / (i + 1 - first_layer) * (len(layers) - i - 1))
     return report
+
+
+class LayerStream(Protocol):
+    """Decoder layers that live elsewhere (shards on disk): read in before, handed over after."""
+
+    def load(self, i: int, layer: nn.Module) -> None: ...
+
+    def done(self, i: int, layer: nn.Module) -> None: ...
 
 
 @dataclass

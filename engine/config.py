@@ -30,6 +30,10 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | float16 | bfloat16
     device: str = "cpu"  # cpu | cuda | auto
     trust_remote_code: bool = False
+    # Stream decoder layers from the safetensors shards instead of loading the model whole
+    # (engine/streaming.py): true | false | auto (on when the weight files take more than half
+    # of the RAM the kernel reports available, MemAvailable).
+    lazy: str = "auto"
 
 
 @dataclass
@@ -90,6 +94,12 @@ class EvalConfig:
     task_dir: Optional[str] = None  # a folder of local lm-eval task YAMLs (lm-eval's include_path)
     num_fewshot: Optional[int] = None  # None: each task's own default
     limit: Optional[float] = None  # items per task (>= 1) or a fraction of them (< 1); None: all
+
+
+@dataclass
+class ExportConfig:
+    # Largest safetensors shard a streamed (model.lazy) export writes: bytes, or e.g. "4GB", "512MiB".
+    max_shard_size: str = "4GB"
 
 
 @dataclass

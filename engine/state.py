@@ -32,6 +32,9 @@ class RunState:
     metrics: dict[str, Any] = field(default_factory=dict)
     # Under torchrun with every rank compressing: calibration and evaluation split over the ranks.
     comm: Optional[CalibComm] = None
+    # model.lazy: `model` is a skeleton on the meta device whose tensors this
+    # engine.streaming.LazyModel reads from the shards, one decoder layer at a time.
+    lazy: Optional[Any] = None
     _calib: Optional[torch.Tensor] = None
     _text_lengths: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 

@@ -17,7 +17,8 @@ from prune.baselines import has_nm_pattern, magnitude_prune, wanda_prune
 from prune.config import parse_pattern
 from prune.reconstruct import masked_least_squares
 from prune.sparsegpt import sparsegpt_prune
-from quant.export import install_quantized
+from quant.export import install_quantized, quantization_config
+from quant.streaming import streamed_export
 from quant.gptq import rtn_quantize
 from quant.pack import pack_result
 from engine.calibration import LinearJob, add_compressor_seconds, compress_model, record_coverage
@@ -83,17 +84,20 @@ def prune_stage(state: "RunState") -> dict[str, Any]:
     windows = None if prune.method == "magnitude" and not prune.reconstruct else state.calibration()
     # Wanda reads only activation norms: no [cols, cols] Hessian for it unless reconstructing
     profile: list[dict[str, Any]] = []
-    report = compress_model(state.model, windows, compressor, state.device, prune.true_sequential,
-                            offload_activations=quant.offload_activations, profile=profile,
-                            label=f"{prune.method}{' + reconstruct' if prune.reconstruct else ''} {prune.pattern}",
-                            full_hessian=prune.method != "wanda" or prune.reconstruct,
-                            skip=prune.skip, moe=state.cfg.moe, min_coverage=state.cfg.min_coverage,
-                            comm=state.comm.sharing(packed) if state.comm is not None else None,
-                            checkpoint=state.layer_checkpoint)
+    # lazy: each layer read from the shards before its turn, written to the output when done
+    with streamed_export(state, packed, quantization_config(quant) if prune.joint_quant else None,
+                         quant.bits, quant.group_size) as stream:
+        report = compress_model(state.model, windows, compressor, state.device, prune.true_sequential,
+                                offload_activations=quant.offload_activations, profile=profile,
+                                label=f"{prune.method}{' + reconstruct' if prune.reconstruct else ''} {prune.pattern}",
+                                full_hessian=prune.method != "wanda" or prune.reconstruct,
+                                skip=prune.skip, moe=state.cfg.moe, min_coverage=state.cfg.min_coverage,
+                                stream=stream, checkpoint=state.layer_checkpoint,
+                                comm=state.comm.sharing(packed) if state.comm is not None else None)
     # from the report, which a resumed run restores with the layers a killed run finished (and
     # which holds every rank's entries under torchrun)
     per_linear = {r["full_name"]: r["sparsity"] for r in report}
-    if prune.joint_quant:
+    if prune.joint_quant and stream is None:
         state.quantization_config = install_quantized(state.model, packed, quant)
     overall = sum(per_linear.values()) / max(len(per_linear), 1)
     result = {"method": prune.method, "pattern": prune.pattern, "reconstruct": prune.reconstruct,

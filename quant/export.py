@@ -237,14 +237,8 @@ def save_gptq_model(
     qnames = [rename(n) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     if not qnames:
         raise ValueError("model has no QuantLinear layers; call replace_with_quant_linears first")
-    qcfg = copy.deepcopy(quant_config)
-    if "modules_in_block_to_quantize" not in qcfg:
-        qcfg["modules_in_block_to_quantize"] = _modules_in_block(qnames, _block_linears(model, rename))
+    config, qcfg, tied = export_config(model, quant_config, qnames, _block_linears(model, rename))
     _check_g_idx(model, bool(qcfg.get("desc_act", False)))
-
-    config = copy.deepcopy(model.config)
-    config.quantization_config = qcfg
-    tied = _tied_embeddings(model)
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if tied and isinstance(out_emb, QuantLinear):
         # A quantized lm_head cannot be re-tied to the float embedding on load.
@@ -269,13 +263,31 @@ def save_gptq_model(
             total = sum(t.numel() * t.element_size() for t in state.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
-        config.save_pretrained(str(tmp))
-        # sorted like config.json, so a resumed run (config read back) writes the same bytes
-        (tmp / QUANT_CONFIG_NAME).write_text(json.dumps(qcfg, indent=2, sort_keys=True))
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(str(tmp))
+        write_export_configs(tmp, model, config, qcfg)
     return out
+
+
+def export_config(model: nn.Module, quant_config: dict[str, Any], qnames: list[str],
+                  present: dict[str, set[str]]) -> tuple[Any, dict[str, Any], bool]:
+    """(config.json's config with quantization_config, that quantization_config, tied embeddings)
+    of a model whose on-disk quantized Linear names are qnames (`present`: each block's Linears)."""
+    qcfg = copy.deepcopy(quant_config)
+    if "modules_in_block_to_quantize" not in qcfg:
+        qcfg["modules_in_block_to_quantize"] = _modules_in_block(qnames, present)
+    config = copy.deepcopy(model.config)
+    config.quantization_config = qcfg
+    return config, qcfg, _tied_embeddings(model)
+
+
+def write_export_configs(folder: Path, model: nn.Module, config: Any, qcfg: dict[str, Any] | None) -> None:
+    """config.json, quantize_config.json (GPTQ only: qcfg given) and generation_config.json."""
+    config.save_pretrained(str(folder))
+    if qcfg is not None:
+        # sorted like config.json, so a resumed run (config read back) writes the same bytes
+        (folder / QUANT_CONFIG_NAME).write_text(json.dumps(qcfg, indent=2, sort_keys=True))
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(str(folder))
 
 
 # ---------------------------------------------------------------------------- load
@@ -309,14 +321,7 @@ def load_quantized_model(
 
     folder = Path(folder)
     config = AutoConfig.from_pretrained(str(folder))
-    qcfg = getattr(config, "quantization_config", None)
-    if qcfg is None and (folder / QUANT_CONFIG_NAME).exists():
-        qcfg = json.loads((folder / QUANT_CONFIG_NAME).read_text())
-    if qcfg is None:
-        raise ValueError(f"{folder} has no quantization_config")
-    qcfg = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
-    bits, group_size = int(qcfg["bits"]), int(qcfg["group_size"])
-    fmt = qcfg.get("format") or qcfg.get("checkpoint_format") or "gptq"
+    qcfg = _folder_quant_config(folder, config)
     # Build from a config WITHOUT quantization_config so transformers never routes through
     # its own GPTQ quantizer (which needs optimum + gptqmodel).
     if hasattr(config, "quantization_config"):
@@ -325,23 +330,12 @@ def load_quantized_model(
     files = _safetensors_files(folder)
     headers = read_headers(folder)
     keys = set(headers)
-    qnames = sorted(k[: -len(".qweight")] for k in keys if k.endswith(".qweight"))
 
     # Parameters on meta (no allocation, no random init); buffers stay real so
     # non-persistent ones (e.g. rotary inv_freq) are computed as usual.
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    # fused experts are read back as split ones: the per-expert keys map onto their Linears
-    renames = disk_names(model)[1] if split_experts(model) else []
-    qnames = [to_memory_key(n, renames) for n in qnames]
-    for name in qnames:
-        old = model.get_submodule(name)
-        in_f, out_f = linear_dims(old)
-        new = QuantLinear(
-            in_f, out_f, bits, group_size, bias=f"{name}.bias" in keys, device="meta",
-            cache_weight=cache_weight, checkpoint_format=fmt, bias_dtype=dtype,
-        )
-        _set_submodule(model, name, new)
+    qnames, renames = _install_placeholders(model, qcfg, keys, dtype, cache_weight)
 
     qkeys = {f"{n}.{s}" for n in qnames for s in _QUANT_SUFFIXES}
     state: dict[str, torch.Tensor] = {}
@@ -371,6 +365,49 @@ def load_quantized_model(
     check_load(folder, model, headers, still_meta, result.unexpected_keys, mismatched)
     model.config.quantization_config = qcfg
     return model.to(device).eval()
+
+
+def _folder_quant_config(folder: Path, config: Any) -> dict[str, Any]:
+    qcfg = getattr(config, "quantization_config", None)
+    if qcfg is None and (folder / QUANT_CONFIG_NAME).exists():
+        qcfg = json.loads((folder / QUANT_CONFIG_NAME).read_text())
+    if qcfg is None:
+        raise ValueError(f"{folder} has no quantization_config")
+    return qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
+
+
+def _install_placeholders(model: nn.Module, qcfg: dict[str, Any], keys: set[str], dtype: torch.dtype,
+                          cache_weight: bool = True) -> tuple[list[str], list[tuple[str, str]]]:
+    """Swap every Linear whose packed tensors the files hold (`keys`) for a meta QuantLinear;
+    (their in-memory names, the expert renames)."""
+    bits, group_size = int(qcfg["bits"]), int(qcfg["group_size"])
+    fmt = qcfg.get("format") or qcfg.get("checkpoint_format") or "gptq"
+    qnames = sorted(k[: -len(".qweight")] for k in keys if k.endswith(".qweight"))
+    # fused experts are read back as split ones: the per-expert keys map onto their Linears
+    renames = disk_names(model)[1] if split_experts(model) else []
+    qnames = [to_memory_key(n, renames) for n in qnames]
+    for name in qnames:
+        old = model.get_submodule(name)
+        in_f, out_f = linear_dims(old)
+        new = QuantLinear(
+            in_f, out_f, bits, group_size, bias=f"{name}.bias" in keys, device="meta",
+            cache_weight=cache_weight, checkpoint_format=fmt, bias_dtype=dtype,
+        )
+        _set_submodule(model, name, new)
+    return qnames, renames
+
+
+def quantized_skeleton(folder: Path, dtype: torch.dtype) -> Callable[[nn.Module], None]:
+    """For engine.streaming.build_skeleton: swaps a GPTQ folder's packed Linears in (meta)."""
+    from transformers import AutoConfig
+
+    qcfg = _folder_quant_config(folder, AutoConfig.from_pretrained(str(folder)))
+    keys = set(read_headers(folder))
+
+    def replace(model: nn.Module) -> None:
+        _install_placeholders(model, qcfg, keys, dtype)
+        model.config.quantization_config = qcfg
+    return replace
 
 
 def quantization_config(quant: QuantConfig) -> dict[str, Any]:

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from quant.config import QuantConfig
-from quant.export import install_quantized
+from quant.export import install_quantized, quantization_config
+from quant.streaming import streamed_export
 from quant.gptq import QuantResult, gptq_quantize, gptq_quantize_batch, rtn_quantize
 from quant.pack import pack_result
 from engine.calibration import LinearJob, add_compressor_seconds, compress_model, record_coverage
@@ -67,12 +68,16 @@ def quantize_stage(state: "RunState") -> dict[str, Any]:
     if state.layer_checkpoint is not None:
         state.layer_checkpoint.track(packed)  # a resumed run gets the finished layers' packed tensors back
     profile: list[dict[str, Any]] = []
-    report = compress_model(state.model, windows, compressor, state.device, quant.true_sequential,
-                            offload_activations=quant.offload_activations, label=f"{quant.method} {quant.bits}-bit",
-                            skip=quant.skip, moe=state.cfg.moe, min_coverage=state.cfg.min_coverage, profile=profile,
-                            comm=state.comm.sharing(packed) if state.comm is not None else None,
-                            checkpoint=state.layer_checkpoint)
-    state.quantization_config = install_quantized(state.model, packed, quant)
+    # lazy: each layer read from the shards before its turn, written to the output when done
+    with streamed_export(state, packed, quantization_config(quant), quant.bits, quant.group_size) as stream:
+        report = compress_model(state.model, windows, compressor, state.device, quant.true_sequential,
+                                offload_activations=quant.offload_activations,
+                                label=f"{quant.method} {quant.bits}-bit", skip=quant.skip, moe=state.cfg.moe,
+                                min_coverage=state.cfg.min_coverage, profile=profile, stream=stream,
+                                checkpoint=state.layer_checkpoint,
+                                comm=state.comm.sharing(packed) if state.comm is not None else None)
+    if stream is None:
+        state.quantization_config = install_quantized(state.model, packed, quant)
     return {"method": quant.method, "bits": quant.bits, "group_size": quant.group_size, "layers": report,
             **record_coverage(state, report),
             "profile": add_compressor_seconds(profile, report, ("sweep_seconds", "pack_seconds"))}

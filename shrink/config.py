@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 
 from distill.config import DistillConfig
 from engine.errors import ShrinkError
-from engine.config import DataConfig, EvalConfig, ModelConfig, MoeConfig, PipelineConfig
+from engine.config import DataConfig, EvalConfig, ExportConfig, ModelConfig, MoeConfig, PipelineConfig
 from prune.config import PruneConfig
 from quant.config import QuantConfig
 
@@ -29,6 +29,7 @@ class ShrinkConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     moe: MoeConfig = field(default_factory=MoeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     seed: int = 0
     out: Optional[str] = None  # artifact folder; default: the Hydra run directory
     resume: bool = False

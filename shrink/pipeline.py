@@ -32,6 +32,8 @@ from engine.recipe import check_fingerprints, config_digest, input_fingerprints,
 from engine.state import RunState
 from prune.semi_structured import to_semi_structured
 from shrink.model_folder import load_model, save_model_folder
+from engine.streaming import measure_lazy
+from shrink.lazy import discard, export_lazy, lazy_sparsity, lazy_wanted, open_lazy
 from shrink.resume import (check_same_inputs, inputs_digest, layer_checkpoint, read_progress, remove_checkpoints,
                            save_checkpoint, write_progress)
 from shrink.tasks import check_tasks, run_tasks
@@ -47,7 +49,8 @@ def evaluate(state: RunState, label: str) -> dict[str, dict[str, Any]]:
     if state.cfg.eval.sparse_kernels and label != "baseline":
         model = copy.deepcopy(state.model).to(state.device)  # sparse weights cannot be exported
         to_semi_structured(model)
-    model.to(state.device)
+    if state.lazy is None:
+        model.to(state.device)
     figures = {}
     try:
         for eval_set in state.eval_sets():
@@ -55,11 +58,15 @@ def evaluate(state: RunState, label: str) -> dict[str, dict[str, Any]]:
             n, seq_len = windows.shape
             capped = f" (capped by {eval_set.key}.max_windows)" if n < total else ""
             log.info("%s: %s, %d of %d windows of %d tokens%s", label, eval_set.name, n, total, seq_len, capped)
-            mine = state.comm.shard(windows, f"{eval_set.key}.max_windows") if state.comm is not None else windows
-            m = measure(model, mine, state.cfg.eval.batch_size, state.device, f"{label} {eval_set.name}",
-                        state.text_lengths())
-            if state.comm is not None:  # torchrun: each rank measured its share of the windows
-                m = state.comm.sum_measured(m, f"{label} {eval_set.name}")
+            if state.lazy is not None:  # one decoder layer in memory at a time, over all windows
+                m = measure_lazy(state.lazy, windows, state.cfg.eval.batch_size, state.device,
+                                 f"{label} {eval_set.name}", state.text_lengths())
+            else:
+                mine = state.comm.shard(windows, f"{eval_set.key}.max_windows") if state.comm is not None else windows
+                m = measure(model, mine, state.cfg.eval.batch_size, state.device, f"{label} {eval_set.name}",
+                            state.text_lengths())
+                if state.comm is not None:  # torchrun: each rank measured its share of the windows
+                    m = state.comm.sum_measured(m, f"{label} {eval_set.name}")
             figures[eval_set.name] = {"ppl": m.ppl, "bits_per_byte": m.bits_per_byte,
                                       "bits_per_char": m.bits_per_char,
                                       "windows": {"evaluated": n, "total": total, "seq_len": seq_len},
@@ -67,7 +74,8 @@ def evaluate(state: RunState, label: str) -> dict[str, dict[str, Any]]:
         on_rank0 = state.comm is None or state.comm.rank == 0  # lm-eval tasks are not split over ranks
         tasks = run_tasks(model, state.tokenizer, state.cfg, label) if state.cfg.eval.tasks and on_rank0 else None
     finally:
-        state.model.to("cpu")
+        if state.lazy is None:
+            state.model.to("cpu")
     return {"sets": figures, "tasks": tasks}
 
 
@@ -103,6 +111,12 @@ def export_stage(state: RunState) -> dict[str, Any]:
     target = state.out / "model"
     if target.exists():
         raise ShrinkError(f"out: {target} already exists; choose another out")
+    if state.lazy is not None:  # the streamed stage already wrote the weights, layer by layer
+        state.metrics.update(size_metrics(state.model, folder_size_bytes(state.lazy.written or state.cfg.model.path)))
+        state.metrics["sparsity"] = lazy_sparsity(state)
+        export_lazy(state, target, model_card(state))
+        log.info("exported %s", target)
+        return {"path": str(target)}
     card = model_card(state)
     with atomic_folder(target) as tmp:
         save_model_folder(state.model, state.tokenizer, tmp, state.quantization_config)
@@ -235,7 +249,6 @@ def run_pipeline(cfg: DictConfig, out: Path, comm: Optional[CalibComm] = None) -
     With `comm` (rank 0 of a torchrun compression job) the other ranks run follow_pipeline.
     """
     stages = check_config(cfg)
-    table = stage_table()
     digest = config_digest(cfg)
     progress = read_progress(out, digest, cfg.resume) or {"config_sha256": digest, "done": [], "seconds": {}}
     start = time.time()
@@ -246,8 +259,10 @@ def run_pipeline(cfg: DictConfig, out: Path, comm: Optional[CalibComm] = None) -
     check_same_inputs(out, progress, inputs_digest(inputs))
     if comm is not None:
         comm.agree(progress, "the run's start")  # the other ranks load the same model
-    state = load_state(cfg, out, progress)
+    state = load_state(cfg, out, progress, stages)
     state.comm = comm
+    if comm is not None and state.lazy is not None:
+        raise ShrinkError("model.lazy: streaming layers is not supported under torchrun yet; set model.lazy=false")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -260,31 +275,40 @@ def run_pipeline(cfg: DictConfig, out: Path, comm: Optional[CalibComm] = None) -
         record(state.metrics, evaluate(state, "baseline"), "baseline_")
         seconds["baseline_eval"] = time.time() - t
         finish_step(state, progress, "baseline")
+    try:
+        run_stages(state, stages, progress, seconds)
+        finalize_metrics(state, seconds, time.time() - start)
+    finally:
+        discard(state)  # a streamed stage's folder that no export took
+    progress["finished"] = True
+    write_progress(out, progress)
+    remove_checkpoints(out)
+    return state.metrics
+
+
+def run_stages(state: RunState, stages: list[str], progress: dict[str, Any], seconds: dict[str, float]) -> None:
+    table = stage_table()
     for i, name in enumerate(stages, 1):
         if f"{i}-{name}" in progress["done"]:
             log.info("stage %d/%d: %s (done in an earlier run, skipped)", i, len(stages), name)
             continue
         log.info("stage %d/%d: %s", i, len(stages), name)
         t = time.time()
-        # per-layer checkpoints in one process (under torchrun every rank would have to restore its share)
-        state.layer_checkpoint = layer_checkpoint(out, f"{i}-{name}", progress) if name in MODIFYING and comm is None \
-            else None
+        # per-layer checkpoints in one process (under torchrun every rank would have to restore its
+        # share) of an in-memory model (a streamed run starts over: its layers live in the output shards)
+        wanted = name in MODIFYING and state.comm is None and state.lazy is None
+        state.layer_checkpoint = layer_checkpoint(state.out, f"{i}-{name}", progress) if wanted else None
         report = table[name].run(state)
         seconds[name] = time.time() - t
         state.metrics.setdefault("stages", {})[name] = report
         if name in MODIFYING:
             state.changed = True
-            if i < len(stages):
+            if i < len(stages) and state.lazy is None:  # a streamed stage's folder is its own output
                 progress["checkpoint"] = save_checkpoint(state, i, name)
         finish_step(state, progress, f"{i}-{name}")
         if state.layer_checkpoint is not None:  # the stage's result is saved: its layers are not needed
             state.layer_checkpoint.remove()
             state.layer_checkpoint = None
-    finalize_metrics(state, seconds, time.time() - start)
-    progress["finished"] = True
-    write_progress(out, progress)
-    remove_checkpoints(out)
-    return state.metrics
 
 
 def baseline_due(cfg: DictConfig, stages: list[str], progress: dict[str, Any]) -> bool:
@@ -299,7 +323,7 @@ def follow_pipeline(cfg: DictConfig, out: Path, comm: CalibComm) -> None:
     stages = check_config(cfg)
     table = stage_table()
     progress = comm.agree(None, "the run's start")  # rank 0's, once its checks passed
-    state = load_state(cfg, out, progress)
+    state = load_state(cfg, out, progress, stages)
     state.comm = comm
     if baseline_due(cfg, stages, progress):
         evaluate(state, "baseline")
@@ -309,14 +333,23 @@ def follow_pipeline(cfg: DictConfig, out: Path, comm: CalibComm) -> None:
             state.changed = state.changed or name in MODIFYING
 
 
-def load_state(cfg: DictConfig, out: Path, progress: dict[str, Any]) -> RunState:
-    """The model as the last finished stage left it (the input model for a fresh run)."""
+def load_state(cfg: DictConfig, out: Path, progress: dict[str, Any], stages: list[str]) -> RunState:
+    """The model as the last finished stage left it (the input model for a fresh run); with
+    model.lazy a skeleton whose layers stream from the shards (shrink/lazy.py)."""
     state = RunState(cfg=cfg, out=out, metrics=progress.get("metrics", {}))
     torch.manual_seed(cfg.seed)
     t = time.time()
     checkpoint = progress.get("checkpoint")
     model_cfg = OmegaConf.merge(cfg.model, {"path": str(out / checkpoint)}) if checkpoint else cfg.model
-    state.model, state.tokenizer = load_model(model_cfg)
+    folder = Path(str(model_cfg.path)).expanduser()
+    if lazy_wanted(cfg, folder, stages):
+        state.model, state.tokenizer, state.lazy = open_lazy(cfg, folder)
+        if progress["done"]:  # no stage checkpoint holds what the earlier run computed
+            log.info("model.lazy: a streamed run keeps no stage checkpoints; starting it over")
+            progress.update(done=[], metrics={})
+            state.metrics = {}
+    else:
+        state.model, state.tokenizer = load_model(model_cfg)
     if checkpoint:
         log.info("resuming from %s", checkpoint)
         state.changed = True
@@ -350,7 +383,10 @@ def finalize_metrics(state: RunState, seconds: dict[str, float], elapsed: float)
     exported = state.out / "model"
     size = folder_size_bytes(exported) if exported.is_dir() else folder_size_bytes(state.cfg.model.path)
     metrics.update(size_metrics(state.model, size))
-    metrics["sparsity"] = sparsity_report(state.model)["overall"]
+    if state.lazy is None:
+        metrics["sparsity"] = sparsity_report(state.model)["overall"]
+    elif "sparsity" not in metrics or not (state.out / "model").is_dir():  # the export measured it
+        metrics["sparsity"] = lazy_sparsity(state)
     metrics["seconds"] = {**seconds, "total": elapsed}
     metrics["peak_memory_bytes"] = peak_memory_bytes()
     atomic_write_json(state.out / "metrics.json", metrics)
