@@ -21,12 +21,14 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def run(overrides: list[str]) -> dict[str, Any]:
-    """Run one pipeline in a throwaway folder; returns its metrics.json content."""
+def run(overrides: list[str], keep_export: bool = False) -> dict[str, Any]:
+    """Run one pipeline in a throwaway folder; returns its metrics.json content. The export
+    stage is dropped unless keep_export (then size and bits per weight are those of the
+    written folder, which goes with the throwaway folder)."""
     quiet_import_noise()  # as the CLI does: torchao's and pytree's import-time lines are not results
     cfg = compose(overrides)
     with tempfile.TemporaryDirectory() as tmp:
-        if cfg.pipeline.stages[-1] == "export":
+        if cfg.pipeline.stages[-1] == "export" and not keep_export:
             cfg.pipeline.stages = list(cfg.pipeline.stages)[:-1]  # benchmarks keep no model folders
         return run_pipeline(cfg, Path(tmp))
 

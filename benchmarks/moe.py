@@ -1,0 +1,86 @@
+"""Every stage on a mixture-of-experts teacher (issue 17): `../shared/models/moe-teacher`
+(Mixtral family, 8 layers, 4 experts, top-2). GPTQ 4-bit g128 (experts' statistics from every
+calibration token, `moe.all_experts=true`, and from the routed tokens only) against RTN;
+SparseGPT 50% and 2:4 against magnitude and Wanda. The same calibration windows for every arm
+(docs-en train, seed 0); perplexity on docs-en test by the protocol. Quantized arms are exported
+(to a throwaway folder) so `bits_per_weight` is that of the written GPTQ checkpoint. Each row
+records the tokens routed to each expert (min/max per layer), the stage's seconds and the load
+average of the machine while it ran (the seconds are noisy on a shared machine; perplexities
+are not). Writes benchmarks/results/moe.json.
+
+    python -m benchmarks.moe                      # 32 x 512 calibration, 64 test windows
+    python -m benchmarks.moe --calib 128 --windows 0   # 128 x 512, the whole test file
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from typing import Any
+
+from benchmarks.common import Results, run
+
+MODEL = f"{os.environ.get('SHRINK_SHARED', '../shared')}/models/moe-teacher"
+# (label, pipeline, overrides): the order is the order of importance, so a cut run keeps the comparisons
+ARMS: list[tuple[str, str, list[str]]] = [
+    ("dense", "eval", []),
+    ("RTN 4-bit g128", "quantize", ["quant.method=rtn"]),
+    ("GPTQ 4-bit g128", "quantize", ["quant.method=gptq", "moe.all_experts=true"]),
+    ("magnitude 50%", "prune", ["prune.method=magnitude", "prune.sparsity=0.5", "prune.pattern=unstructured"]),
+    ("SparseGPT 50%", "prune", ["prune.method=sparsegpt", "prune.sparsity=0.5", "prune.pattern=unstructured"]),
+    ("Wanda 50%", "prune", ["prune.method=wanda", "prune.sparsity=0.5", "prune.pattern=unstructured"]),
+    ("GPTQ 4-bit g128, routed tokens only", "quantize", ["quant.method=gptq", "moe.all_experts=false"]),
+    ("SparseGPT 2:4", "prune", ["prune.method=sparsegpt", "prune.pattern=2:4"]),
+    ("magnitude 2:4", "prune", ["prune.method=magnitude", "prune.pattern=2:4"]),
+    ("Wanda 2:4", "prune", ["prune.method=wanda", "prune.pattern=2:4"]),
+]
+
+
+def expert_tokens(stage: dict[str, Any]) -> dict[str, list[int]]:
+    """Per MoE block: [min, max] of the calibration tokens routed to its experts."""
+    per_block = stage.get("moe", {}).get("tokens_per_expert", {})
+    return {block: [min(t), max(t)] for block, t in per_block.items()}
+
+
+def arm_row(label: str, pipeline: str, m: dict[str, Any]) -> dict[str, Any]:
+    stage = m.get("stages", {}).get(pipeline, {}) if pipeline != "eval" else {}
+    row = {"label": label, "pipeline": pipeline, "ppl": m["ppl"]["docs-en-test"],
+           "bits_per_weight": m["bits_per_weight"], "params": m["params"], "sparsity": m["sparsity"],
+           "windows": m["eval_windows"]["docs-en-test"]["evaluated"],
+           "seconds": m["seconds"].get(pipeline, m["seconds"]["total"])}
+    if "size_parts" in m:
+        row["bits_per_weight_parts"] = {k: v["bits_per_weight"] for k, v in m["size_parts"].items()}
+    if stage:
+        row["coverage"] = stage.get("coverage", {}).get("fraction")
+        row["tokens_per_expert_min_max"] = expert_tokens(stage)
+        row["fallbacks"] = len(stage.get("moe", {}).get("fallbacks", []))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--calib", type=int, default=32, help="calibration windows of 512 tokens")
+    parser.add_argument("--windows", type=int, default=64, help="test windows (0 = the whole file)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    windows = args.windows or None
+    base = ["model=local", f"model.path={MODEL}", "data=docs_en", f"data.calib.num_samples={args.calib}",
+            f"data.eval.max_windows={windows if windows else 'null'}", "eval.baseline=false", "eval.batch_size=8"]
+    results = Results("moe", {"overrides": base, "calibration": f"{args.calib} x 512 docs-en train, seed 0",
+                              "eval": f"docs-en test, {args.windows or 'all'} windows of 512 tokens"},
+                      key=("label",))
+    for label, pipeline, overrides in ARMS:
+        if results.has(label=label):
+            continue
+        load_before = os.getloadavg()[0]
+        start = time.time()
+        # quantized arms keep their export stage: bits per weight of the written checkpoint
+        m = run(base + [f"pipeline={pipeline}"] + overrides, keep_export=pipeline == "quantize")
+        row = arm_row(label, pipeline, m)
+        row.update(wall_seconds=time.time() - start, load_average=[load_before, os.getloadavg()[0]])
+        results.add(row)
+
+
+if __name__ == "__main__":
+    main()
