@@ -14,12 +14,16 @@ are not). Writes benchmarks/results/moe.json.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import subprocess
+import sys
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
-from benchmarks.common import Results, run
+from benchmarks.common import ROOT, Results, run
 
 MODEL = f"{os.environ.get('SHRINK_SHARED', '../shared')}/models/moe-teacher"
 # (label, pipeline, overrides): the order is the order of importance, so a cut run keeps the comparisons
@@ -58,6 +62,16 @@ def arm_row(label: str, pipeline: str, m: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def reload_eval(base: list[str]) -> Callable[[Path], dict[str, Any]]:
+    """Evaluate the exported model/ again in a fresh `shrink` process (the project's loader)."""
+    def evaluate(out: Path) -> dict[str, Any]:
+        subprocess.run([sys.executable, "-m", "shrink.cli", *base, "pipeline=eval", f"model.path={out / 'model'}",
+                        f"out={out / 'reload'}"], check=True, cwd=ROOT, capture_output=True)
+        m = json.loads((out / "reload" / "metrics.json").read_text())
+        return {"ppl": m["ppl"]["docs-en-test"], "bits_per_weight": m["bits_per_weight"]}
+    return evaluate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calib", type=int, default=32, help="calibration windows of 512 tokens")
@@ -76,8 +90,12 @@ def main() -> None:
         load_before = os.getloadavg()[0]
         start = time.time()
         # quantized arms keep their export stage: bits per weight of the written checkpoint
-        m = run(base + [f"pipeline={pipeline}"] + overrides, keep_export=pipeline == "quantize")
+        quantized = pipeline == "quantize"
+        m = run(base + [f"pipeline={pipeline}"] + overrides, keep_export=quantized,
+                then=reload_eval([b for b in base if not b.startswith("model.path=")]) if quantized else None)
         row = arm_row(label, pipeline, m)
+        if quantized:
+            row["reloaded"] = m["then"]
         row.update(wall_seconds=time.time() - start, load_average=[load_before, os.getloadavg()[0]])
         results.add(row)
 
