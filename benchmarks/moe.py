@@ -89,12 +89,13 @@ def main() -> None:
             continue
         load_before = os.getloadavg()[0]
         start = time.time()
-        # quantized arms keep their export stage: bits per weight of the written checkpoint
-        quantized = pipeline == "quantize"
-        m = run(base + [f"pipeline={pipeline}"] + overrides, keep_export=quantized,
-                then=reload_eval([b for b in base if not b.startswith("model.path=")]) if quantized else None)
+        # quantized arms and SparseGPT 50% keep their export (bits per weight of the written folder)
+        # and are evaluated again from it in a fresh process
+        reload = pipeline == "quantize" or label == "SparseGPT 50%"
+        m = run(base + [f"pipeline={pipeline}"] + overrides, keep_export=reload,
+                then=reload_eval([b for b in base if not b.startswith("model.path=")]) if reload else None)
         row = arm_row(label, pipeline, m)
-        if quantized:
+        if reload:
             row["reloaded"] = m["then"]
         row.update(wall_seconds=time.time() - start, load_average=[load_before, os.getloadavg()[0]])
         results.add(row)
