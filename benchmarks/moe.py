@@ -76,6 +76,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calib", type=int, default=32, help="calibration windows of 512 tokens")
     parser.add_argument("--windows", type=int, default=64, help="test windows (0 = the whole file)")
+    parser.add_argument("--arms", default="", help="comma-separated labels to run, in this order (default: all); "
+                        "a second process on other arms fills the same file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     windows = args.windows or None
@@ -84,7 +86,9 @@ def main() -> None:
     results = Results("moe", {"overrides": base, "calibration": f"{args.calib} x 512 docs-en train, seed 0",
                               "eval": f"docs-en test, {args.windows or 'all'} windows of 512 tokens"},
                       key=("label",))
-    for label, pipeline, overrides in ARMS:
+    arms = {a[0]: a for a in ARMS}
+    chosen = [arms[label] for label in args.arms.split(",")] if args.arms else ARMS
+    for label, pipeline, overrides in chosen:
         if results.has(label=label):
             continue
         load_before = os.getloadavg()[0]
@@ -103,3 +107,34 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def render_table(p: dict[str, Any]) -> str:
+    """docs/results.md: every arm, then the calibration tokens routed to the experts of each layer."""
+    from benchmarks.markdown import footer, md
+
+    cfg = p["config"]
+    head = f"Calibration {cfg['calibration']}; evaluation on {cfg['eval']}.\n\n"
+    rows = []
+    for r in p["rows"]:
+        parts = r.get("bits_per_weight_parts", {})
+        reloaded = r.get("reloaded", {})
+        rows.append([r["label"], r["ppl"], reloaded.get("ppl"), f"{r['bits_per_weight']:.2f}",
+                     parts.get("decoder_layers") and f"{parts['decoder_layers']:.2f}",
+                     parts.get("outside_layers") and f"{parts['outside_layers']:.2f}",
+                     f"{r['sparsity']:.3f}", r.get("coverage") and f"{r['coverage']:.3f}", r.get("fallbacks"),
+                     f"{r['seconds']:.0f}", "/".join(f"{x:.1f}" for x in r["load_average"])])
+    text = head + md(["arm", "ppl", "ppl reloaded (fresh process)", "bits/weight (all)", "decoder layers",
+               "embeddings + rest", "sparsity", "coverage", "RTN/magnitude fallbacks", "stage s",
+               "load avg before/after"], rows)
+    routed = [r for r in p["rows"] if r.get("tokens_per_expert_min_max")]
+    if routed:
+        blocks = list(routed[0]["tokens_per_expert_min_max"])
+        text += ("\n\nCalibration tokens routed to each expert (top-2, so twice the tokens in all), min / max "
+                 "over the experts of each layer; with `moe.all_experts=true` every expert's statistics "
+                 "also see every other token:\n\n")
+        text += md(["layer"] + [r["label"] for r in routed],
+                   [[b.split(".")[2] if b.count(".") >= 2 else b]
+                    + ["{} / {}".format(*r["tokens_per_expert_min_max"][b]) if b in r["tokens_per_expert_min_max"]
+                       else None for r in routed] for b in blocks])
+    return text + footer(p)
