@@ -57,7 +57,9 @@ def arm_row(label: str, pipeline: str, m: dict[str, Any]) -> dict[str, Any]:
         row["bits_per_weight_parts"] = {k: v["bits_per_weight"] for k, v in m["size_parts"].items()}
     if stage:
         row["coverage"] = stage.get("coverage", {}).get("fraction")
-        row["tokens_per_expert_min_max"] = expert_tokens(stage)
+        tokens = expert_tokens(stage)
+        if any(hi for _, hi in tokens.values()):  # magnitude pruning and RTN calibrate nothing
+            row["tokens_per_expert_min_max"] = tokens
         row["fallbacks"] = len(stage.get("moe", {}).get("fallbacks", []))
     return row
 
@@ -119,15 +121,17 @@ def render_table(p: dict[str, Any]) -> str:
     for r in p["rows"]:
         parts = r.get("bits_per_weight_parts", {})
         reloaded = r.get("reloaded", {})
-        rows.append([r["label"], r["ppl"], reloaded.get("ppl"), f"{r['bits_per_weight']:.2f}",
+        # bits of the written folder: the quantized/exported arms; the others keep the input's files
+        written = bool(parts) or r["pipeline"] == "eval"
+        rows.append([r["label"], r["ppl"], reloaded.get("ppl"), f"{r['bits_per_weight']:.2f}" if written else None,
                      parts.get("decoder_layers") and f"{parts['decoder_layers']:.2f}",
                      parts.get("outside_layers") and f"{parts['outside_layers']:.2f}",
                      f"{r['sparsity']:.3f}", r.get("coverage") and f"{r['coverage']:.3f}", r.get("fallbacks"),
                      f"{r['seconds']:.0f}", "/".join(f"{x:.1f}" for x in r["load_average"])])
-    text = head + md(["arm", "ppl", "ppl reloaded (fresh process)", "bits/weight (all)", "decoder layers",
+    text = head + md(["arm", "ppl", "ppl reloaded (fresh process)", "bits/weight (all, as written)", "decoder layers",
                "embeddings + rest", "sparsity", "coverage", "RTN/magnitude fallbacks", "stage s",
                "load avg before/after"], rows)
-    routed = [r for r in p["rows"] if r.get("tokens_per_expert_min_max")]
+    routed = [r for r in p["rows"] if any(hi for _, hi in r.get("tokens_per_expert_min_max", {}).values())]
     if routed:
         blocks = list(routed[0]["tokens_per_expert_min_max"])
         text += ("\n\nCalibration tokens routed to each expert (top-2, so twice the tokens in all), min / max "
