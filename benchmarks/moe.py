@@ -78,6 +78,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calib", type=int, default=32, help="calibration windows of 512 tokens")
     parser.add_argument("--windows", type=int, default=64, help="test windows (0 = the whole file)")
+    parser.add_argument("--no-reload", action="store_true", help="skip the fresh-process evaluation of the export "
+                        "(time-boxed runs; the row then has no `reloaded`)")
     parser.add_argument("--arms", default="", help="comma-separated labels to run, in this order (default: all); "
                         "a second process on other arms fills the same file")
     args = parser.parse_args()
@@ -97,8 +99,8 @@ def main() -> None:
         start = time.time()
         # quantized arms and SparseGPT 50% keep their export (bits per weight of the written folder)
         # and are evaluated again from it in a fresh process
-        reload = pipeline == "quantize" or label == "SparseGPT 50%"
-        m = run(base + [f"pipeline={pipeline}"] + overrides, keep_export=reload,
+        reload = (pipeline == "quantize" or label == "SparseGPT 50%") and not args.no_reload
+        m = run(base + [f"pipeline={pipeline}"] + overrides, keep_export=reload or pipeline == "quantize",
                 then=reload_eval([b for b in base if not b.startswith("model.path=")]) if reload else None)
         row = arm_row(label, pipeline, m)
         if reload:
