@@ -80,8 +80,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=64, help="test windows (0 = the whole file)")
     parser.add_argument("--no-reload", action="store_true", help="skip the fresh-process evaluation of the export "
                         "(time-boxed runs; the row then has no `reloaded`)")
-    parser.add_argument("--arms", default="", help="comma-separated labels to run, in this order (default: all); "
-                        "a second process on other arms fills the same file")
+    parser.add_argument("--arm", action="append", default=[], help="an arm's label to run (repeat for several, "
+                        "in that order; default: all); a second process on other arms fills the same file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     windows = args.windows or None
@@ -91,7 +91,7 @@ def main() -> None:
                               "eval": f"docs-en test, {args.windows or 'all'} windows of 512 tokens"},
                       key=("label",))
     arms = {a[0]: a for a in ARMS}
-    chosen = [arms[label] for label in args.arms.split(",")] if args.arms else ARMS
+    chosen = [arms[label] for label in args.arm] if args.arm else ARMS
     for label, pipeline, overrides in chosen:
         if results.has(label=label):
             continue
