@@ -119,6 +119,8 @@ def render_table(p: dict[str, Any]) -> str:
 
     cfg = p["config"]
     head = f"Calibration {cfg['calibration']}; evaluation on {cfg['eval']}.\n\n"
+    order = [a[0] for a in ARMS]
+    p = {**p, "rows": sorted(p["rows"], key=lambda r: order.index(r["label"]) if r["label"] in order else len(order))}
     rows = []
     for r in p["rows"]:
         parts = r.get("bits_per_weight_parts", {})
