@@ -9,7 +9,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -21,14 +21,21 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def run(overrides: list[str]) -> dict[str, Any]:
-    """Run one pipeline in a throwaway folder; returns its metrics.json content."""
+def run(overrides: list[str], keep_export: bool = False,
+        then: Optional[Callable[[Path], dict[str, Any]]] = None) -> dict[str, Any]:
+    """Run one pipeline in a throwaway folder; returns its metrics.json content. The export
+    stage is dropped unless keep_export (then size and bits per weight are those of the
+    written folder, which goes with the throwaway folder); `then(out)` runs before the folder
+    goes, its dict under "then"."""
     quiet_import_noise()  # as the CLI does: torchao's and pytree's import-time lines are not results
     cfg = compose(overrides)
     with tempfile.TemporaryDirectory() as tmp:
-        if cfg.pipeline.stages[-1] == "export":
+        if cfg.pipeline.stages[-1] == "export" and not keep_export:
             cfg.pipeline.stages = list(cfg.pipeline.stages)[:-1]  # benchmarks keep no model folders
-        return run_pipeline(cfg, Path(tmp))
+        metrics = run_pipeline(cfg, Path(tmp))
+        if then is not None:
+            metrics["then"] = then(Path(tmp))
+        return metrics
 
 
 def git_sha() -> str:

@@ -189,9 +189,32 @@ def summary(loaded: dict[str, dict[str, Any]]) -> str:
             base = ", ".join(f"{name} {by[(pattern, 0.5, m, False)]:.3f}"
                              for m, name in (("magnitude", "magnitude"), ("wanda", "Wanda")) if (pattern, 0.5, m, False) in by)
             rows.append([f"prune, {label}", base, ours, "[pruning](docs/results.md#pruning)"])
+    rows += moe_summary(loaded.get("moe"))
     dense = next((r["baseline_ppl"] for r in prune if "baseline_ppl" in r), None)
-    head = f"`llama-teacher`, docs-en test perplexity (dense fp32: {dense:.3f}):\n\n" if dense else ""
+    head = (f"`llama-teacher` unless a row names `moe-teacher`, docs-en test perplexity (dense fp32: {dense:.3f}):\n\n"
+            if dense else "")
     return head + md(["task", "baselines", "shrink", "details"], rows)
+
+
+def moe_summary(p: dict[str, Any] | None) -> list[list[Any]]:
+    """Headline rows of the mixture-of-experts benchmark: GPTQ against RTN, SparseGPT against magnitude/Wanda."""
+    if not p:
+        return []
+    by = {r["label"]: r for r in p["rows"]}
+    where = f"`moe-teacher`, {p['config']['eval'].split(', ')[1].split(' of ')[0]}"
+    link = "[mixture of experts](docs/results.md#mixture-of-experts-moe-teacher-python--m-benchmarksmoe)"
+    rows = []
+    if "GPTQ 4-bit g128" in by and "RTN 4-bit g128" in by:
+        g, r = by["GPTQ 4-bit g128"], by["RTN 4-bit g128"]
+        rows.append([f"quantize MoE, 4-bit g128 ({where})", f"RTN {r['ppl']:.3f}",
+                     f"GPTQ {g['ppl']:.3f} at {g['bits_per_weight']:.2f} bits/weight", link])
+    for pattern in ("50%", "2:4"):
+        if f"SparseGPT {pattern}" in by:
+            base = ", ".join(f"{m} {by[f'{m} {pattern}']['ppl']:.3f}" for m in ("magnitude", "Wanda")
+                             if f"{m} {pattern}" in by)
+            rows.append([f"prune MoE, {pattern} ({where})", base, f"SparseGPT {by[f'SparseGPT {pattern}']['ppl']:.3f}",
+                         link])
+    return rows
 
 
 def calib_speed(p: dict[str, Any]) -> str:
@@ -218,6 +241,12 @@ def scale(p: dict[str, Any]) -> str:
     return render_table(p)
 
 
+def moe(p: dict[str, Any]) -> str:
+    from benchmarks.moe import render_table
+
+    return render_table(p)
+
+
 def distill_akt(p: dict[str, Any]) -> str:
     from benchmarks.distill_akt_tables import render_table
 
@@ -240,6 +269,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "distill_akt": distill_akt,
     "distill_moe": distill_moe,
     "scale_resume": scale_resume,
+    "moe": moe,
 }
 
 

@@ -1,15 +1,17 @@
 """Measured figures of a model for metrics.json: size, sparsity, bits, peak memory."""
 from __future__ import annotations
 
+import math
 import resource
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from engine.modeling import count_parameters, find_decoder_layers, find_linears, is_packed_linear, weight_matrix
-from engine.weights import unique_tensors
+from engine.weights import DTYPE_BYTES, read_headers, unique_tensors
 
 
 def peak_memory_bytes() -> dict[str, int]:
@@ -45,10 +47,32 @@ def sparsity_report(model: nn.Module) -> dict[str, Any]:
     return {"overall": zeros / total if total else 0.0, "per_linear": per_layer}
 
 
-def state_bytes(model: nn.Module) -> int:
-    """Bytes of the model's unique tensors: what safetensors writes, up to its headers."""
+def state_bytes(model: nn.Module, float_dtype: torch.dtype | None = None) -> int:
+    """Bytes of the model's unique tensors: what safetensors writes, up to its headers;
+    with float_dtype, floating tensors counted at its size (a GPTQ export that writes them so;
+    packed layers' scales keep theirs)."""
     unique, _ = unique_tensors(model.state_dict())
-    return sum(t.numel() * t.element_size() for t in unique.values())
+    scales = {f"{n}.scales" for n, m in model.named_modules() if is_packed_linear(m)}
+
+    def nbytes(k: str, t: torch.Tensor) -> int:
+        cast = float_dtype is not None and t.is_floating_point() and k not in scales
+        return t.numel() * (torch.empty((), dtype=float_dtype).element_size() if cast else t.element_size())
+
+    return sum(nbytes(k, t) for k, t in unique.items())
+
+
+def size_parts(model: nn.Module, folder: Path) -> dict[str, dict[str, Any]]:
+    """params, bytes on disk and bits per weight of the decoder layers and of everything else
+    (embeddings, an untied lm_head, final norm) of an exported folder: where the bits go."""
+    name, layers = find_decoder_layers(model)
+    inside = count_parameters(layers)
+    sizes = {"decoder_layers": 0, "outside_layers": 0}
+    for key, header in read_headers(folder).items():
+        part = "decoder_layers" if key.startswith(f"{name}.") else "outside_layers"
+        sizes[part] += math.prod(header.shape) * DTYPE_BYTES[header.dtype]
+    params = {"decoder_layers": inside, "outside_layers": count_parameters(model) - inside}
+    return {part: {"params": params[part], "bytes": sizes[part],
+                   "bits_per_weight": 8.0 * sizes[part] / params[part] if params[part] else 0.0} for part in sizes}
 
 
 def size_metrics(model: nn.Module, size_bytes: int) -> dict[str, Any]:

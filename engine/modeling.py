@@ -164,12 +164,13 @@ def check_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fold
 
 def count_parameters(model: nn.Module) -> int:
     """Logical parameter count: tied weights once, packed Linears by their unpacked size
-    (their bias is a buffer there, so it is not counted)."""
+    and their bias (a buffer there), so quantizing leaves the count as it was."""
     total = 0
     seen: set[int] = set()
     for module in model.modules():
         if is_packed_linear(module):
-            total += module.in_features * module.out_features
+            bias = getattr(module, "bias", None)
+            total += module.in_features * module.out_features + (bias.numel() if bias is not None else 0)
         for p in module.parameters(recurse=False):
             if id(p) not in seen:
                 seen.add(id(p))

@@ -17,7 +17,7 @@ from prune.baselines import has_nm_pattern, magnitude_prune, wanda_prune
 from prune.config import parse_pattern
 from prune.reconstruct import masked_least_squares
 from prune.sparsegpt import sparsegpt_prune
-from quant.export import install_quantized, quantization_config
+from quant.export import export_float_dtype, install_quantized, quantization_config
 from quant.streaming import streamed_export
 from quant.gptq import rtn_quantize
 from quant.pack import pack_result
@@ -86,7 +86,7 @@ def prune_stage(state: "RunState") -> dict[str, Any]:
     profile: list[dict[str, Any]] = []
     # lazy: each layer read from the shards before its turn, written to the output when done
     with streamed_export(state, packed, quantization_config(quant) if prune.joint_quant else None,
-                         quant.bits, quant.group_size) as stream:
+                         quant.bits, quant.group_size, export_float_dtype(quant)) as stream:
         report = compress_model(state.model, windows, compressor, state.device, prune.true_sequential,
                                 offload_activations=quant.offload_activations, profile=profile,
                                 label=f"{prune.method}{' + reconstruct' if prune.reconstruct else ''} {prune.pattern}",

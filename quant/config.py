@@ -26,9 +26,15 @@ class QuantConfig:
     # Decoder-layer modules kept in full precision (fnmatch on the name inside the layer or its
     # last part); MoE routers by default.
     skip: list[str] = field(default_factory=lambda: list(ROUTER_PATTERNS))
+    # dtype of the tensors a GPTQ export keeps in floating point (embeddings, lm_head, norms,
+    # routers, biases): float16 as gptqmodel/AutoGPTQ write them | bfloat16 | float32 |
+    # null (model.dtype). The model is rounded to it right after quantizing, so what is
+    # evaluated is what is exported.
+    export_dtype: Optional[str] = "float16"
 
 
 METHODS = ("gptq", "rtn")
+EXPORT_DTYPES = ("float16", "bfloat16", "float32")
 
 
 def check_quant_config(quant: QuantConfig) -> None:
@@ -40,5 +46,7 @@ def check_quant_config(quant: QuantConfig) -> None:
         raise ShrinkError(f"quant.group_size: {quant.group_size} must be -1 (per channel) or positive")
     if quant.static_groups and quant.group_size == -1:
         raise ShrinkError("quant.static_groups: needs a group size (quant.group_size > 0)")
+    if quant.export_dtype is not None and quant.export_dtype not in EXPORT_DTYPES:
+        raise ShrinkError(f"quant.export_dtype: {quant.export_dtype!r} is not one of {' | '.join(EXPORT_DTYPES)} | null")
     if not 0 <= quant.damp < 1:
         raise ShrinkError(f"quant.damp: {quant.damp} must be in [0, 1)")

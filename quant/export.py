@@ -222,10 +222,13 @@ def save_gptq_model(
     quant_config: dict[str, Any],
     max_shard_size: int = 4 * 1024**3,
     overwrite: bool = False,
+    float_dtype: torch.dtype | None = None,
 ) -> Path:
     """Write model (with QuantLinear layers already swapped in) as a GPTQ folder.
 
-    Everything goes to a temporary sibling first and is renamed into place at the end, so
+    float_dtype: the dtype of every floating tensor outside the packed layers (embeddings,
+    lm_head, norms, routers, biases; config.json's dtype says so too), None = as in memory.
+    GPTQ scales stay float16 whatever it is. Everything goes to a temporary sibling first and is renamed into place at the end, so
     a failure never leaves a half-written out_dir. Returns the final path.
     """
     out = Path(out_dir)
@@ -245,7 +248,12 @@ def save_gptq_model(
         config.tie_word_embeddings = False
         tied = False
 
+    if float_dtype is not None:
+        config.dtype = float_dtype
+    scales = {f"{n}.scales" for n in qnames}
     state, dropped = _dedup_shared({rename(k): v.detach().cpu() for k, v in model.state_dict().items()}, tied)
+    if float_dtype is not None:
+        state = {k: t.to(float_dtype) if t.is_floating_point() and k not in scales else t for k, t in state.items()}
     if dropped:
         log.info("tied weights not written (re-tied on load): %s", dropped)
 
@@ -418,8 +426,36 @@ def quantization_config(quant: QuantConfig) -> dict[str, Any]:
                                     damp_percent=quant.damp)
 
 
+def export_float_dtype(quant: QuantConfig) -> torch.dtype | None:
+    """The dtype a GPTQ export writes its floating tensors in (quant.export_dtype)."""
+    names = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+    return names[quant.export_dtype] if quant.export_dtype is not None else None
+
+
+def round_float_tensors(model: nn.Module, dtype: torch.dtype) -> None:
+    """Round, in place, every floating parameter and persistent buffer outside the packed
+    GPTQ tensors to dtype's precision (their storage dtype is kept): the model then holds
+    exactly what save_gptq_model(float_dtype=dtype) writes, so the figures measured in memory
+    are those of the exported checkpoint. Tied tensors are one storage, rounded once."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            tensors = [module.bias] if module.bias is not None else []
+        else:
+            tensors = list(module.parameters(recurse=False))
+            tensors += [b for n, b in module.named_buffers(recurse=False)
+                        if n not in module._non_persistent_buffers_set]
+        for t in tensors:
+            if t.is_floating_point() and t.dtype != dtype:
+                with torch.no_grad():
+                    t.copy_(t.to(dtype))
+
+
 def install_quantized(model: nn.Module, packed: dict[str, dict[str, torch.Tensor]],
                       quant: QuantConfig) -> dict[str, Any]:
-    """Swap the quantized Linears for QuantLinears; returns the export's quantization_config."""
+    """Swap the quantized Linears for QuantLinears and round the float tensors to
+    quant.export_dtype; returns the export's quantization_config."""
     replace_with_quant_linears(model, packed, quant.bits, quant.group_size)
+    dtype = export_float_dtype(quant)
+    if dtype is not None:
+        round_float_tensors(model, dtype)
     return quantization_config(quant)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from quant.config import QuantConfig
-from quant.export import install_quantized, quantization_config
+from quant.export import export_float_dtype, install_quantized, quantization_config
 from quant.streaming import streamed_export
 from quant.gptq import QuantResult, gptq_quantize, gptq_quantize_batch, rtn_quantize
 from quant.pack import pack_result
@@ -69,7 +69,8 @@ def quantize_stage(state: "RunState") -> dict[str, Any]:
         state.layer_checkpoint.track(packed)  # a resumed run gets the finished layers' packed tensors back
     profile: list[dict[str, Any]] = []
     # lazy: each layer read from the shards before its turn, written to the output when done
-    with streamed_export(state, packed, quantization_config(quant), quant.bits, quant.group_size) as stream:
+    with streamed_export(state, packed, quantization_config(quant), quant.bits, quant.group_size,
+                         export_float_dtype(quant)) as stream:
         report = compress_model(state.model, windows, compressor, state.device, quant.true_sequential,
                                 offload_activations=quant.offload_activations,
                                 label=f"{quant.method} {quant.bits}-bit", skip=quant.skip, moe=state.cfg.moe,

@@ -25,7 +25,7 @@ from engine.experts import disk_names, split_modules, to_disk_key
 from engine.files import TEMP_PREFIX
 from engine.streaming import LazyModel, ShardWriter
 from quant.export import (_BLOCK_RE, QuantLinear, _check_g_idx, _dedup_shared, export_config,
-                          replace_with_quant_linears, write_export_configs)
+                          replace_with_quant_linears, round_float_tensors, write_export_configs)
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,12 @@ class StreamedExport:
     """load(i, layer) / done(i, layer) around each decoder layer of engine.calibration.compress_model."""
 
     def __init__(self, lazy: LazyModel, packed: dict[str, dict[str, torch.Tensor]], bits: int, group_size: int,
-                 quant_config: Optional[dict[str, Any]], parent: Path, max_shard_bytes: int) -> None:
+                 quant_config: Optional[dict[str, Any]], parent: Path, max_shard_bytes: int,
+                 float_dtype: Optional[torch.dtype] = None) -> None:
         self.lazy, self.packed, self.bits, self.group_size = lazy, packed, bits, group_size
         self.quant_config = quant_config
+        # as save_gptq_model: a GPTQ export's floats outside the packed tensors in float_dtype
+        self.float_dtype = float_dtype if quant_config is not None else None
         self.folder = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}model.lazy.", dir=parent))
         self.writer = ShardWriter(self.folder, max_shard_bytes)
         renames = disk_names(lazy.model)[1] if split_modules(lazy.model) else []
@@ -50,7 +53,7 @@ class StreamedExport:
         too, since the capture runs it once to learn what a layer returns."""
         self.lazy.load_outer()
         self.lazy.load_layer(0)
-        self.writer.add_all(self._outer(before_layers=True))
+        self.writer.add_all(self._cast(self._outer(before_layers=True)))
 
     def load(self, i: int, layer: nn.Module) -> None:
         self.lazy.load_layer(i)
@@ -66,12 +69,12 @@ class StreamedExport:
                 self.present.setdefault(block["idx"], set()).add(block["rest"])
                 if isinstance(module, QuantLinear):
                     self.qnames.append(self.rename(prefix + name))
-        self.writer.add_all({self.rename(prefix + k): v for k, v in layer.state_dict().items()})
+        self.writer.add_all(self._cast({self.rename(prefix + k): v for k, v in layer.state_dict().items()}))
         self.lazy.release(i)
 
     def finish(self) -> tuple[Path, Optional[dict[str, Any]]]:
         """Write the remaining tensors, the index and config files; (folder, quantization_config)."""
-        self.writer.add_all(self._outer(before_layers=False))
+        self.writer.add_all(self._cast(self._outer(before_layers=False)))
         self.writer.finish()
         if self.quant_config is None:  # dense, as save_pretrained writes it
             write_export_configs(self.folder, self.lazy.model, copy.deepcopy(self.lazy.model.config), None)
@@ -79,8 +82,18 @@ class StreamedExport:
         if not self.qnames:
             raise ValueError("no Linear was quantized")
         config, qcfg, _ = export_config(self.lazy.model, self.quant_config, self.qnames, self.present)
+        if self.float_dtype is not None:
+            config.dtype = self.float_dtype
         write_export_configs(self.folder, self.lazy.model, config, qcfg)
         return self.folder, qcfg
+
+    def _cast(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Floating tensors in float_dtype, GPTQ scales left float16 (as save_gptq_model writes)."""
+        if self.float_dtype is None:
+            return tensors
+        scales = {f"{n}.scales" for n in self.qnames}
+        return {k: t.to(self.float_dtype) if t.is_floating_point() and k not in scales else t
+                for k, t in tensors.items()}
 
     def abort(self) -> None:
         self.writer.abort()
@@ -101,7 +114,8 @@ class StreamedExport:
 
 @contextmanager
 def streamed_export(state: Any, packed: dict[str, dict[str, torch.Tensor]], quant_config: Optional[dict[str, Any]],
-                    bits: int = 4, group_size: int = 128) -> Iterator[Optional[StreamedExport]]:
+                    bits: int = 4, group_size: int = 128,
+                    float_dtype: Optional[torch.dtype] = None) -> Iterator[Optional[StreamedExport]]:
     """The layer stream of a stage's compress_model when the model is lazy (None otherwise): the
     output folder is complete when the block ends, and the model reads from it from then on
     (state.quantization_config set when quant_config is given); removed if the block fails."""
@@ -109,7 +123,7 @@ def streamed_export(state: Any, packed: dict[str, dict[str, torch.Tensor]], quan
         yield None
         return
     stream = StreamedExport(state.lazy, packed, bits, group_size, quant_config, state.out,
-                            shard_bytes(state.cfg.export.max_shard_size))
+                            shard_bytes(state.cfg.export.max_shard_size), float_dtype)
     try:
         stream.start()
         yield stream
@@ -120,6 +134,8 @@ def streamed_export(state: Any, packed: dict[str, dict[str, torch.Tensor]], quan
     state.lazy.use(folder)
     if qcfg is not None:
         state.quantization_config = qcfg
+        if float_dtype is not None:  # the outer tensors stay in memory: hold what was written, as eager does
+            round_float_tensors(state.lazy.model, float_dtype)
 
 
 def shard_bytes(setting: Any) -> int:

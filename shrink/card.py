@@ -110,7 +110,11 @@ def measured(state: "RunState") -> dict[str, Any]:
     except Exception as exc:  # an architecture without discoverable layers still gets a card
         log.debug("sparsity not measured for the card: %s", exc)
         sparsity = None
-    return {**size_metrics(state.model, state_bytes(state.model)), "sparsity": sparsity}
+    from quant.export import export_float_dtype
+
+    quantized = state.quantization_config is not None
+    size = state_bytes(state.model, export_float_dtype(state.cfg.quant) if quantized else None)
+    return {**size_metrics(state.model, size), "sparsity": sparsity}
 
 
 # ---------------------------------------------------------------------------- card

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from engine.config import ModelConfig
@@ -22,10 +23,11 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
 
 
 def save_model_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path,
-                      quantization_config: Optional[dict[str, Any]]) -> None:
-    """Weights (safetensors; the GPTQ layout when quantized) and tokenizer into an empty folder."""
+                      quantization_config: Optional[dict[str, Any]], float_dtype: Optional[torch.dtype] = None) -> None:
+    """Weights (safetensors; the GPTQ layout when quantized, its float tensors in float_dtype)
+    and tokenizer into an empty folder."""
     if quantization_config is not None:
-        save_gptq_model(model, folder, quantization_config, overwrite=True)
+        save_gptq_model(model, folder, quantization_config, overwrite=True, float_dtype=float_dtype)
     else:
         # split experts go back to transformers' fused layout, which it writes under the
         # family's on-disk per-expert names; the model in memory stays split

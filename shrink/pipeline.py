@@ -26,11 +26,12 @@ from engine.data import check_data_file
 from engine.distributed_calib import CalibComm
 from engine.files import atomic_folder, atomic_write_json
 from engine.gguf_import import import_dir, import_gguf
-from engine.metrics import peak_memory_bytes, size_metrics, sparsity_report
+from engine.metrics import peak_memory_bytes, size_metrics, size_parts, sparsity_report
 from engine.modeling import check_model_folder, folder_size_bytes, load_tokenizer, resolve_device
 from engine.recipe import check_fingerprints, config_digest, input_fingerprints, write_recipe
 from engine.state import RunState
 from prune.semi_structured import to_semi_structured
+from quant.export import export_float_dtype
 from shrink.model_folder import load_model, save_model_folder
 from engine.streaming import measure_lazy
 from shrink.lazy import discard, export_lazy, lazy_sparsity, lazy_wanted, open_lazy
@@ -119,7 +120,8 @@ def export_stage(state: RunState) -> dict[str, Any]:
         return {"path": str(target)}
     card = model_card(state)
     with atomic_folder(target) as tmp:
-        save_model_folder(state.model, state.tokenizer, tmp, state.quantization_config)
+        save_model_folder(state.model, state.tokenizer, tmp, state.quantization_config,
+                          export_float_dtype(state.cfg.quant))
         (tmp / "README.md").write_text(card)
     log.info("exported %s", target)
     return {"path": str(target)}
@@ -383,9 +385,11 @@ def finalize_metrics(state: RunState, seconds: dict[str, float], elapsed: float)
     exported = state.out / "model"
     size = folder_size_bytes(exported) if exported.is_dir() else folder_size_bytes(state.cfg.model.path)
     metrics.update(size_metrics(state.model, size))
+    if exported.is_dir():
+        metrics["size_parts"] = size_parts(state.model, exported)
     if state.lazy is None:
         metrics["sparsity"] = sparsity_report(state.model)["overall"]
-    elif "sparsity" not in metrics or not (state.out / "model").is_dir():  # the export measured it
+    elif "sparsity" not in metrics or not exported.is_dir():  # the export measured it
         metrics["sparsity"] = lazy_sparsity(state)
     metrics["seconds"] = {**seconds, "total": elapsed}
     metrics["peak_memory_bytes"] = peak_memory_bytes()

@@ -27,6 +27,7 @@ from typing import Any, Optional
 from engine.errors import ShrinkError
 from engine.files import atomic_folder, atomic_write_json, remove_stale_temps
 from engine.layer_checkpoint import LayerCheckpoint
+from quant.export import export_float_dtype
 from shrink.model_folder import save_model_folder
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,8 @@ def save_checkpoint(state: Any, index: int, stage: str) -> str:
     its path relative to out, as progress.json records it."""
     relative = f"checkpoints/{index}-{stage}"
     with atomic_folder(state.out / relative, replace=True) as tmp:
-        save_model_folder(state.model, state.tokenizer, tmp, state.quantization_config)
+        save_model_folder(state.model, state.tokenizer, tmp, state.quantization_config,
+                          export_float_dtype(state.cfg.quant))
     return relative
 
 

@@ -101,3 +101,27 @@ def test_from_pretrained_gpt2_conv1d(tmp_path, monkeypatch) -> None:
     with torch.no_grad():
         diff = (ours(ids).logits - hf(ids).logits).abs().max().item()
     assert diff < 1e-3, diff
+
+
+def test_from_pretrained_does_not_load_per_expert_gptq_keys_into_fused_experts(tmp_path, tiny_model_dir) -> None:
+    """The known limitation the README states: transformers' GPTQ path (optimum + gptqmodel)
+    swaps nn.Linear modules only, so the fused experts module stays a float one, the per-expert
+    qweight keys are left unused and the fused tensors uninitialized. If this starts to load
+    them, the README's mixture-of-experts section must change (and this test with it)."""
+    from tests.conftest import run_shrink, tiny_data_overrides
+
+    out = tmp_path / "run"
+    run_shrink(["pipeline=quantize", f"model.path={tiny_model_dir('mixtral')}", *tiny_data_overrides(),
+                "eval.baseline=false", "quant.method=rtn", "quant.group_size=32"], out)
+    folder = out / "model"
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, device_map="cpu",
+                                                               output_loading_info=True)
+    experts = hf.model.layers[0].mlp.experts
+    assert isinstance(experts.gate_up_proj, nn.Parameter)  # still the float fused tensor
+    assert type(hf.get_submodule("model.layers.0.self_attn.q_proj")).__module__.startswith("gptqmodel")
+    assert any("experts.0.w1.qweight" in k for k in info["unexpected_keys"]), info
+    assert any("gate_up_proj" in k for k in info["missing_keys"]), info
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    ours = load_quantized_model(folder, dtype=torch.float32)
+    with torch.no_grad():
+        assert (ours(ids).logits - hf(ids).logits).abs().max().item() > 1e-2

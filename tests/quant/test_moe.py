@@ -48,6 +48,40 @@ def test_gptq_reaches_every_expert_and_its_export_reloads_exactly(tmp_path, tiny
     assert reloaded["params"] == metrics["params"]
     # the decoder layers (experts included) shrink from 32 to ~4 bits per weight (+ routers, norms)
     assert layer_bytes(out / "model") < 0.2 * layer_bytes(folder)
+    assert_float16_outside_packed(out / "model")
+    parts = metrics["size_parts"]
+    assert sum(p["params"] for p in parts.values()) == metrics["params"]
+    assert sum(p["bytes"] for p in parts.values()) == pytest.approx(metrics["size_bytes"], rel=0.02)  # + headers
+    assert metrics["bits_per_weight"] == pytest.approx(8 * metrics["size_bytes"] / metrics["params"])
+
+
+def assert_float16_outside_packed(folder) -> None:
+    """What gptqmodel/AutoGPTQ write: every float tensor outside the packed layers (embeddings,
+    norms, routers, biases) and the scales in float16, and config.json says so."""
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    floats = {k: d for k, d in dtypes.items() if d.startswith(("F", "BF"))}
+    assert floats and set(floats.values()) == {"F16"}, {d for d in floats.values()}
+    assert any(k.endswith("embed_tokens.weight") for k in floats)
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "float16"
+
+
+def test_export_dtype_float32_keeps_the_model_dtype_and_a_bad_one_is_refused(tmp_path, tiny_model_dir) -> None:
+    folder = tiny_model_dir("mixtral")
+    args = ["pipeline=quantize", f"model.path={folder}", *tiny_data_overrides(), "eval.baseline=false",
+            "quant.method=rtn"]
+    wide = run_shrink(args + ["quant.export_dtype=float32"], tmp_path / "f32")
+    half = run_shrink(args, tmp_path / "f16")
+    with safe_open(str(tmp_path / "f32" / "model" / "model.safetensors"), framework="pt") as f:
+        assert f.get_slice("model.embed_tokens.weight").get_dtype() == "F32"
+    # the same packed layers; the float16 export is smaller by half the float tensors' bytes
+    outside = wide["size_parts"]["outside_layers"]
+    assert half["size_parts"]["outside_layers"]["bytes"] == outside["bytes"] // 2
+    assert half["params"] == wide["params"] and half["size_bytes"] < wide["size_bytes"]
+    assert half["ppl"] != wide["ppl"] and half["ppl"] == pytest.approx(wide["ppl"], rel=1e-3)
+    with pytest.raises(ShrinkError, match=r"^quant\.export_dtype: 'int8'"):
+        run_shrink(args + ["quant.export_dtype=int8"], tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("family,extra", [("mixtral", []), ("qwen2_moe", ["prune.method=wanda"]),
