@@ -6,6 +6,7 @@ Tables are only ever generated from the JSON, never typed by hand.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -217,59 +218,26 @@ def moe_summary(p: dict[str, Any] | None) -> list[list[Any]]:
     return rows
 
 
-def calib_speed(p: dict[str, Any]) -> str:
-    from benchmarks.calib_speed import render_table
+def _rendered_by(module: str) -> Callable[[dict[str, Any]], str]:
+    """The table of a benchmark whose script renders its own (imported when rendered: the
+    scripts import this module)."""
+    def render(p: dict[str, Any]) -> str:
+        return importlib.import_module(module).render_table(p)
 
-    return render_table(p)
-
-
-def scale_resume(p: dict[str, Any]) -> str:
-    from benchmarks.scale_resume import render_table
-
-    return render_table(p)
-
-
-def scale_distributed(p: dict[str, Any]) -> str:
-    from benchmarks.scale_distributed import render_table
-
-    return render_table(p)
-
-
-def scale(p: dict[str, Any]) -> str:
-    from benchmarks.scale import render_table
-
-    return render_table(p)
-
-
-def moe(p: dict[str, Any]) -> str:
-    from benchmarks.moe import render_table
-
-    return render_table(p)
-
-
-def distill_akt(p: dict[str, Any]) -> str:
-    from benchmarks.distill_akt_tables import render_table
-
-    return render_table(p)
-
-
-def distill_moe(p: dict[str, Any]) -> str:
-    from benchmarks.distill_moe import render_table
-
-    return render_table(p)
+    return render
 
 
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "quant_quality": quant_quality,
-    "calib_speed": calib_speed,
-    "scale_distributed": scale_distributed,
-    "scale": scale,
+    "calib_speed": _rendered_by("benchmarks.calib_speed"),
+    "scale_distributed": _rendered_by("benchmarks.scale_distributed"),
+    "scale": _rendered_by("benchmarks.scale"),
     "prune_quality": prune_quality,
     "prune_ablation": prune_ablation,
-    "distill_akt": distill_akt,
-    "distill_moe": distill_moe,
-    "scale_resume": scale_resume,
-    "moe": moe,
+    "distill_akt": _rendered_by("benchmarks.distill_akt_tables"),
+    "distill_moe": _rendered_by("benchmarks.distill_moe"),
+    "scale_resume": _rendered_by("benchmarks.scale_resume"),
+    "moe": _rendered_by("benchmarks.moe"),
 }
 
 
