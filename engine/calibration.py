@@ -461,6 +461,9 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
         layer.to("cpu")
         if stream is not None:
             stream.done(i, layer)
+        # the finished layer's Linears are not needed: a streamed layer's originals, swapped out
+        # for QuantLinears, would otherwise stay in memory through every later layer
+        targets[i] = job.linears = {}
         if profile is not None:
             profile.append(job.clock.as_dict())
         if checkpoint is not None:
