@@ -35,11 +35,10 @@ from engine.errors import ShrinkError
 from engine.experts import disk_names, split_experts, split_modules, to_disk_key, to_memory_key
 from engine.evaluation import Measured, measure
 from engine.modeling import find_decoder_layers
-from engine.weights import SAFE_INDEX, TensorHeader, check_load, read_headers
+from engine.weights import SAFE_INDEX, SAFE_NAME, TensorHeader, check_load, read_headers
 
 log = logging.getLogger(__name__)
 
-SAFE_NAME = "model.safetensors"
 # model.lazy=auto streams when the checkpoint's weight files take more than this share of the
 # memory the kernel reports available (MemAvailable): the eager path needs the whole model plus
 # a layer's worth of work and the activations next to it.

@@ -21,6 +21,7 @@ from torch import nn
 
 from engine.errors import ShrinkError
 
+SAFE_NAME = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,

@@ -27,15 +27,12 @@ from torch import nn
 from engine.experts import disk_names, split_experts, split_modules, to_disk_key, to_memory_key
 from engine.files import atomic_folder
 from engine.modeling import linear_dims
-from engine.weights import unique_tensors
-from engine.weights import check_load, read_headers
+from engine.weights import SAFE_INDEX, SAFE_NAME, check_load, read_headers, unique_tensors
 from quant.config import QuantConfig
 from quant.qlinear import QuantLinear
 
 log = logging.getLogger(__name__)
 
-SAFE_NAME = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
 QUANT_CONFIG_NAME = "quantize_config.json"
 _QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
