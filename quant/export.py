@@ -180,6 +180,16 @@ def _tied_embeddings(model: nn.Module) -> bool:
     return bool(getattr(text, "tie_word_embeddings", False))
 
 
+def cast_floats(state: dict[str, torch.Tensor], float_dtype: torch.dtype | None,
+                qnames: list[str]) -> dict[str, torch.Tensor]:
+    """A GPTQ export's floating tensors in float_dtype (None: as they are), the scales of the
+    packed Linears `qnames` left float16 as the format fixes them."""
+    if float_dtype is None:
+        return state
+    scales = {f"{n}.scales" for n in qnames}
+    return {k: t.to(float_dtype) if t.is_floating_point() and k not in scales else t for k, t in state.items()}
+
+
 def _dedup_shared(state: dict[str, torch.Tensor], tied: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
     """safetensors refuses tensors sharing storage. For tied embeddings drop the later key
     (transformers re-ties on load); any other sharing is broken with a clone, because the
@@ -247,10 +257,8 @@ def save_gptq_model(
 
     if float_dtype is not None:
         config.dtype = float_dtype
-    scales = {f"{n}.scales" for n in qnames}
     state, dropped = _dedup_shared({rename(k): v.detach().cpu() for k, v in model.state_dict().items()}, tied)
-    if float_dtype is not None:
-        state = {k: t.to(float_dtype) if t.is_floating_point() and k not in scales else t for k, t in state.items()}
+    state = cast_floats(state, float_dtype, qnames)
     if dropped:
         log.info("tied weights not written (re-tied on load): %s", dropped)
 

@@ -24,7 +24,7 @@ from torch import nn
 from engine.experts import disk_names, split_modules, to_disk_key
 from engine.files import TEMP_PREFIX
 from engine.streaming import LazyModel, ShardWriter
-from quant.export import (_BLOCK_RE, QuantLinear, _check_g_idx, _dedup_shared, export_config,
+from quant.export import (_BLOCK_RE, QuantLinear, _check_g_idx, _dedup_shared, cast_floats, export_config,
                           replace_with_quant_linears, round_float_tensors, write_export_configs)
 
 log = logging.getLogger(__name__)
@@ -88,12 +88,7 @@ class StreamedExport:
         return self.folder, qcfg
 
     def _cast(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Floating tensors in float_dtype, GPTQ scales left float16 (as save_gptq_model writes)."""
-        if self.float_dtype is None:
-            return tensors
-        scales = {f"{n}.scales" for n in self.qnames}
-        return {k: t.to(self.float_dtype) if t.is_floating_point() and k not in scales else t
-                for k, t in tensors.items()}
+        return cast_floats(tensors, self.float_dtype, self.qnames)
 
     def abort(self) -> None:
         self.writer.abort()
