@@ -235,8 +235,9 @@ def save_gptq_model(
 
     float_dtype: the dtype of every floating tensor outside the packed layers (embeddings,
     lm_head, norms, routers, biases; config.json's dtype says so too), None = as in memory.
-    GPTQ scales stay float16 whatever it is. Everything goes to a temporary sibling first and is renamed into place at the end, so
-    a failure never leaves a half-written out_dir. Returns the final path.
+    GPTQ scales stay float16 whatever it is. Everything goes to a temporary sibling first and is
+    renamed into place at the end, so a failure never leaves a half-written out_dir. Returns the
+    final path.
     """
     out = Path(out_dir)
     if out.exists() and not overwrite:
