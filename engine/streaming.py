@@ -448,7 +448,3 @@ def zero_fraction_lazy(lazy: LazyModel, matrices: Callable[[nn.Module], dict[str
         lazy.release(i)
     return zeros / total if total else 0.0
 
-
-def checkpoint_bytes(folder: Path) -> int:
-    """Bytes of a folder's .safetensors files."""
-    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.name.endswith(".safetensors"))

@@ -17,8 +17,8 @@ from omegaconf import DictConfig
 
 from engine.errors import ShrinkError
 from engine.metrics import decoder_weight_matrices
-from engine.modeling import check_vocab, is_gptq_folder, load_tokenizer, resolve_dtype
-from engine.streaming import LazyModel, build_skeleton, checkpoint_bytes, resolve_lazy, zero_fraction_lazy
+from engine.modeling import check_vocab, folder_size_bytes, is_gptq_folder, load_tokenizer, resolve_dtype
+from engine.streaming import LazyModel, build_skeleton, resolve_lazy, zero_fraction_lazy
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ LAZY_STAGES = ("prune", "quantize", "eval", "export")
 
 def lazy_wanted(cfg: DictConfig, folder: Path, stages: list[str]) -> bool:
     """model.lazy resolved for this run; ShrinkError where the pipeline cannot stream."""
-    if not resolve_lazy(cfg.model.get("lazy", "auto"), checkpoint_bytes(folder)):
+    if not resolve_lazy(cfg.model.get("lazy", "auto"), folder_size_bytes(folder)):
         return False
     unsupported = [s for s in stages if s not in LAZY_STAGES]
     if unsupported:
