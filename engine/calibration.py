@@ -524,6 +524,8 @@ class _LayerJob:
                 for n in members:
                     jobs[n].batch = [jobs[m] for m in members]
             entries = {name: _compress_one(jobs[name], self.compressor, self.min_tokens(name)) for name in mine}
+        for job in jobs.values():  # job.batch holds the job itself: a cycle that would keep each Linear and
+            job.batch = None       # Hessian alive until a full gc pass, through every later layer
         if self.comm is not None:
             entries = self.comm.share(entries, self.linears, f"layer {self.index}'s compressed Linears")
         self.report.extend(entries[name] for name in names)

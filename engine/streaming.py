@@ -34,6 +34,7 @@ from engine.calibration import capture_layer_calls, run_layer
 from engine.errors import ShrinkError
 from engine.experts import disk_names, split_experts, split_modules, to_disk_key, to_memory_key
 from engine.evaluation import Measured, measure
+from engine.lockstep import release_free_memory
 from engine.modeling import find_decoder_layers
 from engine.weights import SAFE_INDEX, SAFE_NAME, TensorHeader, check_load, read_headers
 
@@ -211,6 +212,9 @@ class LazyModel:
         pages read so far would otherwise stay resident in this process)."""
         release(self.layers[i])
         self.source.close()
+        # the layer's work was done in many short-lived buffers; glibc keeps freed heap pages in
+        # the process unless asked, and over a deep model that reads as growth with depth
+        release_free_memory()
 
     def use(self, folder: Path) -> None:
         """From now on tensors come from `folder` (a stage's written checkpoint); an earlier
