@@ -8,6 +8,7 @@ the calibration, all 128256 are loaded and written).
 
     python -m benchmarks.scale                    # depth: GPTQ and RTN 4-bit g128, 2, 4 and 8 layers, lazy
     python -m benchmarks.scale --beyond-ram 64    # RTN 4-bit g128 on a 64-layer (~29 GB) checkpoint
+    python -m benchmarks.scale --side-by-side 4   # shrink (lazy and whole) against gptqmodel, 4 layers
 
 Depth arms: GPTQ (and RTN) 4-bit g128, 8 x 512 calibration tokens of the shipped Shakespeare, true-
 sequential, model.dtype=bfloat16, model.lazy=true, pipeline [quantize] (the GPTQ folder is
@@ -15,6 +16,13 @@ written layer by layer, then discarded). Each arm runs in its own process; its p
 the kernel's high-water mark of that process (VmHWM). The machine is shared with other jobs
 while this runs: seconds are noisy, so the 1-minute load average before and after each arm
 is recorded next to them.
+
+Side by side: on one cut, in one invocation, shrink's GPTQ streamed (model.lazy=true) and
+with the whole model loaded (model.lazy=false), and gptqmodel 7.6.0 through optimum's
+GPTQQuantizer (the whole model loaded, as it requires), on the same 8 x 512 windows with
+the same settings (asymmetric as shrink's default, g128, damp 0.01, no act-order,
+true-sequential, batches of 8);
+seconds of the quantization itself and the process's peak RSS.
 
 Beyond RAM: the checkpoint goes under --scratch (not the repository), is quantized with RTN
 end to end lazily into a GPTQ folder there, the output's first window's logits are computed
@@ -137,6 +145,31 @@ def arm(folder: Path, method: str, lazy: bool, out: Path, stages: str) -> dict[s
             "peak_rss_bytes": vm_hwm(), "output_bytes": metrics["size_bytes"]}
 
 
+def arm_gptqmodel(folder: Path, out: Path) -> dict[str, Any]:
+    """optimum.gptq.GPTQQuantizer (gptqmodel's GPTQ and packing) on the windows shrink samples
+    for the same overrides, the whole model loaded."""
+    from optimum.gptq import GPTQQuantizer
+
+    from engine.state import RunState
+    from shrink.config import compose, quiet_import_noise
+    from shrink.model_folder import load_model
+
+    quiet_import_noise()
+    cfg = compose(overrides(folder, "gptq", False) + [f"out={out}"])
+    model, tokenizer = load_model(cfg.model)
+    windows = RunState(cfg, out, model, tokenizer).calibration()
+    dataset = [{"input_ids": w[None], "attention_mask": torch.ones_like(w)[None]} for w in windows]
+    quantizer = GPTQQuantizer(bits=4, group_size=128, sym=bool(cfg.quant.sym), desc_act=False, true_sequential=True,
+                              damp_percent=cfg.quant.damp, dataset=dataset, batch_size=8,
+                              pad_token_id=tokenizer.eos_token_id, model_seqlen=windows.shape[1])
+    start = time.time()
+    quantizer.quantize_model(model, tokenizer)
+    seconds = time.time() - start
+    layers = model.config.num_hidden_layers
+    return {"seconds": seconds, "quantize_seconds": seconds, "seconds_per_layer": seconds / layers,
+            "layers": layers, "peak_rss_bytes": vm_hwm()}
+
+
 def run_arm(folder: Path, method: str, lazy: bool, out: Path, stages: str = "[quantize]") -> dict[str, Any]:
     """`arm` in a subprocess of its own (its peak RSS is its own), with the load average around it."""
     load_before = os.getloadavg()[0]
@@ -168,6 +201,24 @@ def depth(results: Results, scratch: Path, depths: tuple[int, ...], method: str)
                      **row})
         log.info("depth %d: peak RSS %.2f GiB, %.1f s/layer", layers, row["peak_rss_bytes"] / 2**30,
                  row["seconds_per_layer"])
+
+
+def side_by_side(results: Results, scratch: Path, layers: int) -> None:
+    """shrink lazy, shrink whole-model and gptqmodel GPTQ on one cut, in this invocation."""
+    folder = scratch / f"llama3-8b-{layers}l"
+    arms = [("gptq", True), ("gptq", False), ("gptqmodel", False)]
+    todo = [(m, lazy) for m, lazy in arms if not results.has(kind="side_by_side", method=m, layers=layers, lazy=lazy)]
+    if not todo:
+        return
+    size = ensure_checkpoint(folder, layers)
+    for method, lazy in todo:
+        run = scratch / f"side-{method}-{lazy}"
+        try:
+            row = run_arm(folder, method, lazy, run)
+        finally:
+            shutil.rmtree(run, ignore_errors=True)
+        results.add({"kind": "side_by_side", "layers": layers, "lazy": lazy, "method": method,
+                     "checkpoint_bytes": size, **row})
 
 
 def streamed_logits(folder: Path) -> torch.Tensor:
@@ -225,12 +276,19 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f}"
 
 
+def run_label(r: dict[str, Any]) -> str:
+    tool = "gptqmodel 7.6.0 GPTQ" if r["method"] == "gptqmodel" else r["method"].upper()
+    where = "lazy" if r["lazy"] else "whole model loaded"
+    suffix = {"beyond_ram": " (beyond RAM)", "side_by_side": " (side by side)"}.get(r["kind"], "")
+    return f"{tool} 4-bit g128, {where}{suffix}"
+
+
 def render_table(p: dict[str, Any]) -> str:
-    rows = sorted(p["rows"], key=lambda r: (r["kind"] != "depth", r["method"], r["layers"]))
+    kinds = ["depth", "side_by_side", "beyond_ram"]
+    rows = sorted(p["rows"], key=lambda r: (kinds.index(r["kind"]), r["method"], not r["lazy"], r["layers"]))
     table = md(["run", "layers", "checkpoint GiB", "peak RSS GiB", "RSS / checkpoint", "s / layer",
                 "load avg (before, after)"],
-               [[f"{r['method'].upper()} 4-bit g128, lazy" + (" (beyond RAM)" if r["kind"] == "beyond_ram" else ""),
-                 r["layers"], gib(r["checkpoint_bytes"]), gib(r["peak_rss_bytes"]),
+               [[run_label(r), r["layers"], gib(r["checkpoint_bytes"]), gib(r["peak_rss_bytes"]),
                  f"{r['peak_rss_bytes'] / r['checkpoint_bytes']:.2f}", f"{r['seconds_per_layer']:.1f}",
                  f"{r['load_average_before']:.1f}, {r['load_average_after']:.1f}"] for r in rows])
     notes = []
@@ -259,6 +317,8 @@ def main() -> None:
     parser.add_argument("--depths", type=int, nargs="*", default=list(DEPTHS))
     parser.add_argument("--methods", nargs="*", default=["gptq", "rtn"])
     parser.add_argument("--beyond-ram", type=int, default=0, help="layers of the beyond-RAM checkpoint (0: skip)")
+    parser.add_argument("--side-by-side", type=int, default=0,
+                        help="layers of the cut for shrink against gptqmodel (0: skip)")
     parser.add_argument("--write", type=int, default=0, help="only write the beyond-RAM checkpoint of this depth")
     parser.add_argument("--scratch", type=Path, default=Path("/work/scale_ckpt"))
     parser.add_argument("--arm", type=Path, help=argparse.SUPPRESS)
@@ -272,7 +332,9 @@ def main() -> None:
         ensure_checkpoint(args.scratch / f"llama3-8b-{args.write}l", args.write)
         return
     if args.arm:
-        print(ROW + json.dumps(arm(args.arm, args.method, args.lazy, args.out, args.stages)), flush=True)
+        row = arm_gptqmodel(args.arm, args.out) if args.method == "gptqmodel" else \
+            arm(args.arm, args.method, args.lazy, args.out, args.stages)
+        print(ROW + json.dumps(row), flush=True)
         return
     config = {"shapes": SHAPES, "calibration": "8 x 512 shakespeare", "bits": 4, "group_size": 128,
               "dtype": "bfloat16", "shard_bytes": SHARD}
@@ -280,7 +342,9 @@ def main() -> None:
     args.scratch.mkdir(parents=True, exist_ok=True)
     for method in args.methods:
         depth(results, args.scratch, tuple(args.depths), method)
-    for layers in args.depths:  # the depth checkpoints are kept until every method ran on them
+    if args.side_by_side:
+        side_by_side(results, args.scratch, args.side_by_side)
+    for layers in {*args.depths, args.side_by_side} - {0}:  # kept until every arm ran on them
         shutil.rmtree(args.scratch / f"llama3-8b-{layers}l", ignore_errors=True)
     if args.beyond_ram:
         beyond_ram(results, args.scratch, args.beyond_ram)

@@ -243,25 +243,36 @@ def input_groups(layer: nn.Module, batch: LayerBatch, device: torch.device,
 def accumulate(layer: nn.Module, groups: list[list[str]], batches: list[LayerBatch],
                device: torch.device, full: bool = True,
                linears: Optional[dict[str, nn.Module]] = None,
-               clock: Optional["LayerProfile"] = None) -> dict[str, HessianAccumulator]:
+               clock: Optional["LayerProfile"] = None,
+               chain: Optional[Callable[[HessianAccumulator, list[torch.Tensor]], None]] = None,
+               ) -> dict[str, HessianAccumulator]:
     """One Hessian per input group, shared by the Linears of the group (only its
     diagonal unless `full`), from whole forwards of the layer over every batch (the
-    reference path: nothing stops a forward half-way)."""
+    reference path: nothing stops a forward half-way). With `chain` (torchrun), each
+    group's inputs are kept and handed to chain(acc, inputs) after the forwards, group
+    after group: the ranks then add them in window order, as one process adds them."""
     linears = find_linears(layer) if linears is None else linears
     hessians: dict[str, HessianAccumulator] = {}
     handles = []
+    kept: dict[int, list[torch.Tensor]] = {}
     clock = clock if clock is not None else LayerProfile(-1)
     start, hessian_before = time.perf_counter(), clock.hessian_seconds
 
     def hook(acc: HessianAccumulator) -> Callable[..., None]:
         def fn(_m: nn.Module, inp: tuple, _o: Any) -> None:
+            if chain is not None:
+                kept[id(acc)].append(inp[0])
+                return
             with clock.timing("hessian_seconds", device):
                 acc.add(inp[0])
         return fn
 
+    accs: list[HessianAccumulator] = []
     for group in groups:
         first = linears[group[0]]
         acc = HessianAccumulator(weight_matrix(first).shape[1], device, full)
+        accs.append(acc)
+        kept[id(acc)] = []
         for name in group:
             hessians[name] = acc
         handles.append(first.register_forward_hook(hook(acc)))
@@ -272,6 +283,9 @@ def accumulate(layer: nn.Module, groups: list[list[str]], batches: list[LayerBat
             h.remove()
     clock.forward_seconds += time.perf_counter() - start - (clock.hessian_seconds - hessian_before)
     clock.forwards += 1
+    for acc in accs if chain is not None else []:
+        with clock.timing("hessian_seconds", device):
+            chain(acc, kept.pop(id(acc)))
     return hessians
 
 
@@ -550,6 +564,9 @@ def _calibrate_layer(layer: nn.Module, batches: list[LayerBatch], job: _LayerJob
     if true_sequential and not rerun and not irregular and not roles and store == device:
         outputs = _lockstep_layer(layer, batches, groups, job, full, store)
     else:
+        # torchrun: each Hessian summed along the ranks in window order (one process's sum, bit for bit)
+        chain = (lambda acc, xs: job.comm.add_in_order(acc, xs, f"layer {job.index}'s Hessian sums")) \
+            if job.comm is not None else None
         counted = False
         for pass_groups in (sequential_passes(groups, roles) if true_sequential else [groups]):
             # every token through every expert only where an expert's statistics are taken; the
@@ -557,7 +574,8 @@ def _calibrate_layer(layer: nn.Module, batches: list[LayerBatch], job: _LayerJob
             has_experts = any(n in roles for group in pass_groups for n in group)
             count = has_experts and not counted
             with expert_mode(layer, job.moe.all_experts and has_experts, count=count):
-                hessians = accumulate(layer, pass_groups, batches, device, full, job.linears, clock=clock)
+                hessians = accumulate(layer, pass_groups, batches, device, full, job.linears, clock=clock,
+                                      chain=chain)
             counted = counted or has_experts
             job.compress(pass_groups, hessians)
         with clock.timing("forward_seconds", device):

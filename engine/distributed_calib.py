@@ -8,13 +8,12 @@ and runs the same compress_model with a `CalibComm`:
   summed over the ranks onto the rank that owns its Linears (a Hessian shared by Linears of
   several owners is summed onto all of them). Owners balance the sweep's cost (in^2 * out
   per Linear: the largest first, onto the least loaded rank); they depend on shapes only,
-  so every rank computes the same. On the lockstep path (dense layers), where each pause
-  holds the inputs of all of a rank's windows, the sum is instead handed along the ranks in
-  window order (`add_in_order`): rank r adds its share onto rank r-1's running sum, exactly
-  as one process adds them, so the Hessians and codes equal one process's bit for bit (with
-  the same threads per process); only the x^T x products are serialized, the forwards are not.
-  Expert layers (several forwards per layer) sum the ranks' partial sums instead: equal up to
-  the order of a floating-point sum;
+  so every rank computes the same. The sum itself is handed along the ranks in window order
+  (`add_in_order`): rank r receives rank r-1's running sum, adds its own inputs (kept from
+  its forwards: a lockstep pause holds them all; the re-run path of expert layers keeps them
+  for one pass) and hands it on, exactly as one process adds them, so the Hessians and codes
+  equal one process's bit for bit (with the same threads per process and the same batches);
+  only the x^T x products are serialized, the forwards are not;
 - each owner compresses its Linears, and every rank gathers every owner's results (the new
   weight, the stage's side outputs such as the packed GPTQ tensors, the report entry) and
   installs them, so the next layer's inputs are right on every rank.
@@ -115,31 +114,26 @@ class CalibComm:
 
     def reduce(self, groups: list[list[str]], hessians: dict[str, HessianAccumulator],
                owner: dict[str, int], what: str) -> None:
-        """Sum every group's Hessian (running sum and row count) over the ranks onto the
-        owners of its Linears (one handed along the ranks is sent from the rank holding it);
-        other ranks keep a partial sum they never read."""
+        """Every group's whole Hessian (running sum and row count, handed along the ranks by
+        add_in_order) sent from the rank holding it to the owners of its Linears; other ranks
+        keep a partial sum they never read."""
         accs: list[tuple[HessianAccumulator, set[int]]] = []
         for group in groups:
             acc = hessians.get(group[0])
             if acc is not None:
                 accs.append((acc, {owner[n] for n in group}))
-        if not accs:
-            return
         with self.guard(what):
-            holders = [self.chained.pop(id(acc), None) for acc, _ in accs]
-            # partial sums' row counts add up; a chained sum's count is its holder's
-            counts = torch.tensor([acc.n if holder in (None, self.rank) else 0
-                                   for (acc, _), holder in zip(accs, holders)], dtype=torch.int64)
-            dist.all_reduce(counts, group=self.objects)
-            for (acc, ranks), total, holder in zip(accs, counts.tolist(), holders):
-                partial = acc.raw_sum()
-                if holder is not None:  # the whole sum is on the holder already
-                    dist.broadcast(partial, src=holder, group=self.group)
-                elif len(ranks) == 1:
-                    dist.reduce(partial, dst=next(iter(ranks)), group=self.group)
-                else:
-                    dist.all_reduce(partial, group=self.group)
-                acc.n = int(total)
+            for acc, ranks in accs:
+                holder = self.chained.pop(id(acc))
+                total, count = acc.raw_sum(), torch.tensor([acc.n], dtype=torch.int64)
+                if self.rank == holder:
+                    for rank in sorted(ranks - {holder}):
+                        dist.send(total, dst=rank, group=self.group)
+                        dist.send(count, dst=rank, group=self.objects)
+                elif self.rank in ranks:
+                    dist.recv(total, src=holder, group=self.group)
+                    dist.recv(count, src=holder, group=self.objects)
+                    acc.n = int(count)
 
     def add_in_order(self, acc: HessianAccumulator, inputs: list[torch.Tensor], what: str) -> None:
         """acc += inputs of every rank, in window order: receive rank r-1's running state (sum,
