@@ -102,6 +102,9 @@ class _Batch:
         except BaseException as exc:  # handed to the driver thread, which raises it
             self.error = exc
         finally:
+            # the forward's closure refers to this batch and to the driver: dropped once run, so the
+            # layer (its weights, the Linears at the pauses) is freed without a cyclic gc pass
+            self.run = None  # type: ignore[assignment]
             self.done = True
             self.handback.release()
 

@@ -197,3 +197,35 @@ def test_max_shard_size_reads_sizes_and_refuses_nonsense() -> None:
     for bad in ("lots", "-1GB", 0):
         with pytest.raises(ShrinkError, match="export.max_shard_size"):
             shard_bytes(bad)
+
+
+def test_a_streamed_layer_is_freed_when_done_without_waiting_for_gc(tmp_path, tiny_model_dir, monkeypatch) -> None:
+    """Every decoder layer's Linears (their compressed weights, their Hessians' jobs) are freed by
+    reference counting once the layer is written: nothing of a finished layer may wait for a
+    cyclic garbage collection, or peak memory grows with depth (it did: a job listed itself)."""
+    import gc
+    import weakref
+
+    from torch import nn
+
+    from engine.streaming import LazyModel
+
+    seen: list[weakref.ref] = []
+    load_layer = LazyModel.load_layer
+
+    def tracking(self: LazyModel, i: int) -> nn.Module:
+        layer = load_layer(self, i)
+        seen.extend(weakref.ref(m) for m in layer.modules() if type(m) is nn.Linear)
+        return layer
+
+    monkeypatch.setattr(LazyModel, "load_layer", tracking)
+    folder = tiny_model_dir("llama")
+    gc.collect()
+    gc.disable()
+    try:
+        run_shrink(["pipeline=quantize", f"model.path={folder}", "model.lazy=true", "quant.group_size=32",
+                    "eval.baseline=false", *tiny_data_overrides()], tmp_path / "q")
+        alive = sum(ref() is not None for ref in seen)
+    finally:
+        gc.enable()
+    assert seen and alive == 0, f"{alive} of {len(seen)} streamed Linears outlived their layer"
