@@ -8,7 +8,7 @@ the calibration, all 128256 are loaded and written).
 
     python -m benchmarks.scale                    # depth: GPTQ and RTN 4-bit g128, 2, 4 and 8 layers, lazy
     python -m benchmarks.scale --beyond-ram 64    # RTN 4-bit g128 on a 64-layer (~29 GB) checkpoint
-    python -m benchmarks.scale --side-by-side 4   # shrink (lazy and whole) against gptqmodel, 4 layers
+    python -m benchmarks.scale --depths 2 4 8 --methods gptq --side-by-side 4   # and gptqmodel on 4 layers
 
 Depth arms: GPTQ (and RTN) 4-bit g128, 8 x 512 calibration tokens of the shipped Shakespeare, true-
 sequential, model.dtype=bfloat16, model.lazy=true, pipeline [quantize] (the GPTQ folder is
@@ -17,12 +17,10 @@ the kernel's high-water mark of that process (VmHWM). The machine is shared with
 while this runs: seconds are noisy, so the 1-minute load average before and after each arm
 is recorded next to them.
 
-Side by side: on one cut, in one invocation, shrink's GPTQ streamed (model.lazy=true) and
-with the whole model loaded (model.lazy=false), and gptqmodel 7.6.0 through optimum's
-GPTQQuantizer (the whole model loaded, as it requires), on the same 8 x 512 windows with
-the same settings (asymmetric as shrink's default, g128, damp 0.01, no act-order,
-true-sequential, batches of 8);
-seconds of the quantization itself and the process's peak RSS.
+Side by side: gptqmodel 7.6.0 through optimum's GPTQQuantizer (the whole model loaded, as it
+requires) on a cut whose shrink GPTQ depth arm runs in the same invocation, on the same
+8 x 512 windows with the same settings (asymmetric as shrink's default, g128, damp 0.01, no
+act-order, true-sequential, batches of 8): seconds of the quantization itself and peak RSS.
 
 Beyond RAM: the checkpoint goes under --scratch (not the repository), is quantized with RTN
 end to end lazily into a GPTQ folder there, the output's first window's logits are computed
@@ -204,21 +202,18 @@ def depth(results: Results, scratch: Path, depths: tuple[int, ...], method: str)
 
 
 def side_by_side(results: Results, scratch: Path, layers: int) -> None:
-    """shrink lazy, shrink whole-model and gptqmodel GPTQ on one cut, in this invocation."""
-    folder = scratch / f"llama3-8b-{layers}l"
-    arms = [("gptq", True), ("gptq", False), ("gptqmodel", False)]
-    todo = [(m, lazy) for m, lazy in arms if not results.has(kind="side_by_side", method=m, layers=layers, lazy=lazy)]
-    if not todo:
+    """gptqmodel's GPTQ on the cut whose shrink GPTQ depth row this invocation measured."""
+    if results.has(kind="side_by_side", method="gptqmodel", layers=layers, lazy=False):
         return
+    folder = scratch / f"llama3-8b-{layers}l"
     size = ensure_checkpoint(folder, layers)
-    for method, lazy in todo:
-        run = scratch / f"side-{method}-{lazy}"
-        try:
-            row = run_arm(folder, method, lazy, run)
-        finally:
-            shutil.rmtree(run, ignore_errors=True)
-        results.add({"kind": "side_by_side", "layers": layers, "lazy": lazy, "method": method,
-                     "checkpoint_bytes": size, **row})
+    run = scratch / "side-gptqmodel"
+    try:
+        row = run_arm(folder, "gptqmodel", False, run)
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
+    results.add({"kind": "side_by_side", "layers": layers, "lazy": False, "method": "gptqmodel",
+                 "checkpoint_bytes": size, **row})
 
 
 def streamed_logits(folder: Path) -> torch.Tensor:

@@ -209,9 +209,14 @@ def inverse_hessian(
         tried = fraction
         Hd, dead, damp = damped_hessian(H, fraction)
         L, info = torch.linalg.cholesky_ex(Hd)
+        # each [cols, cols] intermediate is dropped as soon as the next exists: at an MLP's
+        # 14336 inputs one is 0.8 GB in fp32, and holding all four would double the peak
+        del Hd
         if int(info) == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             # A nearly singular H can pass the first Cholesky yet give an inverse with
             # inf/NaN; treat that as a failure too and damp harder.
             if int(info) == 0 and bool(torch.isfinite(U).all()):
