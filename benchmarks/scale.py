@@ -187,6 +187,7 @@ def depth(results: Results, scratch: Path, depths: tuple[int, ...], method: str)
         folder = scratch / f"llama3-8b-{layers}l"
         size = ensure_checkpoint(folder, layers)
         run = scratch / f"run-{layers}"
+        shutil.rmtree(run, ignore_errors=True)  # an interrupted earlier invocation's
         try:
             row = run_arm(folder, method, True, run, stages="[quantize,export]")
             if layers == min(depths):  # streamed logits of the output against the whole-model path
@@ -293,6 +294,14 @@ def render_table(p: dict[str, Any]) -> str:
                          f"{WINDOW}-token window's logits bitwise equal to the whole-model path's: "
                          f"{r['streamed_logits_equal_eager']} (max abs difference "
                          f"{r['streamed_logits_max_abs_diff']:.3g}).")
+        ours = next((o for o in rows if o["kind"] == "depth" and o["method"] == "gptq" and o["layers"] == r["layers"]),
+                    None)
+        if r["kind"] == "side_by_side" and ours is not None:
+            notes.append(f"Side by side on the {r['layers']}-layer cut: gptqmodel 7.6.0 (optimum's GPTQQuantizer, the "
+                         f"whole model loaded; its seconds are quantize_model's) {r['quantize_seconds']:.0f} s and "
+                         f"peak RSS {gib(r['peak_rss_bytes'])} GiB; shrink's streamed GPTQ "
+                         f"{ours['quantize_seconds']:.0f} s (the quantize stage) and {gib(ours['peak_rss_bytes'])} "
+                         f"GiB (with its export).")
         if r["kind"] == "beyond_ram":
             notes.append(f"Beyond RAM: {gib(r['checkpoint_bytes'])} GiB of bf16 shards on a machine with "
                          f"{gib(r['ram_bytes'])} GiB of RAM, quantized end to end with peak RSS "
@@ -303,8 +312,8 @@ def render_table(p: dict[str, Any]) -> str:
                    "the embeddings and lm_head alone are 1.96 GiB), model.dtype=bfloat16, GPTQ on 8 x 512 "
                    "calibration tokens (RTN needs none), one process per run, pipeline quantize + export (the "
                    "export's pass over the written layers for metrics.json's sparsity included in the peak); peak "
-                   "RSS is the process's VmHWM (memory-mapped shard pages included). The machine was shared with "
-                   "other jobs, so seconds are noisy (load average recorded).") + footer(p)
+                   "RSS is the process's VmHWM (memory-mapped shard pages included). Seconds depend on what else ran "
+                   "on the 2-core machine: the 1-minute load average before and after each run is recorded.") + footer(p)
 
 
 def main() -> None:
