@@ -544,6 +544,10 @@ class _LayerJob:
             entries = self.comm.share(entries, self.linears, f"layer {self.index}'s compressed Linears")
         self.report.extend(entries[name] for name in names)
 
+    def add_in_order(self, acc: HessianAccumulator, inputs: list[torch.Tensor]) -> None:
+        """torchrun: acc += every rank's inputs, in window order (CalibComm.add_in_order)."""
+        self.comm.add_in_order(acc, inputs, f"layer {self.index}'s Hessian sums")
+
     def min_tokens(self, name: str) -> int:
         return self.moe.min_tokens if name in self.roles else 0
 
@@ -565,8 +569,7 @@ def _calibrate_layer(layer: nn.Module, batches: list[LayerBatch], job: _LayerJob
         outputs = _lockstep_layer(layer, batches, groups, job, full, store)
     else:
         # torchrun: each Hessian summed along the ranks in window order (one process's sum, bit for bit)
-        chain = (lambda acc, xs: job.comm.add_in_order(acc, xs, f"layer {job.index}'s Hessian sums")) \
-            if job.comm is not None else None
+        chain = job.add_in_order if job.comm is not None else None
         counted = False
         for pass_groups in (sequential_passes(groups, roles) if true_sequential else [groups]):
             # every token through every expert only where an expert's statistics are taken; the
@@ -609,7 +612,7 @@ def _lockstep_layer(layer: nn.Module, batches: list[LayerBatch], groups: list[li
     def at_pause(stage: int) -> None:
         if job.comm is not None:  # torchrun: one process's order of the sum, over the ranks
             with clock.timing("hessian_seconds", job.device):
-                job.comm.add_in_order(accs[stage], seen.pop(stage, []), f"layer {job.index}'s Hessian sums")
+                job.add_in_order(accs[stage], seen.pop(stage, []))
         job.compress([groups[stage]], {name: accs[stage] for name in groups[stage]})
 
     def forward(batch: LayerBatch) -> Callable[[], torch.Tensor]:
