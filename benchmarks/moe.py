@@ -1,15 +1,17 @@
 """Every stage on a mixture-of-experts teacher (issue 17): `../shared/models/moe-teacher`
 (Mixtral family, 8 layers, 4 experts, top-2). GPTQ 4-bit g128 (experts' statistics from every
-calibration token, `moe.all_experts=true`, and from the routed tokens only) against RTN;
-SparseGPT 50% and 2:4 against magnitude and Wanda. The same calibration windows for every arm
+calibration token, `moe.all_experts=true`, and from the routed tokens only) against RTN, with
+and without packed ends (lm_head at 4 bits, the input embedding at 8: quant/ends.py);
+SparseGPT 50% and 2:4 against magnitude and Wanda; prune_quantize (SparseGPT + GPTQ against
+magnitude + RTN). The same calibration windows for every arm
 (docs-en train, seed 0); perplexity on docs-en test by the protocol. Quantized arms are exported
 (to a throwaway folder) so `bits_per_weight` is that of the written GPTQ checkpoint. Each row
 records the tokens routed to each expert (min/max per layer), the stage's seconds and the load
 average of the machine while it ran (the seconds are noisy on a shared machine; perplexities
 are not). Writes benchmarks/results/moe.json.
 
-    python -m benchmarks.moe                      # 32 x 512 calibration, 64 test windows
     python -m benchmarks.moe --calib 128 --windows 0   # 128 x 512, the whole test file
+    python -m benchmarks.moe                      # 32 x 512 calibration, 64 test windows (quicker)
 """
 from __future__ import annotations
 
@@ -26,19 +28,30 @@ from typing import Any, Callable
 from benchmarks.common import ROOT, Results, run
 
 MODEL = f"{os.environ.get('SHRINK_SHARED', '../shared')}/models/moe-teacher"
+# quant.lm_head + quant.embed_bits: the head quantized like the layers, the embedding to 8 bits
+ENDS = ["quant.lm_head=true", "quant.embed_bits=8"]
+HALF = ["prune.sparsity=0.5", "prune.pattern=unstructured"]
 # (label, pipeline, overrides): the order is the order of importance, so a cut run keeps the comparisons
 ARMS: list[tuple[str, str, list[str]]] = [
     ("dense", "eval", []),
+    ("RTN 4-bit g128, packed ends", "quantize", ["quant.method=rtn", *ENDS]),
+    ("GPTQ 4-bit g128, packed ends", "quantize", ["quant.method=gptq", "moe.all_experts=true", *ENDS]),
+    ("magnitude 50%", "prune", ["prune.method=magnitude", *HALF]),
+    ("SparseGPT 50%", "prune", ["prune.method=sparsegpt", *HALF]),
+    ("magnitude 50% + RTN 4-bit, packed ends", "prune_quantize", ["prune.method=magnitude", *HALF,
+                                                                  "quant.method=rtn", *ENDS]),
+    ("SparseGPT 50% + GPTQ 4-bit, packed ends", "prune_quantize", ["prune.method=sparsegpt", *HALF,
+                                                                   "quant.method=gptq", *ENDS]),
     ("RTN 4-bit g128", "quantize", ["quant.method=rtn"]),
     ("GPTQ 4-bit g128", "quantize", ["quant.method=gptq", "moe.all_experts=true"]),
-    ("magnitude 50%", "prune", ["prune.method=magnitude", "prune.sparsity=0.5", "prune.pattern=unstructured"]),
-    ("SparseGPT 50%", "prune", ["prune.method=sparsegpt", "prune.sparsity=0.5", "prune.pattern=unstructured"]),
-    ("Wanda 50%", "prune", ["prune.method=wanda", "prune.sparsity=0.5", "prune.pattern=unstructured"]),
-    ("GPTQ 4-bit g128, routed tokens only", "quantize", ["quant.method=gptq", "moe.all_experts=false"]),
+    ("Wanda 50%", "prune", ["prune.method=wanda", *HALF]),
     ("SparseGPT 2:4", "prune", ["prune.method=sparsegpt", "prune.pattern=2:4"]),
     ("magnitude 2:4", "prune", ["prune.method=magnitude", "prune.pattern=2:4"]),
     ("Wanda 2:4", "prune", ["prune.method=wanda", "prune.pattern=2:4"]),
+    ("GPTQ 4-bit g128, routed tokens only", "quantize", ["quant.method=gptq", "moe.all_experts=false"]),
 ]
+# exported and evaluated again from the folder in a fresh process
+EXPORTED = ("quantize", "prune_quantize")
 
 
 def expert_tokens(stage: dict[str, Any]) -> dict[str, list[int]]:
@@ -48,11 +61,13 @@ def expert_tokens(stage: dict[str, Any]) -> dict[str, list[int]]:
 
 
 def arm_row(label: str, pipeline: str, m: dict[str, Any]) -> dict[str, Any]:
-    stage = m.get("stages", {}).get(pipeline, {}) if pipeline != "eval" else {}
+    stage_name = "quantize" if pipeline == "prune_quantize" else pipeline  # its coverage and experts' tokens
+    stage = m.get("stages", {}).get(stage_name, {}) if pipeline != "eval" else {}
     row = {"label": label, "pipeline": pipeline, "ppl": m["ppl"]["docs-en-test"],
            "bits_per_weight": m["bits_per_weight"], "params": m["params"], "sparsity": m["sparsity"],
            "windows": m["eval_windows"]["docs-en-test"]["evaluated"],
-           "seconds": m["seconds"].get(pipeline, m["seconds"]["total"])}
+           "seconds": (m["seconds"]["prune"] + m["seconds"]["quantize"] if pipeline == "prune_quantize"
+                       else m["seconds"].get(pipeline, m["seconds"]["total"]))}
     if "size_parts" in m:
         row["bits_per_weight_parts"] = {k: v["bits_per_weight"] for k, v in m["size_parts"].items()}
     if stage:
@@ -99,8 +114,8 @@ def main() -> None:
         start = time.time()
         # quantized arms and SparseGPT 50% keep their export (bits per weight of the written folder)
         # and are evaluated again from it in a fresh process
-        reload = (pipeline == "quantize" or label == "SparseGPT 50%") and not args.no_reload
-        m = run(base + [f"pipeline={pipeline}"] + overrides, keep_export=reload or pipeline == "quantize",
+        reload = (pipeline in EXPORTED or label == "SparseGPT 50%") and not args.no_reload
+        m = run(base + [f"pipeline={pipeline}"] + overrides, keep_export=reload or pipeline in EXPORTED,
                 then=reload_eval([b for b in base if not b.startswith("model.path=")]) if reload else None)
         row = arm_row(label, pipeline, m)
         if reload:

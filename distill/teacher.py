@@ -153,6 +153,6 @@ class TopKCache:
 
 def teacher_vocab_check(teacher: PreTrainedModel, student: PreTrainedModel) -> Optional[int]:
     """The common vocabulary width when the embedding sizes differ (same tokenizer, padded rows)."""
-    t_rows = teacher.get_output_embeddings().weight.shape[0]
-    s_rows = student.get_output_embeddings().weight.shape[0]
+    t_rows = teacher.get_output_embeddings().out_features  # also a packed (GPTQ) head's
+    s_rows = student.get_output_embeddings().out_features
     return None if t_rows == s_rows else min(t_rows, s_rows)

@@ -154,7 +154,8 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> PreTrainedT
 
 def check_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
     """Every token id the tokenizer can emit must index a row of the embedding."""
-    rows = model.get_input_embeddings().weight.shape[0]
+    table = model.get_input_embeddings()
+    rows = getattr(table, "num_embeddings", None) or table.weight.shape[0]  # a packed table has no weight
     if len(tokenizer) > rows:
         raise ShrinkError(
             f"model.path: tokenizer in {folder} has {len(tokenizer)} tokens but the model's "

@@ -31,6 +31,13 @@ class QuantConfig:
     # null (model.dtype). The model is rounded to it right after quantizing, so what is
     # evaluated is what is exported.
     export_dtype: Optional[str] = "float16"
+    # The model's ends (quant/ends.py; read by gptqmodel and shrink's loader, the embedding not
+    # by transformers + optimum): lm_head quantized like the decoder Linears (GPTQ calibrated
+    # on the quantized model's final hidden states), and the input embedding rounded to
+    # embed_bits in groups of embed_group_size tokens (null: kept in floating point).
+    lm_head: bool = False
+    embed_bits: Optional[int] = None
+    embed_group_size: int = 32
 
 
 METHODS = ("gptq", "rtn")
@@ -48,5 +55,10 @@ def check_quant_config(quant: QuantConfig) -> None:
         raise ShrinkError("quant.static_groups: needs a group size (quant.group_size > 0)")
     if quant.export_dtype is not None and quant.export_dtype not in EXPORT_DTYPES:
         raise ShrinkError(f"quant.export_dtype: {quant.export_dtype!r} is not one of {' | '.join(EXPORT_DTYPES)} | null")
+    if quant.embed_bits is not None and quant.embed_bits not in SUPPORTED_BITS:
+        raise ShrinkError(f"quant.embed_bits: {quant.embed_bits} is not supported "
+                          f"({' | '.join(map(str, SUPPORTED_BITS))} | null)")
+    if quant.embed_group_size != -1 and quant.embed_group_size <= 0:
+        raise ShrinkError(f"quant.embed_group_size: {quant.embed_group_size} must be -1 or positive")
     if not 0 <= quant.damp < 1:
         raise ShrinkError(f"quant.damp: {quant.damp} must be in [0, 1)")

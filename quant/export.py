@@ -29,7 +29,7 @@ from engine.files import atomic_folder
 from engine.modeling import linear_dims
 from engine.weights import SAFE_INDEX, SAFE_NAME, check_load, read_headers, unique_tensors
 from quant.config import QuantConfig
-from quant.qlinear import QuantLinear
+from quant.qlinear import QuantEmbedding, QuantLinear
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,11 @@ def _tied_embeddings(model: nn.Module) -> bool:
     return bool(getattr(text, "tie_word_embeddings", False))
 
 
+def _ends(model: nn.Module) -> list[nn.Module]:
+    ends = [getattr(model, f"get_{side}_embeddings", lambda: None)() for side in ("input", "output")]
+    return [m for m in ends if m is not None]
+
+
 def cast_floats(state: dict[str, torch.Tensor], float_dtype: torch.dtype | None,
                 qnames: list[str]) -> dict[str, torch.Tensor]:
     """A GPTQ export's floating tensors in float_dtype (None: as they are), the scales of the
@@ -248,7 +253,11 @@ def save_gptq_model(
     qnames = [rename(n) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     if not qnames:
         raise ValueError("model has no QuantLinear layers; call replace_with_quant_linears first")
-    config, qcfg, tied = export_config(model, quant_config, qnames, _block_linears(model, rename))
+    # the packed ends (quant/ends.py) are described by lm_head / dynamic, not by the block list
+    end_modules = _ends(model)
+    ends = {rename(n) for n, m in model.named_modules() if any(m is e for e in end_modules)}
+    config, qcfg, tied = export_config(model, quant_config, [n for n in qnames if n not in ends],
+                                       _block_linears(model, rename))
     _check_g_idx(model, bool(qcfg.get("desc_act", False)))
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if tied and isinstance(out_emb, QuantLinear):
@@ -402,13 +411,29 @@ def _install_placeholders(model: nn.Module, qcfg: dict[str, Any], keys: set[str]
     qnames = [to_memory_key(n, renames) for n in qnames]
     for name in qnames:
         old = model.get_submodule(name)
-        in_f, out_f = linear_dims(old)
-        new = QuantLinear(
-            in_f, out_f, bits, group_size, bias=f"{name}.bias" in keys, device="meta",
-            cache_weight=cache_weight, checkpoint_format=fmt, bias_dtype=dtype,
-        )
+        own = module_override(qcfg, name)  # gptqmodel's per-module `dynamic` settings (a packed embedding)
+        kw = dict(bits=int(own.get("bits", bits)), group_size=int(own.get("group_size", group_size)),
+                  device="meta", cache_weight=cache_weight, checkpoint_format=fmt)
+        if isinstance(old, nn.Embedding):  # gptqmodel's layout: a Linear from vocab to dim
+            new = QuantEmbedding(old.num_embeddings, old.embedding_dim, output_dtype=dtype, **kw)
+        else:
+            in_f, out_f = linear_dims(old)
+            new = QuantLinear(in_f, out_f, bias=f"{name}.bias" in keys, bias_dtype=dtype, **kw)
         _set_submodule(model, name, new)
     return qnames, renames
+
+
+def module_override(qcfg: dict[str, Any], name: str) -> dict[str, Any]:
+    """The `dynamic` entry of quantization_config that matches module `name` ({} if none). As in
+    gptqmodel: a key is an exact name or a regex, "+:" in front marks a positive match, "-:" a
+    module left unquantized (no settings to take from it)."""
+    for key, value in (qcfg.get("dynamic") or {}).items():
+        if key.startswith("-:"):
+            continue
+        pattern = key[2:] if key.startswith("+:") else key
+        if pattern == name or re.fullmatch(pattern, name):
+            return dict(value)
+    return {}
 
 
 def quantized_skeleton(folder: Path, dtype: torch.dtype) -> Callable[[nn.Module], None]:

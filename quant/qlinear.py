@@ -164,3 +164,29 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, bias={self.bias is not None}"
         )
+
+
+class QuantEmbedding(QuantLinear):
+    """A GPTQ-packed input embedding, in gptqmodel 7.6's layout (its TorchQuantEmbeddings): the
+    table [vocab, dim] is packed as a Linear with in_features = vocab and out_features = dim,
+    so a group is group_size consecutive tokens of one embedding column. Looking ids up
+    dequantizes that [dim, vocab] weight once (cached like QuantLinear's) and reads its columns."""
+
+    def __init__(self, *args: Any, output_dtype: torch.dtype = torch.float16, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.output_dtype = output_dtype  # the dtype the decoder layers expect (the float table's)
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.in_features
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.out_features
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return F.embedding(ids, self.weight_for(self.output_dtype).t())
+
+    def extra_repr(self) -> str:
+        return f"num_embeddings={self.in_features}, embedding_dim={self.out_features}, bits={self.bits}, " \
+               f"group_size={self.group_size}"

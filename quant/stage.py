@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from quant.config import QuantConfig
+from quant.ends import check_ends, ends_config, quantize_ends
 from quant.export import export_float_dtype, install_quantized, quantization_config
 from quant.streaming import streamed_export
 from quant.gptq import QuantResult, gptq_quantize, gptq_quantize_batch, rtn_quantize
@@ -41,6 +42,8 @@ def quantize_stage(state: "RunState") -> dict[str, Any]:
     if state.quantization_config is not None:
         log.info("model already quantized (joint prune+quantize): skipping the quantize stage")
         return {"skipped": "already quantized"}
+    if quant.lm_head or quant.embed_bits is not None:  # model.lazy and torchrun were refused before any work
+        check_ends(state.model, quant)
     packed: dict[str, dict[str, torch.Tensor]] = {}
 
     solved: dict[str, QuantResult] = {}  # batch members solved ahead of their own job
@@ -77,8 +80,12 @@ def quantize_stage(state: "RunState") -> dict[str, Any]:
                                 min_coverage=state.cfg.min_coverage, profile=profile, stream=stream,
                                 checkpoint=state.layer_checkpoint,
                                 comm=state.comm.sharing(packed) if state.comm is not None else None)
+    end_report = []
     if stream is None:
         state.quantization_config = install_quantized(state.model, packed, quant)
+        end_report = quantize_ends(state.model, quant, windows, state.device, compressor, packed)
+        state.quantization_config.update(ends_config(state.model, quant))
     return {"method": quant.method, "bits": quant.bits, "group_size": quant.group_size, "layers": report,
+            **({"ends": end_report} if end_report else {}),
             **record_coverage(state, report),
             "profile": add_compressor_seconds(profile, report, ("sweep_seconds", "pack_seconds"))}

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import yaml
 from omegaconf import OmegaConf
 
+from engine.experts import split_modules
 from engine.gguf_import import import_dir
 
 if TYPE_CHECKING:
@@ -209,15 +210,25 @@ def tasks_section(metrics: dict[str, Any]) -> list[str]:
     return lines + ["", "Tasks: lm-evaluation-harness, accuracy ± its standard error.", ""]
 
 
-def load_section(quantized: bool) -> list[str]:
-    lines = ["## How to load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-             'model = AutoModelForCausalLM.from_pretrained("REPO_ID_OR_PATH")',
-             'tokenizer = AutoTokenizer.from_pretrained("REPO_ID_OR_PATH")', "```", ""]
-    if quantized:
+def load_section(quant_config: Optional[dict[str, Any]], experts: bool) -> list[str]:
+    """How to load the folder, by what reads it: transformers (+ optimum + gptqmodel for GPTQ)
+    reads neither per-expert GPTQ tensors nor packed ends (it would leave them uninitialised)."""
+    ends = bool(quant_config and (quant_config.get("lm_head") or quant_config.get("dynamic")))
+    ours = ["```python", "from quant.export import load_quantized_model", "",
+            'model = load_quantized_model("PATH")', "```", ""]
+    lines = ["## How to load", ""]
+    if quant_config is not None and (experts or ends):
+        what = "its per-expert GPTQ tensors" if experts else "its packed input embedding / output head"
+        also = " gptqmodel (`GPTQModel.load`) reads it too." if ends and not experts and quant_config.get("sym") else ""
+        return lines + [f"transformers + optimum do not read {what}: load it with shrink's pure-PyTorch "
+                        f"loader.{also}", "", *ours]
+    lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+              'model = AutoModelForCausalLM.from_pretrained("REPO_ID_OR_PATH")',
+              'tokenizer = AutoTokenizer.from_pretrained("REPO_ID_OR_PATH")', "```", ""]
+    if quant_config is not None:
         lines += ["This is a standard GPTQ checkpoint (`quantization_config` in config.json, `quantize_config.json`):",
                   "transformers loads it with `pip install optimum gptqmodel`. Without them, shrink's pure-PyTorch",
-                  "loader reads it anywhere:", "", "```python", "from quant.export import load_quantized_model", "",
-                  'model = load_quantized_model("PATH")', "```", ""]
+                  "loader reads it anywhere:", "", *ours]
     return lines
 
 
@@ -233,6 +244,9 @@ def recipe_section(state: "RunState") -> list[str]:
     keys = [f"pipeline={cfg.pipeline.name}", f"model.path={cfg.model.path}"]
     if "quantize" in cfg.pipeline.stages:
         keys += [f"quant.{k}={_arg(cfg.quant[k])}" for k in ("method", "bits", "group_size", "sym", "act_order")]
+        keys += ["quant.lm_head=true"] if cfg.quant.lm_head else []
+        keys += [f"quant.{k}={cfg.quant[k]}" for k in ("embed_bits", "embed_group_size")] \
+            if cfg.quant.embed_bits is not None else []
     if "prune" in cfg.pipeline.stages:
         keys += [f"prune.{k}={_arg(cfg.prune[k])}" for k in ("method", "sparsity", "pattern")]
         keys += ["prune.reconstruct=true"] if cfg.prune.reconstruct else []
@@ -247,7 +261,8 @@ def model_card(state: "RunState") -> str:
     meta = card_metadata(state)
     title = f"{meta['base_model']}, compressed with shrink"
     lines = [f"# {title}", "", f"`{meta['base_model']}` {summary(state)}.", ""]
-    lines += results_section(state) + load_section(state.quantization_config is not None) + recipe_section(state)
+    experts = bool(split_modules(state.model)) if state.model is not None else False
+    lines += results_section(state) + load_section(state.quantization_config, experts) + recipe_section(state)
     lines += ["## License", ""]
     if meta["license"] == "other" and meta.get("license_name") == "unknown":
         lines += ["The base model's license could not be determined from its model card, config or GGUF "

@@ -84,6 +84,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         if not cfg.out:
             raise ShrinkError("out: a torchrun job needs out=FOLDER")
         together = compresses_together(cfg)
+        if together and "quantize" in cfg.pipeline.stages and (cfg.quant.lm_head or cfg.quant.embed_bits is not None):
+            raise ShrinkError("quant.lm_head / quant.embed_bits: not under torchrun yet; run in one process")
         if rank == 0:
             from shrink.pipeline import run_pipeline
 

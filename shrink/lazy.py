@@ -36,6 +36,9 @@ def lazy_wanted(cfg: DictConfig, folder: Path, stages: list[str]) -> bool:
     if cfg.eval.tasks or cfg.eval.sparse_kernels:
         raise ShrinkError("model.lazy: eval.tasks and eval.sparse_kernels need the whole model in memory; "
                           "set model.lazy=false")
+    if "quantize" in stages and (cfg.quant.lm_head or cfg.quant.embed_bits is not None):
+        raise ShrinkError("model.lazy: quant.lm_head / quant.embed_bits need the whole model in memory; "
+                          "set model.lazy=false")
     if is_gptq_folder(folder) and "quantize" in stages:
         raise ShrinkError(f"model.lazy: {folder} is already quantized")
     return True

@@ -149,6 +149,9 @@ def stage_table() -> dict[str, Stage]:
         check_prune_config(cfg.prune)
         if cfg.prune.joint_quant:
             check_quant_config(cfg.quant)
+            if cfg.quant.lm_head or cfg.quant.embed_bits is not None:
+                raise ShrinkError("quant.lm_head / quant.embed_bits: not with prune.joint_quant yet "
+                                  "(use pipeline=prune_quantize without it)")
 
     def check_distill(cfg: DictConfig) -> None:
         check_distill_config(cfg.distill)

@@ -125,3 +125,28 @@ def test_from_pretrained_does_not_load_per_expert_gptq_keys_into_fused_experts(t
     ours = load_quantized_model(folder, dtype=torch.float32)
     with torch.no_grad():
         assert (ours(ids).logits - hf(ids).logits).abs().max().item() > 1e-2
+
+
+def test_gptqmodel_loads_a_packed_embedding_and_head(tmp_path, tiny_model_dir) -> None:
+    """quant.embed_bits + quant.lm_head: gptqmodel's own loader builds its TorchQuantEmbeddings and
+    a quantized lm_head from our folder and computes our logits (it refuses asymmetric v1 folders
+    that gptqmodel did not write, hence sym); transformers + optimum read neither end."""
+    from gptqmodel import BACKEND, GPTQModel
+
+    from tests.conftest import run_shrink, tiny_data_overrides
+
+    out = tmp_path / "run"
+    run_shrink(["pipeline=quantize", f"model.path={tiny_model_dir('llama')}", *tiny_data_overrides(),
+                "eval.baseline=false", "quant.lm_head=true", "quant.embed_bits=8", "quant.sym=true"], out)
+    folder = out / "model"
+    theirs = GPTQModel.load(str(folder), device="cpu", backend=BACKEND.TORCH, dtype=torch.float16)
+    assert type(theirs.model.get_input_embeddings()).__name__ == "TorchQuantEmbeddings"
+    assert type(theirs.model.get_output_embeddings()).__name__ == "TorchLinear"
+    ours = load_quantized_model(folder, dtype=torch.float16)
+    ids = torch.randint(0, 8192, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = theirs.model(ids).logits.float(), ours(ids).logits.float()
+    assert (a - b).abs().max() <= 2e-3 * b.abs().max() + 1e-3
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float16, device_map="cpu",
+                                                                 output_loading_info=True)
+    assert {"lm_head.weight", "model.embed_tokens.weight"} <= set(info["missing_keys"])  # what the card says

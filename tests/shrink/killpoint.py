@@ -34,7 +34,7 @@ def killing(original: Callable[..., Any], when: str, signum: int) -> Callable[..
         if due and moment == "before":
             os.kill(os.getpid(), signum)
         result = original(*args, **kwargs)
-        if due:
+        if due and moment == "after":
             os.kill(os.getpid(), signum)
         return result
     return wrapper
@@ -59,8 +59,14 @@ def shrink_process(*args: str, kill: tuple[str, str, str] | None = None) -> subp
     the process signals itself at that point."""
     prefix = ["-m", "tests.shrink.killpoint", *kill] if kill else ["-m", "shrink.cli"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # A shell without job control starts background jobs with SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler: the child gets Ctrl-C's default, as in a terminal.
     return subprocess.run([sys.executable, *prefix, *args], capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=600)
+                          timeout=600, preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 if __name__ == "__main__":
