@@ -205,10 +205,16 @@ def moe_summary(p: dict[str, Any] | None) -> list[list[Any]]:
     where = f"`moe-teacher`, {p['config']['eval'].split(', ')[1].split(' of ')[0]}"
     link = "[mixture of experts](docs/results.md#mixture-of-experts-moe-teacher-python--m-benchmarksmoe)"
     rows = []
-    if "GPTQ 4-bit g128" in by and "RTN 4-bit g128" in by:
-        g, r = by["GPTQ 4-bit g128"], by["RTN 4-bit g128"]
-        rows.append([f"quantize MoE, 4-bit g128 ({where})", f"RTN {r['ppl']:.3f}",
-                     f"GPTQ {g['ppl']:.3f} at {g['bits_per_weight']:.2f} bits/weight", link])
+    # (task, baseline arm and its short name, shrink arm and its short name)
+    pairs = (("quantize MoE, 4-bit g128", "RTN 4-bit g128", "RTN", "GPTQ 4-bit g128", "GPTQ"),
+             ("quantize MoE, 4-bit g128, 4-bit head, 8-bit embedding", "RTN 4-bit g128, packed ends", "RTN",
+              "GPTQ 4-bit g128, packed ends", "GPTQ"),
+             ("prune 50% + quantize MoE, packed ends", "magnitude 50% + RTN 4-bit, packed ends", "magnitude + RTN",
+              "SparseGPT 50% + GPTQ 4-bit, packed ends", "SparseGPT + GPTQ"))
+    for task, base, base_name, ours, our_name in pairs:
+        if base in by and ours in by:
+            rows.append([f"{task} ({where})", f"{base_name} {by[base]['ppl']:.3f}",
+                         f"{our_name} {by[ours]['ppl']:.3f} at {by[ours]['bits_per_weight']:.2f} bits/weight", link])
     for pattern in ("50%", "2:4"):
         if f"SparseGPT {pattern}" in by:
             base = ", ".join(f"{m} {by[f'{m} {pattern}']['ppl']:.3f}" for m in ("magnitude", "Wanda")

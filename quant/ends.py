@@ -34,6 +34,7 @@ from quant.qlinear import QuantEmbedding, QuantLinear
 log = logging.getLogger(__name__)
 
 Quantizer = Callable[[LinearJob], dict[str, Any]]
+LOGITS_BYTES = 1 << 30
 
 
 def module_name(model: nn.Module, module: nn.Module) -> str:
@@ -106,7 +107,7 @@ def _quantize_embedding(model: nn.Module, quant: QuantConfig, packed: dict[str, 
     tensors = pack_gptq(result.codes, result.scale, result.zero, result.g_idx, result.bits)
     new = QuantEmbedding.from_packed(tensors, quant.embed_bits, quant.embed_group_size)
     new.output_dtype = E.dtype
-    _replace(model, name, new.to(E.device))
+    model.set_submodule(name, new.to(E.device))
     packed[name] = tensors
     rel = float(((result.Q - W) ** 2).sum() / (W ** 2).sum().clamp_min(1e-30))
     log.info("input embedding %s: RTN %d-bit, groups of %d tokens, rel. error %.4g", name, quant.embed_bits,
@@ -129,7 +130,7 @@ def _quantize_head(model: nn.Module, quant: QuantConfig, windows: Optional[torch
     rel = relative_error(W0, weight_matrix(head), acc)
     new = QuantLinear.from_packed(packed[name], quant.bits, quant.group_size,
                                   bias=head.bias.detach() if head.bias is not None else None)
-    _replace(model, name, new.to(head.weight.device))
+    model.set_submodule(name, new.to(head.weight.device))
     log.info("output head %s: %s %d-bit, rel. error %.4g", name, quant.method if acc is not None else "rtn",
              quant.bits, rel)
     return {"layer": None, "name": name, "full_name": name, "rel_error": rel, **stats}
@@ -139,6 +140,8 @@ def head_hessian(model: nn.Module, head: nn.Module, windows: torch.Tensor, devic
                  batch_size: int) -> HessianAccumulator:
     """H of the head's inputs over the calibration windows, in the (quantized) model as it is."""
     acc = HessianAccumulator(linear_dims(head)[0], device)
+    # the forward also makes fp32 logits [batch, seq, vocab]: at most LOGITS_BYTES of them at once
+    batch_size = max(1, min(batch_size, LOGITS_BYTES // (windows.shape[1] * linear_dims(head)[1] * 4)))
     handle = head.register_forward_pre_hook(lambda _m, args: acc.add(args[0].detach()))
     model.to(device)
     try:
@@ -149,11 +152,6 @@ def head_hessian(model: nn.Module, head: nn.Module, windows: torch.Tensor, devic
         handle.remove()
         model.to("cpu")
     return acc
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def ends_config(model: nn.Module, quant: QuantConfig) -> dict[str, Any]:

@@ -38,12 +38,6 @@ _QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
 
 # ---------------------------------------------------------------------------- modules
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def replace_with_quant_linears(
     model: nn.Module,
     packed: dict[str, dict[str, torch.Tensor]],
@@ -65,7 +59,7 @@ def replace_with_quant_linears(
             raise ValueError(
                 f"{name}: packed tensors are {new.in_features}->{new.out_features}, module is {in_f}->{out_f}"
             )
-        _set_submodule(model, name, new.to(old.weight.device))
+        model.set_submodule(name, new.to(old.weight.device))
     return model
 
 
@@ -419,7 +413,7 @@ def _install_placeholders(model: nn.Module, qcfg: dict[str, Any], keys: set[str]
         else:
             in_f, out_f = linear_dims(old)
             new = QuantLinear(in_f, out_f, bias=f"{name}.bias" in keys, bias_dtype=dtype, **kw)
-        _set_submodule(model, name, new)
+        model.set_submodule(name, new)
     return qnames, renames
 
 

@@ -97,3 +97,24 @@ def test_joint_prune_quantize_refuses_ends(tmp_path, tiny_model_dir) -> None:
     with pytest.raises(ShrinkError, match="not with prune.joint_quant"):
         run_shrink(["pipeline=prune_quantize", f"model.path={folder}", *tiny_data_overrides(),
                     "prune.joint_quant=true", "quant.lm_head=true"], tmp_path / "o")
+
+
+@pytest.mark.slow  # three CLI processes
+def test_a_run_killed_after_quantizing_the_ends_resumes_to_the_same_bytes(tmp_path, tiny_model_dir) -> None:
+    """The stage checkpoint holds the packed ends; resume=true reads them back and exports the
+    same folder as a run that was never interrupted."""
+    import signal
+
+    from tests.shrink.killpoint import shrink_process
+
+    args = ["pipeline=quantize", f"model.path={tiny_model_dir('llama')}", *tiny_data_overrides(), *ENDS]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    assert shrink_process(*args, f"out={ref}").returncode == 0
+    killed = shrink_process(*args, f"out={out}", kill=("shrink.pipeline:eval_stage", "before", "KILL"))
+    assert killed.returncode == -signal.SIGKILL
+    resumed = shrink_process(*args, f"out={out}", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    files = sorted(p.name for p in (ref / "model").iterdir())
+    assert sorted(p.name for p in (out / "model").iterdir()) == files
+    for name in files:
+        assert (out / "model" / name).read_bytes() == (ref / "model" / name).read_bytes(), name
