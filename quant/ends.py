@@ -88,6 +88,9 @@ def quantize_ends(model: nn.Module, quant: QuantConfig, windows: Optional[torch.
     check_ends(model, quant)
     if untie(model):
         log.info("tied input embedding and output head untied: each end is quantized and stored on its own")
+        if quant.embed_bits is None or not quant.lm_head:
+            log.warning("only one end of a tied pair is packed: the other is now stored too, in floating point, "
+                        "so the export grows; set both quant.lm_head=true and quant.embed_bits to shrink it")
     report = []
     if quant.embed_bits is not None:
         report.append(_quantize_embedding(model, quant, packed))

@@ -118,3 +118,12 @@ def test_a_run_killed_after_quantizing_the_ends_resumes_to_the_same_bytes(tmp_pa
     assert sorted(p.name for p in (out / "model").iterdir()) == files
     for name in files:
         assert (out / "model" / name).read_bytes() == (ref / "model" / name).read_bytes(), name
+
+
+def test_packing_one_end_of_a_tied_pair_warns_that_the_export_grows(tmp_path, tiny_model_dir, caplog) -> None:
+    folder = tiny_model_dir("gpt2")  # tied
+    base = ["pipeline=quantize", f"model.path={folder}", *tiny_data_overrides(), "eval.baseline=false"]
+    plain = run_shrink(base, tmp_path / "plain")
+    one = run_shrink(base + ["quant.lm_head=true"], tmp_path / "one")
+    assert "only one end of a tied pair is packed" in caplog.text
+    assert one["size_bytes"] > plain["size_bytes"]
