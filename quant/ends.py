@@ -112,7 +112,7 @@ def _quantize_embedding(model: nn.Module, quant: QuantConfig, packed: dict[str, 
     new.output_dtype = E.dtype
     model.set_submodule(name, new.to(E.device))
     packed[name] = tensors
-    rel = float(((result.Q - W) ** 2).sum() / (W ** 2).sum().clamp_min(1e-30))
+    rel = relative_error(W, result.Q, None)  # in weight space: no data to weigh it with
     log.info("input embedding %s: RTN %d-bit, groups of %d tokens, rel. error %.4g", name, quant.embed_bits,
              quant.embed_group_size, rel)
     return {"layer": None, "name": name, "full_name": name, "rel_error": rel, "method": "rtn",
@@ -145,6 +145,8 @@ def head_hessian(model: nn.Module, head: nn.Module, windows: torch.Tensor, devic
     acc = HessianAccumulator(linear_dims(head)[0], device)
     # the forward also makes fp32 logits [batch, seq, vocab]: at most LOGITS_BYTES of them at once
     batch_size = max(1, min(batch_size, LOGITS_BYTES // (windows.shape[1] * linear_dims(head)[1] * 4)))
+    log.info("output head: its inputs from one forward of the quantized model over %d calibration windows, "
+             "%d at a time", len(windows), batch_size)
     handle = head.register_forward_pre_hook(lambda _m, args: acc.add(args[0].detach()))
     model.to(device)
     try:
