@@ -537,7 +537,7 @@ class _LayerJob:
             for members in _expert_batches(mine, self.roles, jobs).values():
                 for n in members:
                     jobs[n].batch = [jobs[m] for m in members]
-            entries = {name: _compress_one(jobs[name], self.compressor, self.min_tokens(name)) for name in mine}
+            entries = {name: compress_one(jobs[name], self.compressor, self.min_tokens(name)) for name in mine}
         for job in jobs.values():  # job.batch holds the job itself: a cycle that would keep each Linear and
             job.batch = None       # Hessian alive until a full gc pass, through every later layer
         if self.comm is not None:
@@ -693,7 +693,9 @@ def _make_job(i: int, n: int, parent: str, name: str, module: nn.Module, acc: Op
     return job
 
 
-def _compress_one(job: LinearJob, compressor: Compressor, min_tokens: int = 0) -> dict[str, Any]:
+def compress_one(job: LinearJob, compressor: Compressor, min_tokens: int = 0) -> dict[str, Any]:
+    """Run the compressor on one job; its report entry (error relative to the data, seconds, the
+    compressor's figures). A non-positive-definite Hessian or a kernel's refusal is one ShrinkError."""
     i, name, full, module, acc = job.layer_index, job.name, job.full_name, job.module, job.hessian
     seen, fallback = job.stat_tokens, job.fallback
     W0 = weight_matrix(module).clone()

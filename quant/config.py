@@ -40,6 +40,12 @@ class QuantConfig:
     embed_group_size: int = 32
 
 
+def packs_ends(quant: "QuantConfig") -> bool:
+    """Whether the quantize stage also packs the model's ends (quant/ends.py); takes the
+    dataclass or the composed DictConfig."""
+    return bool(quant.lm_head) or quant.embed_bits is not None
+
+
 METHODS = ("gptq", "rtn")
 EXPORT_DTYPES = ("float16", "bfloat16", "float32")
 

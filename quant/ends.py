@@ -22,11 +22,11 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from engine.calibration import LinearJob, relative_error
+from engine.calibration import LinearJob, compress_one, relative_error
 from engine.errors import ShrinkError
 from engine.hessian import HessianAccumulator
-from engine.modeling import linear_dims, weight_matrix
-from quant.config import QuantConfig
+from engine.modeling import linear_dims
+from quant.config import QuantConfig, packs_ends
 from quant.gptq import rtn_quantize
 from quant.pack import pack_gptq
 from quant.qlinear import QuantEmbedding, QuantLinear
@@ -79,13 +79,12 @@ def check_ends(model: nn.Module, quant: QuantConfig) -> None:
 def quantize_ends(model: nn.Module, quant: QuantConfig, windows: Optional[torch.Tensor], device: torch.device,
                   quantizer: Quantizer, packed: dict[str, dict[str, torch.Tensor]],
                   batch_size: int = 8) -> list[dict[str, Any]]:
-    """Quantize the asked ends of a model whose decoder layers are already QuantLinears: the
+    """Quantize the asked ends (check_ends passed) of a model whose decoder layers are already QuantLinears: the
     embedding first (so the head is calibrated on what the quantized model feeds it), then
     the head through `quantizer` (the stage's compressor: GPTQ with a Hessian, RTN without).
     Swaps both for packed modules; returns their report entries."""
-    if quant.embed_bits is None and not quant.lm_head:
+    if not packs_ends(quant):
         return []
-    check_ends(model, quant)
     if untie(model):
         log.info("tied input embedding and output head untied: each end is quantized and stored on its own")
         if quant.embed_bits is None or not quant.lm_head:
@@ -124,19 +123,16 @@ def _quantize_head(model: nn.Module, quant: QuantConfig, windows: Optional[torch
     head = model.get_output_embeddings()
     name = module_name(model, head)
     acc = head_hessian(model, head, windows, device, batch_size) if windows is not None else None
+    if acc is not None and not acc.finite():
+        raise ShrinkError(f"{name}: NaN/inf in calibration activations")
     job = LinearJob(layer_index=-1, num_layers=0, name=name, full_name=name, module=head, hessian=acc)
-    W0 = weight_matrix(head).clone()
-    try:
-        stats = quantizer(job)
-    except ValueError as exc:  # kernels validate shapes/options with ValueError
-        raise ShrinkError(f"{name}: {exc}") from exc
-    rel = relative_error(W0, weight_matrix(head), acc)
+    entry = {**compress_one(job, quantizer), "layer": None}  # outside the decoder layers
     new = QuantLinear.from_packed(packed[name], quant.bits, quant.group_size,
                                   bias=head.bias.detach() if head.bias is not None else None)
     model.set_submodule(name, new.to(head.weight.device))
     log.info("output head %s: %s %d-bit, rel. error %.4g", name, quant.method if acc is not None else "rtn",
-             quant.bits, rel)
-    return {"layer": None, "name": name, "full_name": name, "rel_error": rel, **stats}
+             quant.bits, entry["rel_error"])
+    return entry
 
 
 def head_hessian(model: nn.Module, head: nn.Module, windows: torch.Tensor, device: torch.device,

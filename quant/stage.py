@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from quant.config import QuantConfig
+from quant.config import QuantConfig, packs_ends
 from quant.ends import check_ends, ends_config, quantize_ends
 from quant.export import export_float_dtype, install_quantized, quantization_config
 from quant.streaming import streamed_export
@@ -42,7 +42,7 @@ def quantize_stage(state: "RunState") -> dict[str, Any]:
     if state.quantization_config is not None:
         log.info("model already quantized (joint prune+quantize): skipping the quantize stage")
         return {"skipped": "already quantized"}
-    if quant.lm_head or quant.embed_bits is not None:  # model.lazy and torchrun were refused before any work
+    if packs_ends(quant):  # model.lazy and torchrun were refused before any work
         check_ends(state.model, quant)
     packed: dict[str, dict[str, torch.Tensor]] = {}
 

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from distill.distributed import DONE, receive, send
 from engine.distributed_calib import DEFAULT_TIMEOUT, CalibComm
 from engine.errors import ShrinkError
+from quant.config import packs_ends
 from shrink.config import compose, quiet_import_noise
 
 log = logging.getLogger("shrink")
@@ -84,7 +85,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         if not cfg.out:
             raise ShrinkError("out: a torchrun job needs out=FOLDER")
         together = compresses_together(cfg)
-        if together and "quantize" in cfg.pipeline.stages and (cfg.quant.lm_head or cfg.quant.embed_bits is not None):
+        if together and "quantize" in cfg.pipeline.stages and packs_ends(cfg.quant):
             raise ShrinkError("quant.lm_head / quant.embed_bits: not under torchrun yet; run in one process")
         if rank == 0:
             from shrink.pipeline import run_pipeline

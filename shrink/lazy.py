@@ -19,6 +19,7 @@ from engine.errors import ShrinkError
 from engine.metrics import decoder_weight_matrices
 from engine.modeling import check_vocab, folder_size_bytes, is_gptq_folder, load_tokenizer, resolve_dtype
 from engine.streaming import LazyModel, build_skeleton, resolve_lazy, zero_fraction_lazy
+from quant.config import packs_ends
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def lazy_wanted(cfg: DictConfig, folder: Path, stages: list[str]) -> bool:
     if cfg.eval.tasks or cfg.eval.sparse_kernels:
         raise ShrinkError("model.lazy: eval.tasks and eval.sparse_kernels need the whole model in memory; "
                           "set model.lazy=false")
-    if "quantize" in stages and (cfg.quant.lm_head or cfg.quant.embed_bits is not None):
+    if "quantize" in stages and packs_ends(cfg.quant):
         raise ShrinkError("model.lazy: quant.lm_head / quant.embed_bits need the whole model in memory; "
                           "set model.lazy=false")
     if is_gptq_folder(folder) and "quantize" in stages:

@@ -142,14 +142,14 @@ def stage_table() -> dict[str, Stage]:
     from distill.teacher import reloads_teacher
     from prune.config import check_prune_config
     from prune.stage import prune_stage
-    from quant.config import check_quant_config
+    from quant.config import check_quant_config, packs_ends
     from quant.stage import quantize_stage
 
     def check_prune(cfg: DictConfig) -> None:
         check_prune_config(cfg.prune)
         if cfg.prune.joint_quant:
             check_quant_config(cfg.quant)
-            if cfg.quant.lm_head or cfg.quant.embed_bits is not None:
+            if packs_ends(cfg.quant):
                 raise ShrinkError("quant.lm_head / quant.embed_bits: not with prune.joint_quant yet "
                                   "(use pipeline=prune_quantize without it)")
 

@@ -127,3 +127,19 @@ def test_packing_one_end_of_a_tied_pair_warns_that_the_export_grows(tmp_path, ti
     one = run_shrink(base + ["quant.lm_head=true"], tmp_path / "one")
     assert "only one end of a tied pair is packed" in caplog.text
     assert one["size_bytes"] > plain["size_bytes"]
+
+
+def test_nan_in_the_heads_inputs_is_one_line_naming_the_head(tmp_path, tiny_model_dir) -> None:
+    """Finite weights whose product overflows after the last decoder layer (a final-norm gain of
+    3e38) reach only the head's inputs: the head's Hessian is refused, not quantized."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_model_dir("llama")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.norm.weight[0] = 3e38
+    model.save_pretrained(folder)
+    with pytest.raises(ShrinkError, match=r"^lm_head: NaN/inf in calibration activations$"):
+        run_shrink(["pipeline=quantize", f"model.path={folder}", *tiny_data_overrides(), "eval.baseline=false",
+                    *ENDS], tmp_path / "o")
+    assert not (tmp_path / "o" / "model").exists()
