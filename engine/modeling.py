@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WEIGHT_SUFFIXES = (".safetensors",)
+# A tokenizer's vocabulary lives in one of these (fast tokenizers, SentencePiece, BPE vocab files).
+TOKENIZER_VOCABS = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
 # (folder, device=..., dtype=...) -> model: how a GPTQ folder is loaded (quant.export.load_quantized_model)
 QuantizedLoader = Callable[..., PreTrainedModel]
 
@@ -61,6 +63,8 @@ def check_model_folder(path: str | os.PathLike, key: str = "model.path") -> Path
         raise ShrinkError(f"{key}: {folder} has no .safetensors weights{hint}")
     read_config(folder, key)
     read_headers(folder, key)
+    if not any((folder / name).is_file() for name in TOKENIZER_VOCABS):
+        raise ShrinkError(f"{key}: {folder} has no tokenizer (none of {', '.join(TOKENIZER_VOCABS)})")
     check_chat_template_names(folder, key)
     return folder
 
@@ -146,7 +150,7 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> PreTrainedT
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ShrinkError(f"model.path: cannot load a tokenizer from {folder}: {exc}") from exc
+        raise ShrinkError(f"model.path: cannot load a tokenizer from {folder}: {first_line(exc)}") from None
     if tokenizer.eos_token_id is None:
         raise ShrinkError(f"model.path: tokenizer in {folder} has no EOS token")
     return tokenizer

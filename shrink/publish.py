@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from engine.errors import ShrinkError
+from engine.modeling import TOKENIZER_VOCABS
 
 log = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
 QUANT_CONFIG = "quantize_config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-TOKENIZER_VOCABS = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
 CARD_KEYS = ("base_model", "license", "tags")
 GPTQ_KEYS = ("bits", "group_size", "sym", "desc_act")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import logging
 import shutil
 import signal
 import sys
@@ -250,11 +251,15 @@ def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
     from shrink.cli import main
 
     monkeypatch.setattr(sys, "argv", ["shrink", *args])
+    handlers = list(logging.root.handlers)
     try:
         main()
         code = 0
     except SystemExit as exc:
         code = exc.code
+    finally:  # Hydra's handlers write to this row's captured stderr, closed after it: not the next row's
+        for handler in [h for h in logging.root.handlers if h not in handlers]:
+            logging.root.removeHandler(handler)
     return code, capsys.readouterr().err
 
 
