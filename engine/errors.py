@@ -32,3 +32,11 @@ def io_error_line(exc: BaseException) -> Optional[str]:
     if match:
         return os.strerror(int(match.group(1) or match.group(2)))
     return None
+
+
+def user_error(exc: BaseException) -> Optional[str]:
+    """The one line a user sees for an exception that is theirs to fix (bad input, a full disk,
+    a path too long, ...); None for a bug, which keeps its traceback."""
+    if isinstance(exc, ShrinkError):
+        return str(exc)
+    return io_error_line(exc)

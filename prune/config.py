@@ -49,7 +49,9 @@ def check_prune_config(prune: PruneConfig) -> tuple[int, int]:
     if prune.method not in METHODS:
         raise ShrinkError(f"prune.method: unknown method {prune.method!r} (sparsegpt | wanda | magnitude)")
     check_ranges(prune, "prune", RANGES)
-    check_ranges(prune.layer_sparsity, "prune.layer_sparsity", {str(k): FRACTION_BELOW_1 for k in prune.layer_sparsity})
+    for layer, sparsity in prune.layer_sparsity.items():
+        if not FRACTION_BELOW_1.holds(sparsity):
+            raise ShrinkError(f"prune.layer_sparsity.{layer}: {sparsity} must be {FRACTION_BELOW_1}")
     n, m = parse_pattern(prune.pattern)
     # an N:M pattern prunes exactly N of every M: a sparsity of another value would be recorded
     # in recipe.yaml and the model card but not applied

@@ -22,7 +22,7 @@ from engine.config import FRACTION, NON_NEGATIVE, POSITIVE, Range, check_ranges
 from engine.coverage import compression_targets
 from engine.errors import ShrinkError
 from engine.experts import split_experts
-from engine.modeling import find_decoder_layers, is_packed_linear
+from engine.modeling import find_decoder_layers, is_packed_linear, linear_dims
 from engine.weights import check_narrowing, embedding_names
 
 if TYPE_CHECKING:
@@ -87,12 +87,16 @@ def check_export_range(state: "RunState", targets: set[str]) -> None:
     check_narrowing(tensors, dtype, "quant.export_dtype", EXPORT_DTYPE_HINT)
 
 
-def ready_compression(state: "RunState", stage: str, skip: Any, label: str, quantizes: bool) -> None:
+def ready_compression(state: "RunState", stage: str, skip: Any, label: str, quantizes: bool) -> dict[str, Any]:
+    """The model is not quantized yet, the stage reaches min_coverage, and (quantizes) the export's
+    float tensors fit quant.export_dtype; returns the Linears the stage compresses, by full name."""
     refuse_quantized(state, stage)
     split_experts(state.model)  # as the stage will: coverage counts the experts it reaches
     parent, targets = compression_targets(state.model, list(skip), state.cfg.min_coverage, label)
+    linears = {f"{parent}.{i}.{n}": module for i, layer in enumerate(targets) for n, module in layer.items()}
     if quantizes:
-        check_export_range(state, {f"{parent}.{i}.{n}" for i, layer in enumerate(targets) for n in layer})
+        check_export_range(state, set(linears))
+    return linears
 
 
 def ready_quantize(state: "RunState") -> None:
@@ -102,8 +106,17 @@ def ready_quantize(state: "RunState") -> None:
 
 
 def ready_prune(state: "RunState") -> None:
+    """ready_compression, and an N:M pattern's M divides every pruned Linear's inputs."""
+    from prune.config import parse_pattern
+
     prune = state.cfg.prune
-    ready_compression(state, "prune", prune.skip, f"{prune.method} {prune.pattern}", quantizes=prune.joint_quant)
+    targets = ready_compression(state, "prune", prune.skip, f"{prune.method} {prune.pattern}",
+                                quantizes=prune.joint_quant)
+    n, m = parse_pattern(prune.pattern)
+    for name, module in targets.items():
+        columns = linear_dims(module)[0]
+        if m and columns % m:
+            raise ShrinkError(f"{name}: prune.pattern {n}:{m}: M={m} does not divide {columns} input columns")
 
 
 def ready_distill(state: "RunState") -> None:

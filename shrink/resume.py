@@ -41,8 +41,11 @@ log = logging.getLogger(__name__)
 PROGRESS = "progress.json"
 # What Hydra itself puts into its run folder, which is `out` when out= is not given.
 HYDRA_ENTRIES = (".hydra",)
-# Entries of `out` that are not a run's results: Hydra's, and the lock of the run writing it.
-NOT_RESULTS = (*HYDRA_ENTRIES, LOCK_NAME)
+# What a failed point of a `-m` sweep leaves in its folder (shrink/cli.py), for `shrink report`.
+FAILED = "failed.json"
+# Entries of `out` that are not a run's results: Hydra's, the lock of the run writing it, and an
+# earlier failure's record (removed when a run starts there).
+NOT_RESULTS = (*HYDRA_ENTRIES, LOCK_NAME, FAILED)
 
 
 def read_progress(out: Path, digest: str, resume: bool) -> Optional[dict[str, Any]]:
@@ -150,6 +153,7 @@ class RunFolder:
             self.fresh = PROGRESS not in self.before
             self.out.mkdir(parents=True, exist_ok=True)
             self.lock.acquire()
+            (self.out / FAILED).unlink(missing_ok=True)  # this run replaces the failed one
         except FolderBusy as exc:
             self._restore()
             raise ShrinkError(f"out: {exc}; a second run must not write the same out (wait for it, "
