@@ -8,13 +8,17 @@ that a later run or reader would take for a whole one. Written files are world-r
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
 
 FILE_MODE, DIR_MODE = 0o644, 0o755
 TEMP_PREFIX = ".tmp-"  # hidden siblings; stale ones (a killed run's) are removed by remove_stale_temps
@@ -153,6 +157,12 @@ class FolderLock:
                 pid = os.read(fd, 32).decode(errors="replace").strip()
                 os.close(fd)
                 raise FolderBusy(self.path.parent, pid) from None
+            except OSError as exc:  # a filesystem without locks (some network and FUSE mounts)
+                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP):
+                    os.close(fd)
+                    raise
+                log.warning("%s: this filesystem refuses file locks (%s); a second run on the same "
+                            "folder would not be refused", self.path.parent, exc.strerror)
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:

@@ -87,7 +87,7 @@ def import_gguf(spec: str, out_dir: str | Path, dtype: torch.dtype = torch.float
             delattr(config, attr)
     config.dtype = dtype
     state = loaded.state_dict()
-    check_narrowing(state.items(), dtype, f"model.gguf: {gguf}", "import it in a wider dtype (bfloat16 or float32)")
+    check_narrowing(state.items(), dtype, f"model.gguf: {gguf}", "import it with `shrink import-gguf --dtype bfloat16` (or float32)")
     plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
     missing, unexpected = plain.load_state_dict(state, strict=False)
     if unexpected:

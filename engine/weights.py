@@ -28,6 +28,8 @@ from torch import nn
 from engine.errors import ShrinkError
 
 SAFE_NAME = "model.safetensors"
+# The way out of a value model.dtype cannot hold (bfloat16 has float32's range).
+MODEL_DTYPE_HINT = "use a wider model.dtype (float32, or bfloat16: float32's range)"
 SAFE_INDEX = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
@@ -166,8 +168,7 @@ def check_load(folder: Path, model: nn.Module, headers: dict[str, TensorHeader],
             continue
         if not bool(torch.isfinite(tensor).all()):
             if entry is not None and DTYPE_BYTES.get(entry.dtype, 0) > tensor.element_size():
-                narrow(read_tensor(entry.file, name), tensor.dtype, name, f"{key}: {file}",
-                       "load it in a wider dtype (model.dtype=float32 or bfloat16)")
+                narrow(read_tensor(entry.file, name), tensor.dtype, name, f"{key}: {file}", MODEL_DTYPE_HINT)
             raise ShrinkError(f"{key}: {file}: tensor {name!r} holds non-finite values (NaN or inf)")
     check_tied(folder, model, headers, key)
 
