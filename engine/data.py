@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from engine.errors import ShrinkError
 from engine.files import atomic_path
-from engine.records import check_data_file, data_file, read_texts  # noqa: F401 (check_data_file: re-exported)
+from engine.records import data_file, read_texts
 
 log = logging.getLogger(__name__)
 # Part of the token cache's key: streams cached before engine.records refused non-text values

@@ -22,7 +22,7 @@ from engine.config import EvalSet, eval_sets
 from engine.data import token_stream, window_count
 from engine.errors import ShrinkError
 from engine.evaluation import measure
-from engine.data import check_data_file
+from engine.records import check_data_file
 from engine.distributed_calib import CalibComm
 from engine.files import atomic_folder, atomic_write_json
 from engine.gguf_import import import_dir, import_gguf

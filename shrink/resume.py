@@ -169,9 +169,10 @@ class RunFolder:
             self._restore()
         self.lock.release()
         line = io_error_line(exc) if exc is not None and not isinstance(exc, ShrinkError) else None
-        if line is not None:
+        if line is not None:  # named by its file; a library that names none was writing the run's files
+            where = "" if getattr(exc, "filename", None) else f"out: {self.out}: "
             hint = f"; {self.out} keeps the finished work (rerun with resume=true)" if kept else ""
-            raise ShrinkError(f"out: {line} (writing {self.out}){hint}") from None
+            raise ShrinkError(f"{where}{line}{hint}") from None
         return False
 
     def _restore(self) -> None:
