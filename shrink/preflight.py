@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from engine.config import FRACTION, NON_NEGATIVE, POSITIVE, Range, check_ranges
 from engine.coverage import compression_targets
@@ -47,9 +47,7 @@ def check_run(cfg: DictConfig, stages: list[str]) -> None:
     """The run's own numeric keys, and the stages' order: no stage compresses a model that an
     earlier stage quantized (a joint prune+quantize's quantize stage is skipped, as the stage
     itself says)."""
-    for key, allowed in RUN_RANGES.items():
-        section, _, rest = key.rpartition(".")
-        check_ranges(OmegaConf.select(cfg, section) if section else cfg, section, {rest: allowed})
+    check_ranges(cfg, "", RUN_RANGES)
     quantized_by = None
     for name in stages:
         if quantized_by and (name == "prune" or (name == "quantize" and quantized_by == "quantize")):
