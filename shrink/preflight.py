@@ -22,7 +22,7 @@ from engine.config import FRACTION, NON_NEGATIVE, POSITIVE, Range, check_ranges
 from engine.coverage import compression_targets
 from engine.errors import ShrinkError
 from engine.experts import split_experts
-from engine.modeling import find_decoder_layers, is_packed_linear, linear_dims
+from engine.modeling import find_decoder_layers, is_packed_linear, linear_dims, resolve_device, resolve_dtype
 from engine.weights import check_narrowing, embedding_names
 
 if TYPE_CHECKING:
@@ -44,10 +44,12 @@ RUN_RANGES: dict[str, Range] = {"min_coverage": FRACTION, "data.calib.num_sample
 
 
 def check_run(cfg: DictConfig, stages: list[str]) -> None:
-    """The run's own numeric keys, and the stages' order: no stage compresses a model that an
-    earlier stage quantized (a joint prune+quantize's quantize stage is skipped, as the stage
+    """The run's own numeric keys, model.dtype and model.device, and the stages' order: no stage
+    compresses a model that an earlier stage quantized (a joint prune+quantize's quantize stage is skipped, as the stage
     itself says)."""
     check_ranges(cfg, "", RUN_RANGES)
+    resolve_dtype(cfg.model.dtype)  # known names, and a CUDA device only where there is one
+    resolve_device(cfg.model.device)
     quantized_by = None
     for name in stages:
         if quantized_by and (name == "prune" or (name == "quantize" and quantized_by == "quantize")):

@@ -335,6 +335,9 @@ ROWS = [
     Row("damp_zero", quantize("good", "quant.damp=0"), "quant.damp: 0.0 must be in (0, 1)", before_model=True),
     Row("calib_num_samples_zero", quantize("good", "data.calib.num_samples=0"), "data.calib.num_samples: 0 must be > 0",
         before_model=True),
+    Row("unknown_model_dtype", model("good", "model.dtype=fp8"), "model.dtype: unknown dtype 'fp8'", before_model=True),
+    Row("cuda_without_a_gpu", model("good", "model.device=cuda"), "no CUDA device is available", before_model=True,
+        marks=(pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA"),)),
     # 6: a second run on an out a live run is writing
     Row("out_in_use", model("good", "resume=true"), "is in use by another process", setup=run_in_progress),
     # 7, 16, 17: data records past line 1, and data that would fail after the baseline
