@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from engine.config import FRACTION, NON_NEGATIVE, POSITIVE, Range
+
 
 @dataclass
 class StudentConfig:
@@ -76,3 +78,17 @@ class DistillConfig:
     # MoE students: weight of the router load-balancing loss (None: the student config's
     # router_aux_loss_coef, 0 for dense students; 0: off). distill/moe.py
     router_aux_weight: Optional[float] = None
+
+
+# Every numeric key's range (engine.config.check_ranges, from check_distill_config): steps=0 would
+# export the untrained student as a distilled one.
+RANGES: dict[str, Range] = {
+    "steps": POSITIVE, "progressive_steps": POSITIVE, "seq_len": Range(2), "batch_size": POSITIVE,
+    "grad_accum": POSITIVE, "lr": POSITIVE, "min_lr_ratio": FRACTION, "warmup": NON_NEGATIVE,
+    "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE, "temperature": POSITIVE, "relation_heads": POSITIVE,
+    "checkpoint_every": NON_NEGATIVE, "log_every": POSITIVE, "router_aux_weight": NON_NEGATIVE,
+    "weights.lm": NON_NEGATIVE, "weights.logit": NON_NEGATIVE, "weights.akt": NON_NEGATIVE,
+    "teacher.topk_logits": NON_NEGATIVE, "student.calib_samples": POSITIVE,
+    **{f"student.{key}": POSITIVE for key in ("num_layers", "hidden_size", "num_heads", "num_kv_heads",
+                                              "intermediate_size")},
+}

@@ -17,9 +17,11 @@ import torch
 from torch import nn
 
 from distill.capture import find_qkv
+from distill.config import RANGES
 from distill.layer_map import akt_layer_weights
 from distill.losses import valid_parts
 from distill.moe import router_weight
+from engine.config import check_ranges
 from engine.errors import ShrinkError
 from engine.modeling import find_decoder_layers
 
@@ -81,18 +83,13 @@ def check_distill_config(distill: Any) -> None:
     parse_loss(distill.loss)
     if distill.schedule not in SCHEDULES:
         raise ShrinkError(f"distill.schedule: unknown schedule {distill.schedule!r} ({' | '.join(SCHEDULES)})")
-    if distill.steps < 0 or (distill.progressive_steps or 0) < 0:
-        raise ShrinkError("distill.steps and distill.progressive_steps must be >= 0")
+    check_ranges(distill, "distill", RANGES)
     if distill.precision not in PRECISIONS:
         raise ShrinkError(f"distill.precision: unknown precision {distill.precision!r} ({' | '.join(PRECISIONS)})")
-    if distill.seq_len <= 1 or distill.batch_size <= 0 or distill.grad_accum <= 0:
-        raise ShrinkError("distill.seq_len must be > 1, distill.batch_size and distill.grad_accum > 0")
     if not valid_parts(str(distill.relations)):
         raise ShrinkError(f"distill.relations={distill.relations!r}: name each of q, k, v at most once "
                           "(e.g. qkv, v, kv)")
     teacher_device_map(distill.teacher.device_map)  # a device_map.json file: present and well formed
-    if (distill.router_aux_weight or 0) < 0:
-        raise ShrinkError(f"distill.router_aux_weight={distill.router_aux_weight} must be >= 0")
 
 
 def joint_objective(distill: Any, pairs: list[tuple[int, int]]) -> Objective:

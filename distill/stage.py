@@ -31,6 +31,7 @@ from engine import data as data_mod
 from engine.errors import ShrinkError
 from engine.evaluation import perplexity
 from engine.modeling import find_decoder_layers, resolve_device, resolve_dtype
+from engine.weights import MODEL_DTYPE_HINT, check_narrowing
 from engine.recipe import config_digest
 
 if TYPE_CHECKING:
@@ -51,7 +52,9 @@ def train_stage(state: "RunState", pretrain: bool) -> dict[str, Any]:
     """Build and train the student; replace the teacher by it in `state`."""
     announce_to_workers(state, "pretrain" if pretrain else "distill")
     student, report, _ = run_training(state, pretrain, evaluate_init=state.cfg.distill.eval_init)
-    state.model = student.model.to(resolve_dtype(state.cfg.model.dtype))
+    dtype = resolve_dtype(state.cfg.model.dtype)  # the trained student, in the run's dtype if it fits
+    check_narrowing(student.model.state_dict().items(), dtype, "model.dtype", MODEL_DTYPE_HINT)
+    state.model = student.model.to(dtype)
     state.tokenizer = student.tokenizer
     return report
 

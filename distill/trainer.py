@@ -133,8 +133,10 @@ class Trainer:
             else:
                 terms["logit"] = logit_kd_loss(logits[..., :v], teacher_logits[..., :v].to(self.device),
                                                self.distill.temperature)
+        # one capture per teacher layer, however many student layers it guides (a deeper student)
+        teacher_qkv = {t: t_cap.pop(t) for t in {self.plan.pairs[s] for s in objective.akt}}
         for s in objective.akt:
-            t_qkv = QKV(*(a.to(self.device) for a in t_cap.pop(self.plan.pairs[s])))
+            t_qkv = QKV(*(a.to(self.device) for a in teacher_qkv[self.plan.pairs[s]]))
             terms[f"akt.{s}"] = qkv_relation_loss(t_qkv, s_cap.pop(s), self.distill.relation_heads,
                                                   self.distill.causal_relations, self.distill.relations)
         s_cap.clear()

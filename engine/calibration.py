@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from engine.config import MoeConfig
-from engine.coverage import check_coverage, coverage, is_skipped
+from engine.coverage import compression_targets, coverage
 from engine.distributed_calib import CalibComm
 from engine.errors import ShrinkError
 from engine.experts import SplitExperts, split_experts, split_modules
@@ -431,9 +431,7 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
     moe = moe or MoeConfig()
     split_experts(model)
     parent_name, layers = find_decoder_layers(model)
-    targets = [{n: m for n, m in find_linears(layer).items() if not is_skipped(n, skip)} for layer in layers]
-    check_coverage(coverage(model, [f"{parent_name}.{i}.{n}" for i, t in enumerate(targets) for n in t]),
-                   min_coverage, label)
+    targets = compression_targets(model, skip, min_coverage, label)[1]
     if comm is not None:  # distributed: this rank's share of the windows
         comm.check_layers(targets)
         windows = comm.shard(windows, "data.calib.num_samples") if windows is not None else None

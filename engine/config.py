@@ -16,6 +16,43 @@ from engine.errors import ShrinkError
 VOLATILE = ("out", "resume", "log_level", "fingerprints")
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take: low/high bounds (None: unbounded), open or closed."""
+    low: Optional[float] = None
+    high: Optional[float] = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def holds(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.open_low else value >= self.low)
+        below = self.high is None or (value < self.high if self.open_high else value <= self.high)
+        return above and below and value == value  # NaN holds nowhere
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}{')' if self.open_high else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.open_low else '>='} {self.low:g}"
+        return f"{'<' if self.open_high else '<='} {self.high:g}"
+
+
+POSITIVE, NON_NEGATIVE = Range(0, open_low=True), Range(0)
+FRACTION, OPEN_FRACTION, FRACTION_BELOW_1 = Range(0, 1), Range(0, 1, True, True), Range(0, 1, open_high=True)
+
+
+def check_ranges(node: Any, prefix: str, ranges: dict[str, Range]) -> None:
+    """Refuse, in one line naming the key, a numeric setting outside its range: the one check of
+    every numeric key (each config group keeps its table next to its schema). None passes: it
+    means "the default" wherever a key may be None."""
+    for key, allowed in ranges.items():
+        value = node
+        for part in key.split("."):
+            value = value.get(part) if hasattr(value, "get") else getattr(value, part, None)
+        if value is not None and not allowed.holds(value):
+            raise ShrinkError(f"{prefix + '.' if prefix else ''}{key}: {value} must be {allowed}")
+
+
 def without_volatile(plain: dict[str, Any]) -> dict[str, Any]:
     """A config as a plain dict, without its VOLATILE keys: the settings that change the result."""
     return {key: value for key, value in plain.items() if key not in VOLATILE}

@@ -12,7 +12,7 @@ from typing import Any, Iterable, Sequence
 from torch import nn
 
 from engine.errors import ShrinkError
-from engine.modeling import find_decoder_layers, is_packed_linear
+from engine.modeling import find_decoder_layers, find_linears, is_packed_linear
 
 
 def is_skipped(name: str, patterns: Sequence[str]) -> bool:
@@ -54,3 +54,13 @@ def check_coverage(report: dict[str, Any], min_coverage: float, what: str) -> No
     raise ShrinkError(f"min_coverage: {what} would reach only {report['fraction']:.1%} of the decoder-layer weights "
                       f"(under {min_coverage:.0%}); not handled: {shown} (lower min_coverage or quant/prune.skip "
                       f"to go on)")
+
+
+def compression_targets(model: nn.Module, skip: Sequence[str], min_coverage: float,
+                        what: str) -> tuple[str, list[dict[str, nn.Module]]]:
+    """(the decoder stack's name, per layer the Linears a stage compresses: those not matching
+    `skip`), refused in one line when they hold under min_coverage of the decoder-layer weights."""
+    parent, layers = find_decoder_layers(model)
+    targets = [{n: m for n, m in find_linears(layer).items() if not is_skipped(n, skip)} for layer in layers]
+    check_coverage(coverage(model, [f"{parent}.{i}.{n}" for i, t in enumerate(targets) for n in t]), min_coverage, what)
+    return parent, targets

@@ -8,7 +8,6 @@ the tokenizer's fingerprint, so a second run does not tokenize again.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -19,77 +18,24 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
-from engine.errors import ShrinkError, first_line
+from engine.errors import ShrinkError
 from engine.files import atomic_path
+from engine.records import data_file, read_texts
 
 log = logging.getLogger(__name__)
-
-LOADERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
+# Part of the token cache's key: streams cached before engine.records refused non-text values
+# (a list read as its repr) are not reused.
+READER_VERSION = "records-2"
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("SHRINK_CACHE", "~/.cache/shrink")).expanduser()
 
 
-def loader_for(path: Path) -> str:
-    suffixes = [s for s in path.suffixes if s not in (".gz", ".bz2", ".xz", ".zst")]
-    if not suffixes or suffixes[-1] not in LOADERS:
-        raise ShrinkError(f"{path}: unsupported data format (use .jsonl, .json, .txt, .parquet or .csv, optionally .gz)")
-    return LOADERS[suffixes[-1]]
-
-
 def load_texts(path: str | os.PathLike, text_field: str = "text", key: str = "data.path") -> list[str]:
-    """Documents of a local file, in file order (a .txt file is one document)."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ShrinkError(f"{key}: {file} does not exist")
-    import datasets  # heavy import, only when data is read
-
-    loader = loader_for(file)
-    kwargs = {"sample_by": "document"} if loader == "text" else {}
-    datasets.disable_progress_bars()
-    try:
-        ds = datasets.load_dataset(loader, data_files=str(file), split="train", **kwargs)
-    except Exception as exc:  # datasets raises many types for unreadable files
-        raise ShrinkError(f"{key}: cannot read {file}: {first_line(exc)}") from exc
-    if text_field not in ds.column_names:
-        raise ShrinkError(f"{key}: {file} has no field {text_field!r} (fields: {ds.column_names}; set data.text_field)")
-    column = ds[text_field]
-    texts = [t for t in column if t]
-    if len(texts) < len(column):
-        log.warning("%s: %d of %d documents of %s have no %r text; they are skipped", key,
-                    len(column) - len(texts), len(column), file.name, text_field)
-    if not texts:
-        raise ShrinkError(f"{key}: {file} holds no text (empty corpus)")
-    return texts
-
-
-COMPRESSED = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
-
-
-def check_data_file(path: str | os.PathLike, key: str) -> Path:
-    """Before any model loads: the file exists, is not empty, has a known format, and (JSON
-    lines) its first record parses. The full read happens when the stage needs the data."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ShrinkError(f"{key}: {file} does not exist")
-    loader_for(file)
-    opener = COMPRESSED.get(file.suffix)
-    try:
-        with (importlib.import_module(opener).open(file, "rb") if opener else open(file, "rb")) as fh:
-            first = next((line for line in fh if line.strip()), b"")
-    except (OSError, EOFError, ValueError) as exc:
-        raise ShrinkError(f"{key}: cannot read {file}: {first_line(exc)}") from None
-    if not first.strip():
-        raise ShrinkError(f"{key}: {file} is empty (no documents)")
-    if ".jsonl" in file.suffixes:
-        try:
-            record = json.loads(first)
-        except ValueError as exc:
-            raise ShrinkError(f"{key}: {file}: line 1 is not JSON ({first_line(exc)})") from None
-        if not isinstance(record, dict):
-            raise ShrinkError(f"{key}: {file}: line 1 is not a JSON object")
-    return file
+    """Documents of a local file, in file order (a .txt file is one document), every record
+    checked by engine.records."""
+    return read_texts(path, text_field, key)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -114,11 +60,9 @@ def token_stream(
     key: str = "data.path",
 ) -> torch.Tensor:
     """int64 token ids of the whole file per the protocol, from cache when possible."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ShrinkError(f"{key}: {file} does not exist")
+    file = data_file(path, key)
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    ident = hashlib.sha256(f"{file_sha256(file)}|{tokenizer_fingerprint(tokenizer)}|{text_field}".encode()).hexdigest()
+    ident = hashlib.sha256(f"{file_sha256(file)}|{tokenizer_fingerprint(tokenizer)}|{text_field}|{READER_VERSION}".encode()).hexdigest()
     cached = cache / "tokens" / f"{ident[:32]}.safetensors"
     if cached.is_file():
         return load_file(cached)["ids"]

@@ -219,18 +219,22 @@ class CalibComm:
     def blame(self, what: str, exc: BaseException, wait: float = 3.0) -> str:
         """'rank R stopped during WHAT ...': R found among the peers on this host whose process
         is gone (waiting a little, since the socket closes before the process ends)."""
+        dead = self.dead_peers(wait)
+        # the backend's own words, less its source location ("[.../pair.cc:537] Read error ...")
+        first = re.sub(r"^\[[^\]]*\]\s*", "", (str(exc).strip().splitlines() or [type(exc).__name__])[0])[:160]
+        who = ", ".join(f"rank {r}" for r in dead) or "a peer rank"
+        return f"torchrun: {who} stopped during {what}; rank {self.rank} stops too ({first})"
+
+    def dead_peers(self, wait: float = 3.0) -> list[int]:
+        """The peer ranks on this host whose process is gone, waiting up to `wait` seconds for one."""
         host = socket.gethostname()
         deadline = time.monotonic() + wait
         while True:
             dead = [r for r, (h, pid) in enumerate(self.peers)
                     if r != self.rank and h == host and not _alive(pid)]
             if dead or time.monotonic() > deadline:
-                break
+                return dead
             time.sleep(0.1)
-        # the backend's own words, less its source location ("[.../pair.cc:537] Read error ...")
-        first = re.sub(r"^\[[^\]]*\]\s*", "", (str(exc).strip().splitlines() or [type(exc).__name__])[0])[:160]
-        who = ", ".join(f"rank {r}" for r in dead) or "a peer rank"
-        return f"torchrun: {who} stopped during {what}; rank {self.rank} stops too ({first})"
 
 
 def _alive(pid: int) -> bool:

@@ -5,6 +5,7 @@ NLL summed in nats / ln 2 / the UTF-8 bytes (characters) the predicted tokens co
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -13,6 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.progress import Progress
+
+
+def exp_nll(nll: float, tokens: int) -> float:
+    """exp(mean NLL); inf for a model so bad that the mean is past exp's range, where math.exp
+    would raise OverflowError, or not finite at all (NaN logits)."""
+    mean = nll / tokens
+    return math.exp(mean) if math.isfinite(mean) and mean <= math.log(sys.float_info.max) else float("inf")
 
 
 @dataclass
@@ -25,7 +33,7 @@ class Measured:
 
     @property
     def ppl(self) -> float:
-        return math.exp(self.nll / self.tokens) if math.isfinite(self.nll) else float("inf")
+        return exp_nll(self.nll, self.tokens)
 
     @property
     def bits_per_byte(self) -> Optional[float]:
@@ -59,7 +67,7 @@ def measure(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, device
             targets = batch[:, 1:].cpu()
             m.bytes += int(lengths[0][targets].sum())
             m.chars += int(lengths[1][targets].sum())
-        progress.update(batch.shape[0], batch.numel(), extra=f"ppl so far {math.exp(m.nll / m.tokens):.3f}")
+        progress.update(batch.shape[0], batch.numel(), extra=f"ppl so far {exp_nll(m.nll, m.tokens):.3f}")
     return m
 
 

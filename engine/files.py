@@ -8,13 +8,17 @@ that a later run or reader would take for a whole one. Written files are world-r
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
 
 FILE_MODE, DIR_MODE = 0o644, 0o755
 TEMP_PREFIX = ".tmp-"  # hidden siblings; stale ones (a killed run's) are removed by remove_stale_temps
@@ -116,3 +120,64 @@ def _fsync(path: Path, flags: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+LOCK_NAME = ".lock"  # the advisory lock of a folder a run writes (held while the run lives)
+
+
+class FolderBusy(Exception):
+    """Another live process holds the folder's lock; `pid` is its process id when known."""
+
+    def __init__(self, folder: Path, pid: str) -> None:
+        super().__init__(f"{folder} is in use by another process{f' (pid {pid})' if pid else ''}")
+        self.folder, self.pid = folder, pid
+
+
+class FolderLock:
+    """An exclusive advisory lock (flock) on `folder/.lock`, which holds the owner's pid.
+
+    The kernel drops the lock when its process ends, however it ends (a killed run leaves the
+    file but no lock), so only a live run can refuse another. `release` deletes the file: a
+    process that opened the old file just before is told by the inode check in `acquire`
+    and locks the new one instead.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / LOCK_NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> "FolderLock":
+        import fcntl
+
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = os.read(fd, 32).decode(errors="replace").strip()
+                os.close(fd)
+                raise FolderBusy(self.path.parent, pid) from None
+            except OSError as exc:  # a filesystem without locks (some network and FUSE mounts)
+                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP):
+                    os.close(fd)
+                    raise
+                log.warning("%s: this filesystem refuses file locks (%s); a second run on the same "
+                            "folder would not be refused", self.path.parent, exc.strerror)
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # released and deleted between our open and flock: lock the new file
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # while still held: nobody locks a file on its way out
+        os.close(self.fd)
+        self.fd = None

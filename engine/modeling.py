@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WEIGHT_SUFFIXES = (".safetensors",)
+# A tokenizer's vocabulary lives in one of these (fast tokenizers, SentencePiece, BPE vocab files).
+TOKENIZER_VOCABS = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
 # (folder, device=..., dtype=...) -> model: how a GPTQ folder is loaded (quant.export.load_quantized_model)
 QuantizedLoader = Callable[..., PreTrainedModel]
 
@@ -61,6 +63,8 @@ def check_model_folder(path: str | os.PathLike, key: str = "model.path") -> Path
         raise ShrinkError(f"{key}: {folder} has no .safetensors weights{hint}")
     read_config(folder, key)
     read_headers(folder, key)
+    if not any((folder / name).is_file() for name in TOKENIZER_VOCABS):
+        raise ShrinkError(f"{key}: {folder} has no tokenizer (none of {', '.join(TOKENIZER_VOCABS)})")
     check_chat_template_names(folder, key)
     return folder
 
@@ -81,14 +85,56 @@ def check_contained(folder: Path, key: str) -> None:
 
 def read_config(folder: Path, key: str = "model.path") -> dict:
     """config.json as a dict, or a one-line error saying why it is not one."""
-    file = folder / "config.json"
+    return read_config_file(folder / "config.json", key)
+
+
+def read_config_file(file: Path, key: str = "model.path") -> dict:
+    """A model config file as a dict: JSON, with a model_type and every size its family needs."""
     try:
         config = json.loads(file.read_text())
     except (UnicodeDecodeError, ValueError) as exc:
         raise ShrinkError(f"{key}: {file} is not valid JSON ({first_line(exc)})") from None
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise ShrinkError(f"{key}: {file} has no model_type (not a Hugging Face model config)")
+    check_config_sizes(config, file, key)
     return config
+
+
+# The config keys that set a model's shapes (its family's own names for them among these):
+# transformers fills an absent one with its family default (a 7B Llama's hidden_size, say).
+SIZE_KEYS = ("vocab_size", "hidden_size", "n_embd", "d_model", "num_hidden_layers", "n_layer", "num_layers",
+             "num_attention_heads", "n_head", "num_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+             "ffn_dim", "n_inner", "num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok",
+             "moe_intermediate_size", "shared_expert_intermediate_size", "n_shared_experts", "kv_lora_rank",
+             "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+
+
+def check_config_sizes(config: dict, file: Path, key: str) -> None:
+    """Refuse a config.json without a size its family would otherwise default (a value given as
+    None in the family's signature is derived from the others, as it should be: not refused;
+    a size given under a legacy name its family reads, e.g. BLOOM's n_embed, is given)."""
+    import inspect
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if config["model_type"] not in CONFIG_MAPPING:  # remote code: its own class decides
+        return
+    family = CONFIG_MAPPING[config["model_type"]]
+    params = inspect.signature(family.__init__).parameters
+    aliases = getattr(family, "attribute_map", {}) or {}
+    resolved = None
+    for name in SIZE_KEYS:
+        if name not in params or params[name].default in (None, inspect.Parameter.empty):
+            continue
+        if ({name} | {other for pair in aliases.items() if name in pair for other in pair}) & config.keys():
+            continue  # given, under either spelling
+        try:
+            resolved = resolved or family.from_dict({k: v for k, v in config.items() if k != "quantization_config"})
+        except Exception:  # noqa: BLE001 - a config transformers refuses is refused where it loads
+            return
+        if getattr(resolved, name, None) == params[name].default:
+            raise ShrinkError(f"{key}: {file} has no {name!r} (a {config['model_type']} config would default it "
+                              f"to {params[name].default!r}, not this model's value)")
 
 
 def check_chat_template_names(folder: Path, key: str) -> None:
@@ -146,7 +192,7 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> PreTrainedT
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ShrinkError(f"model.path: cannot load a tokenizer from {folder}: {exc}") from exc
+        raise ShrinkError(f"model.path: cannot load a tokenizer from {folder}: {first_line(exc)}") from None
     if tokenizer.eos_token_id is None:
         raise ShrinkError(f"model.path: tokenizer in {folder} has no EOS token")
     return tokenizer

@@ -36,7 +36,8 @@ from engine.experts import disk_names, split_experts, split_modules, to_disk_key
 from engine.evaluation import Measured, measure
 from engine.lockstep import release_free_memory
 from engine.modeling import find_decoder_layers
-from engine.weights import SAFE_INDEX, SAFE_NAME, TensorHeader, check_load, read_headers
+from engine.weights import (MODEL_DTYPE_HINT, SAFE_INDEX, SAFE_NAME, TensorHeader, check_load, narrow,
+                            read_headers)
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,8 @@ class LazyModel:
             tensor = self.source.get(self.disk(prefix + name))
             current = module.get_parameter(name) if _is_param(module, name) else module.get_buffer(name)
             if tensor.is_floating_point() and current.is_floating_point():
-                tensor = tensor.to(current.dtype)
+                tensor = narrow(tensor, current.dtype, self.disk(prefix + name), f"{self.source.key}: "
+                                f"{self.source.headers[self.disk(prefix + name)].file}", MODEL_DTYPE_HINT)
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise ShrinkError(f"{self.source.key}: {self.source.headers[self.disk(prefix + name)].file}: tensor "
                                   f"{self.disk(prefix + name)!r} holds non-finite values (NaN or inf)")

@@ -7,6 +7,12 @@ any the files hold but the model has no place for, any whose shape or kind (floa
 integer, bool) disagrees, and any non-finite value: transformers would otherwise fill
 the gaps with random values and the run would report numbers of a partly random model.
 Every error is one line naming the file and the tensor.
+
+`narrow` is the one cast of floats to a narrower dtype (a load in float16, an export's
+float16 tensors, GPTQ's float16 scales): a finite value beyond the new dtype's range would
+become inf there, so it is refused naming the tensor, before anything is written. And
+`check_tied` holds a folder to its claim of tied embeddings: a file whose lm_head differs
+from the embedding it says it is tied to describes two models at once.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -22,6 +28,8 @@ from torch import nn
 from engine.errors import ShrinkError
 
 SAFE_NAME = "model.safetensors"
+# The way out of a value model.dtype cannot hold (bfloat16 has float32's range).
+MODEL_DTYPE_HINT = "use a wider model.dtype (float32, or bfloat16: float32's range)"
 SAFE_INDEX = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
@@ -159,4 +167,76 @@ def check_load(folder: Path, model: nn.Module, headers: dict[str, TensorHeader],
         if tensor.is_meta or not tensor.is_floating_point() or name in aliases:  # tied weights: checked once
             continue
         if not bool(torch.isfinite(tensor).all()):
+            if entry is not None and DTYPE_BYTES.get(entry.dtype, 0) > tensor.element_size():
+                narrow(read_tensor(entry.file, name), tensor.dtype, name, f"{key}: {file}", MODEL_DTYPE_HINT)
             raise ShrinkError(f"{key}: {file}: tensor {name!r} holds non-finite values (NaN or inf)")
+    check_tied(folder, model, headers, key)
+
+
+def read_tensor(file: Path, name: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as fh:
+        return fh.get_tensor(name)
+
+
+def overflows(tensor: torch.Tensor, dtype: torch.dtype) -> Optional[float]:
+    """The largest finite magnitude of tensor when it becomes inf in dtype, else None."""
+    if not (tensor.is_floating_point() and dtype.is_floating_point) or tensor.is_meta or not tensor.numel() \
+            or torch.finfo(dtype).max >= torch.finfo(tensor.dtype).max:
+        return None
+    magnitude = tensor.detach().abs()
+    peak = torch.where(torch.isfinite(magnitude), magnitude, torch.zeros((), dtype=tensor.dtype,
+                                                                         device=tensor.device)).amax()
+    return float(peak) if bool(torch.isinf(peak.to(dtype))) else None
+
+
+def narrow(tensor: torch.Tensor, dtype: torch.dtype, name: str, key: str, hint: str) -> torch.Tensor:
+    """tensor in dtype, refused (one line naming the tensor, `key` its setting or file and `hint`
+    the way out) when a finite value of it lies beyond dtype's range."""
+    peak = overflows(tensor, dtype)
+    if peak is not None:
+        limit = torch.finfo(dtype).max
+        raise ShrinkError(f"{key}: tensor {name!r} holds {peak:.6g}, beyond the range of "
+                          f"{str(dtype).removeprefix('torch.')} (±{limit:.6g}); {hint}")
+    return tensor.to(dtype)
+
+
+def check_narrowing(tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype, key: str, hint: str) -> None:
+    """narrow's refusal for every tensor, without keeping the cast copies."""
+    for name, tensor in tensors:
+        if overflows(tensor, dtype) is not None:
+            narrow(tensor, dtype, name, key, hint)
+
+
+def tied_embeddings(model: nn.Module) -> bool:
+    """config.json (its text config, for multimodal families) ties the output embedding to the input's."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return False
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return bool(getattr(text, "tie_word_embeddings", False))
+
+
+def embedding_names(model: nn.Module) -> Optional[tuple[str, str]]:
+    """(input embedding weight, output embedding weight) by state-dict name, None without both."""
+    ends = [getattr(model, f"get_{side}_embeddings", lambda: None)() for side in ("input", "output")]
+    weights = [getattr(end, "weight", None) for end in ends]
+    if any(w is None for w in weights):
+        return None
+    names = [next((n for n, p in model.named_parameters(remove_duplicate=False) if p is w), None) for w in weights]
+    return (names[0], names[1]) if all(names) else None
+
+
+def check_tied(folder: Path, model: nn.Module, headers: Mapping[str, TensorHeader], key: str = "model.path") -> None:
+    """A config that ties the embeddings, with weight files holding an lm_head of other values,
+    is refused: transformers would load the two apart while the config (and an export of it)
+    says they are one, so figures and export would describe two different models."""
+    names = embedding_names(model) if tied_embeddings(model) else None
+    if names is None or not all(n in headers for n in names):
+        return
+    embedding, head = (read_tensor(headers[n].file, n) for n in names)
+    if embedding.shape != head.shape or not torch.equal(embedding, head):
+        raise ShrinkError(f"{key}: {headers[names[1]].file}: tensor {names[1]!r} differs from {names[0]!r}, but "
+                          f"config.json says tie_word_embeddings=true (they are one tensor); set it to false "
+                          f"in config.json to keep both, or drop {names[1]!r} from the weights")

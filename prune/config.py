@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.config import ROUTER_PATTERNS
+from engine.config import FRACTION_BELOW_1, OPEN_FRACTION, POSITIVE, ROUTER_PATTERNS, Range, check_ranges
 from engine.errors import ShrinkError
 
 
@@ -29,6 +29,7 @@ class PruneConfig:
 
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
+RANGES: dict[str, Range] = {"sparsity": FRACTION_BELOW_1, "damp": OPEN_FRACTION, "block_size": POSITIVE}
 
 
 def parse_pattern(pattern: str) -> tuple[int, int]:
@@ -47,13 +48,21 @@ def parse_pattern(pattern: str) -> tuple[int, int]:
 def check_prune_config(prune: PruneConfig) -> tuple[int, int]:
     if prune.method not in METHODS:
         raise ShrinkError(f"prune.method: unknown method {prune.method!r} (sparsegpt | wanda | magnitude)")
-    per_layer = [(f"prune.layer_sparsity.{k}", v) for k, v in prune.layer_sparsity.items()]
-    for where, sparsity in [("prune.sparsity", prune.sparsity)] + per_layer:
-        if not 0 <= sparsity < 1:
-            raise ShrinkError(f"{where}: {sparsity} must be in [0, 1)")
+    check_ranges(prune, "prune", RANGES)
+    for layer, sparsity in prune.layer_sparsity.items():
+        if not FRACTION_BELOW_1.holds(sparsity):
+            raise ShrinkError(f"prune.layer_sparsity.{layer}: {sparsity} must be {FRACTION_BELOW_1}")
+    n, m = parse_pattern(prune.pattern)
+    # an N:M pattern prunes exactly N of every M: a sparsity of another value would be recorded
+    # in recipe.yaml and the model card but not applied
+    if m and abs(prune.sparsity - n / m) > 1e-9:
+        raise ShrinkError(f"prune.sparsity: {prune.sparsity} but prune.pattern={prune.pattern} prunes exactly "
+                          f"{n / m:g}; set prune.sparsity={n / m:g} (or prune.pattern=unstructured)")
+    if m and prune.layer_sparsity:
+        raise ShrinkError(f"prune.layer_sparsity: not with prune.pattern={prune.pattern} (every layer prunes {n} of {m})")
     if prune.joint_quant and prune.method != "sparsegpt":
         raise ShrinkError("prune.joint_quant: only SparseGPT prunes and quantizes in one sweep")
     if prune.joint_quant and prune.reconstruct:
         raise ShrinkError("prune.reconstruct: not with prune.joint_quant (it would move weights off the grid); "
                           "use pipeline=prune_quantize to reconstruct, then quantize")
-    return parse_pattern(prune.pattern)
+    return n, m

@@ -24,6 +24,7 @@ from quant.pack import pack_result
 from engine.calibration import LinearJob, add_compressor_seconds, compress_model, record_coverage
 from engine.errors import ShrinkError
 from engine.modeling import set_weight_matrix, weight_matrix
+from engine.weights import MODEL_DTYPE_HINT, narrow
 
 if TYPE_CHECKING:
     from engine.state import RunState
@@ -74,7 +75,7 @@ def prune_stage(state: "RunState") -> dict[str, Any]:
             new = rec.W
             stats.update(reconstruct_error_before=rec.error_before, reconstruct_error_after=rec.error_after,
                          reconstruct_iterations=rec.iterations, reconstruct_residual=rec.residual)
-        set_weight_matrix(job.module, new.to(W.dtype))
+        set_weight_matrix(job.module, narrow(new, W.dtype, job.full_name, "model.dtype", MODEL_DTYPE_HINT))
         stats["sparsity"] = float((weight_matrix(job.module) == 0).float().mean())
         if m:
             stats["pattern_ok"] = has_nm_pattern(weight_matrix(job.module), n, m)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from engine.config import ROUTER_PATTERNS
+from engine.config import OPEN_FRACTION, POSITIVE, ROUTER_PATTERNS, Range, check_ranges
 from engine.errors import ShrinkError
 from quant.grid import SUPPORTED_BITS
 
@@ -48,6 +48,8 @@ def packs_ends(quant: "QuantConfig") -> bool:
 
 METHODS = ("gptq", "rtn")
 EXPORT_DTYPES = ("float16", "bfloat16", "float32")
+# transformers and gptqmodel refuse a checkpoint whose damp_percent is outside (0, 1)
+RANGES: dict[str, Range] = {"damp": OPEN_FRACTION, "block_size": POSITIVE}
 
 
 def check_quant_config(quant: QuantConfig) -> None:
@@ -66,5 +68,4 @@ def check_quant_config(quant: QuantConfig) -> None:
                           f"({' | '.join(map(str, SUPPORTED_BITS))} | null)")
     if quant.embed_group_size != -1 and quant.embed_group_size <= 0:
         raise ShrinkError(f"quant.embed_group_size: {quant.embed_group_size} must be -1 or positive")
-    if not 0 <= quant.damp < 1:
-        raise ShrinkError(f"quant.damp: {quant.damp} must be in [0, 1)")
+    check_ranges(quant, "quant", RANGES)

@@ -27,13 +27,14 @@ from torch import nn
 from engine.experts import disk_names, split_experts, split_modules, to_disk_key, to_memory_key
 from engine.files import atomic_folder
 from engine.modeling import linear_dims
-from engine.weights import SAFE_INDEX, SAFE_NAME, check_load, read_headers, unique_tensors
+from engine.weights import SAFE_INDEX, SAFE_NAME, check_load, narrow, read_headers, tied_embeddings, unique_tensors
 from quant.config import QuantConfig
 from quant.qlinear import QuantEmbedding, QuantLinear
 
 log = logging.getLogger(__name__)
 
 QUANT_CONFIG_NAME = "quantize_config.json"
+EXPORT_DTYPE_HINT = "export it in a wider float dtype (quant.export_dtype=bfloat16, or float32 to keep every value)"
 _QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
 
@@ -166,14 +167,6 @@ def _block_linears(model: nn.Module, rename: Callable[[str], str]) -> dict[str, 
 
 
 # ---------------------------------------------------------------------------- save
-def _tied_embeddings(model: nn.Module) -> bool:
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return False
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    return bool(getattr(text, "tie_word_embeddings", False))
-
-
 def _ends(model: nn.Module) -> list[nn.Module]:
     ends = [getattr(model, f"get_{side}_embeddings", lambda: None)() for side in ("input", "output")]
     return [m for m in ends if m is not None]
@@ -186,7 +179,8 @@ def cast_floats(state: dict[str, torch.Tensor], float_dtype: torch.dtype | None,
     if float_dtype is None:
         return state
     scales = {f"{n}.scales" for n in qnames}
-    return {k: t.to(float_dtype) if t.is_floating_point() and k not in scales else t for k, t in state.items()}
+    return {k: narrow(t, float_dtype, k, "quant.export_dtype", EXPORT_DTYPE_HINT)
+            if t.is_floating_point() and k not in scales else t for k, t in state.items()}
 
 
 def _dedup_shared(state: dict[str, torch.Tensor], tied: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -293,7 +287,7 @@ def export_config(model: nn.Module, quant_config: dict[str, Any], qnames: list[s
         qcfg["modules_in_block_to_quantize"] = _modules_in_block(qnames, present)
     config = copy.deepcopy(model.config)
     config.quantization_config = qcfg
-    return config, qcfg, _tied_embeddings(model)
+    return config, qcfg, tied_embeddings(model)
 
 
 def write_export_configs(folder: Path, model: nn.Module, config: Any, qcfg: dict[str, Any] | None) -> None:
@@ -374,7 +368,7 @@ def load_quantized_model(
                   if k in placeholders and tuple(t.shape) != tuple(placeholders[k].shape)]
     result = model.load_state_dict({k: t for k, t in state.items() if k not in {m[0] for m in mismatched}},
                                    strict=False, assign=True)
-    if _tied_embeddings(model):
+    if tied_embeddings(model):
         model.tie_weights()
     skipped = {m[0] for m in mismatched}
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
@@ -461,18 +455,19 @@ def round_float_tensors(model: nn.Module, dtype: torch.dtype) -> None:
     """Round, in place, every floating parameter and persistent buffer outside the packed
     GPTQ tensors to dtype's precision (their storage dtype is kept): the model then holds
     exactly what save_gptq_model(float_dtype=dtype) writes, so the figures measured in memory
-    are those of the exported checkpoint. Tied tensors are one storage, rounded once."""
-    for module in model.modules():
+    are those of the exported checkpoint. Tied tensors are one storage, rounded once. A value
+    that dtype cannot hold is refused (engine.weights.narrow), not turned into inf."""
+    for prefix, module in model.named_modules():
         if isinstance(module, QuantLinear):
-            tensors = [module.bias] if module.bias is not None else []
+            named = [("bias", module.bias)] if module.bias is not None else []
         else:
-            tensors = list(module.parameters(recurse=False))
-            tensors += [b for n, b in module.named_buffers(recurse=False)
-                        if n not in module._non_persistent_buffers_set]
-        for t in tensors:
+            named = list(module.named_parameters(recurse=False))
+            named += [(n, b) for n, b in module.named_buffers(recurse=False)
+                      if n not in module._non_persistent_buffers_set]
+        for n, t in named:
             if t.is_floating_point() and t.dtype != dtype:
                 with torch.no_grad():
-                    t.copy_(t.to(dtype))
+                    t.copy_(narrow(t, dtype, f"{prefix}.{n}" if prefix else n, "quant.export_dtype", EXPORT_DTYPE_HINT))
 
 
 def install_quantized(model: nn.Module, packed: dict[str, dict[str, torch.Tensor]],

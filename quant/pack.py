@@ -201,7 +201,11 @@ def dequantize_gptq(
 
 def pack_result(result: "QuantResult", module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A quantized Linear's GPTQ tensors (qweight, qzeros, scales, g_idx, fp16 bias)."""
-    tensors = pack_gptq(result.codes.cpu(), result.scale.cpu(), result.zero.cpu(), result.g_idx.cpu(), result.bits)
+    from engine.weights import narrow  # the format's float16 scales and bias hold every value, or refuse
+
+    hint = "the GPTQ format stores scales and biases in float16"
+    scale = narrow(result.scale.cpu(), torch.float16, "scales", "quant", hint)
+    tensors = pack_gptq(result.codes.cpu(), scale, result.zero.cpu(), result.g_idx.cpu(), result.bits)
     if getattr(module, "bias", None) is not None:
-        tensors["bias"] = module.bias.data.detach().cpu().to(torch.float16)
+        tensors["bias"] = narrow(module.bias.data.detach().cpu(), torch.float16, "bias", "quant", hint)
     return tensors

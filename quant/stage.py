@@ -21,6 +21,7 @@ from quant.gptq import QuantResult, gptq_quantize, gptq_quantize_batch, rtn_quan
 from quant.pack import pack_result
 from engine.calibration import LinearJob, add_compressor_seconds, compress_model, record_coverage
 from engine.modeling import set_weight_matrix, weight_matrix
+from engine.weights import MODEL_DTYPE_HINT, narrow
 
 if TYPE_CHECKING:
     from engine.state import RunState
@@ -62,7 +63,7 @@ def quantize_stage(state: "RunState") -> dict[str, Any]:
         if result is None:
             result = quantize_linear(W.float(), job.hessian.H if job.hessian is not None else None, quant)
         swept = time.perf_counter()
-        set_weight_matrix(job.module, result.Q.to(W.dtype))
+        set_weight_matrix(job.module, narrow(result.Q, W.dtype, job.full_name, "model.dtype", MODEL_DTYPE_HINT))
         packed[job.full_name] = pack_result(result, job.module)
         return {"gptq_error": result.error, "damp": result.damp_fraction,
                 "sweep_seconds": swept - start, "pack_seconds": time.perf_counter() - swept}

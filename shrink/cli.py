@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from engine.errors import ShrinkError
+from engine.errors import ShrinkError, user_error
 from shrink.config import CONF_DIR, compose, quiet_import_noise, register_configs, register_resolvers
 
 log = logging.getLogger("shrink")
@@ -30,23 +31,35 @@ def hydra_main() -> None:
     conf_dir = str(CONF_DIR)
     try:
         check_jobs(sys.argv[1:], conf_dir)
-    except ShrinkError as exc:
-        fail(str(exc))
+    except Exception as exc:
+        fail_or_raise(exc)
     sys.argv[1:] = hydra_dirs(sys.argv[1:])
+
+    failed: list[str] = []  # points of a -m sweep that failed: the others still run
 
     @hydra.main(version_base="1.3", config_path=conf_dir, config_name="config")
     def _run(cfg: DictConfig) -> None:
+        from hydra.types import RunMode
+
         from shrink.pipeline import run_pipeline
 
         logging.getLogger().setLevel(cfg.log_level)
         out = Path(cfg.out) if cfg.out else Path(HydraConfig.get().runtime.output_dir)
         try:
             metrics = run_pipeline(cfg, out)
-        except ShrinkError as exc:
-            fail(str(exc))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             kept = f"; {out} keeps the finished stages (rerun with resume=true)" if (out / "progress.json").is_file() else ""
-            fail(f"interrupted{kept}")
+            fail(f"{stopped(exc)}{kept}")
+        except Exception as exc:
+            if HydraConfig.get().mode != RunMode.MULTIRUN:
+                fail_or_raise(exc)
+            message = user_error(exc)
+            if message is None:
+                raise
+            failed.append(f"{HydraConfig.get().job.num}: {message}")
+            record_failure(out, message)
+            log.error("sweep point %s failed (the others go on): %s", out, message)
+            return
         for name, ppl in metrics.get("ppl", {}).items():
             base = metrics.get("baseline_ppl", {}).get(name)
             bpb = metrics.get("bits_per_byte", {}).get(name)
@@ -60,12 +73,50 @@ def hydra_main() -> None:
         print(f"out: {out}")
 
     _run()
+    if failed:
+        fail(f"sweep: {len(failed)} point{'s' if len(failed) > 1 else ''} failed ({'; '.join(failed)}); "
+             f"each folder holds failed.json, and `shrink report` lists them")
+
+
+def record_failure(out: Path, message: str) -> None:
+    """failed.json in a sweep point's folder (Hydra's own, made for this point), for `shrink report`."""
+    from engine.files import atomic_write_json
+    from shrink.resume import FAILED
+
+    try:
+        atomic_write_json(out / FAILED, {"error": message})
+    except OSError as exc:  # the failure itself may be a full disk: the console line still says it
+        log.warning("could not write %s: %s", out / FAILED, exc)
 
 
 def fail(message: str) -> NoReturn:
     """The one way the CLI reports a bad input: one line on stderr, exit status 2."""
     print(f"shrink: error: {' '.join(message.split()) or 'failed'}", file=sys.stderr)
     sys.exit(2)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a job scheduler, torchrun stopping the other ranks), raised in the main
+    thread so that it ends a run as Ctrl-C does: out keeps what is resumable, and one line."""
+
+
+def on_sigterm_raise() -> Any:
+    """Handle SIGTERM by raising Terminated; returns the handler it replaced."""
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated()
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def stopped(exc: KeyboardInterrupt) -> str:
+    return "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+
+
+def fail_or_raise(exc: Exception) -> NoReturn:
+    """fail() with the user's one line (engine.errors.user_error); a bug is raised again."""
+    message = user_error(exc)
+    if message is None:
+        raise exc
+    fail(message)
 
 
 def hydra_dirs(argv: list[str]) -> list[str]:
@@ -167,21 +218,28 @@ SUBCOMMANDS = {"import-gguf": import_gguf_command, "report": report_command, "pu
 
 
 def main() -> None:
+    previous = on_sigterm_raise()
+    try:
+        run_command(sys.argv[1:])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_command(argv: list[str]) -> None:
     quiet_import_noise()
-    argv = sys.argv[1:]
     if argv and argv[0] in SUBCOMMANDS:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
         try:
             SUBCOMMANDS[argv[0]](argv[1:])
-        except ShrinkError as exc:
-            fail(str(exc))
-        except KeyboardInterrupt:
-            fail("interrupted")
+        except KeyboardInterrupt as exc:
+            fail(stopped(exc))
+        except Exception as exc:
+            fail_or_raise(exc)
         return
     try:
         hydra_main()
-    except KeyboardInterrupt:  # outside a run (composing, importing): nothing was written
-        fail("interrupted")
+    except KeyboardInterrupt as exc:  # outside a run (composing, importing): nothing was written
+        fail(stopped(exc))
 
 
 if __name__ == "__main__":

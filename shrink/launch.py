@@ -27,6 +27,7 @@ from distill.distributed import DONE, receive, send
 from engine.distributed_calib import DEFAULT_TIMEOUT, CalibComm
 from engine.errors import ShrinkError
 from quant.config import packs_ends
+from shrink.cli import Terminated, on_sigterm_raise, stopped
 from shrink.config import compose, quiet_import_noise
 
 log = logging.getLogger("shrink")
@@ -79,6 +80,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] - %(message)s")
     status = 0
+    comm = None
+    on_sigterm_raise()  # torchrun stops the other ranks with SIGTERM when one dies
     try:
         comm = CalibComm.create(calib_timeout())  # every rank, before any other group is made
         cfg = compose(overrides)
@@ -106,6 +109,12 @@ def main(argv: Optional[list[str]] = None) -> None:
             worker(cfg, Path(cfg.out))
     except ShrinkError as exc:
         print(f"shrink: error: {exc}", file=sys.stderr)
+        status = 2
+    except Terminated as exc:  # the README's line: which rank stopped, found among the peers
+        dead = comm.dead_peers() if comm is not None else []
+        line = (f"torchrun: {', '.join(f'rank {r}' for r in dead)} stopped; rank {rank} stops too "
+                f"(torchrun ended it with SIGTERM)" if dead else stopped(exc))
+        print(f"shrink: error: {line}", file=sys.stderr)
         status = 2
     if status == 0:
         # every rank past its last collective before any tears the group down: a rank that

@@ -22,7 +22,7 @@ from engine.config import EvalSet, eval_sets
 from engine.data import token_stream, window_count
 from engine.errors import ShrinkError
 from engine.evaluation import measure
-from engine.data import check_data_file
+from engine.records import check_data_file
 from engine.distributed_calib import CalibComm
 from engine.files import atomic_folder, atomic_write_json
 from engine.gguf_import import import_dir, import_gguf
@@ -35,8 +35,9 @@ from quant.export import export_float_dtype
 from shrink.model_folder import load_model, save_model_folder
 from engine.streaming import measure_lazy
 from shrink.lazy import discard, export_lazy, lazy_sparsity, lazy_wanted, open_lazy
-from shrink.resume import (check_same_inputs, inputs_digest, layer_checkpoint, read_progress, remove_checkpoints,
-                           save_checkpoint, write_progress)
+from shrink.preflight import Need, check_run, ready_distill, ready_prune, ready_quantize
+from shrink.resume import (RunFolder, check_same_inputs, inputs_digest, layer_checkpoint, read_progress,
+                           remove_checkpoints, save_checkpoint, write_progress)
 from shrink.tasks import check_tasks, run_tasks
 
 log = logging.getLogger(__name__)
@@ -132,8 +133,11 @@ class Stage:
     run: Callable[[RunState], dict[str, Any]]
     # Checks the stage's config section without a model: runs before anything is written.
     check: Optional[Callable[[DictConfig], None]] = None
-    # The config keys of the input files the stage will read, checked before any model loads.
-    inputs: Callable[[DictConfig], list[str]] = lambda cfg: []
+    # The config keys of the input files the stage will read, each with the tokens it needs
+    # from the file (0: not a token stream), checked before any model loads.
+    inputs: Callable[[DictConfig], dict[str, Need]] = lambda cfg: {}
+    # Checks that need the loaded model (shrink/preflight.py), run before anything is written.
+    ready: Optional[Callable[[RunState], None]] = None
 
 
 def stage_table() -> dict[str, Stage]:
@@ -161,23 +165,31 @@ def stage_table() -> dict[str, Stage]:
             raise ShrinkError("distill.teacher: a device_map or 8/4-bit teacher is loaded again from model.path, "
                               "so distill must come before any stage that changes the model")
 
-    def distill_inputs(cfg: DictConfig) -> list[str]:
-        student = ["distill.student.path"] if cfg.distill.student.init == "pretrained" else []
-        # training reads train_path (default: the calibration file); a width student also calibrates
-        train = ["distill.train_path"] if cfg.distill.train_path else []
-        calib = ["data.calib.path"] if not train or cfg.distill.student.init == "width" else []
-        return ["data.eval.path", *train, *calib, *student]
+    def distill_inputs(cfg: DictConfig) -> dict[str, Need]:
+        student = {"distill.student.path": Need()} if cfg.distill.student.init == "pretrained" else {}
+        # training reads windows of train_path (default: the calibration file); a width student also calibrates
+        train = Need(cfg.distill.seq_len, f"one window of distill.seq_len={cfg.distill.seq_len}")
+        needs = {"data.eval.path": Need(), "distill.train_path" if cfg.distill.train_path else "data.calib.path": train}
+        if cfg.distill.student.init == "width":
+            needs["data.calib.path"] = max(needs.get("data.calib.path", Need()), calib_need(cfg))
+        return {**needs, **student}
 
-    def prune_inputs(cfg: DictConfig) -> list[str]:
+    def prune_inputs(cfg: DictConfig) -> dict[str, Need]:
         calibrates = cfg.prune.method != "magnitude" or cfg.prune.reconstruct or cfg.prune.joint_quant
-        return ["data.calib.path"] if calibrates else []
+        return {"data.calib.path": calib_need(cfg)} if calibrates else {}
 
-    return {"distill": Stage(distill_stage, check_distill, distill_inputs),
-            "prune": Stage(prune_stage, check_prune, prune_inputs),
+    return {"distill": Stage(distill_stage, check_distill, distill_inputs, ready_distill),
+            "prune": Stage(prune_stage, check_prune, prune_inputs, ready_prune),
             "quantize": Stage(quantize_stage, lambda cfg: check_quant_config(cfg.quant),
-                              lambda cfg: ["data.calib.path"] if cfg.quant.method == "gptq" else []),
-            "pretrain": Stage(pretrain_stage, check_distill, distill_inputs),
-            "eval": Stage(eval_stage, check_eval, lambda cfg: ["data.eval.path"]), "export": Stage(export_stage)}
+                              lambda cfg: {"data.calib.path": calib_need(cfg)} if cfg.quant.method == "gptq" else {},
+                              ready_quantize),
+            "pretrain": Stage(pretrain_stage, check_distill, distill_inputs, ready_distill),
+            "eval": Stage(eval_stage, check_eval, lambda cfg: {"data.eval.path": Need()}), "export": Stage(export_stage)}
+
+
+def calib_need(cfg: DictConfig) -> Need:
+    """GPTQ's sampler draws windows of data.calib.seq_len from a longer stream."""
+    return Need(cfg.data.calib.seq_len + 1, f"more than data.calib.seq_len={cfg.data.calib.seq_len}")
 
 
 def check_eval(cfg: DictConfig) -> None:
@@ -199,16 +211,19 @@ def check_eval_windows(cfg: DictConfig, sets: list[EvalSet]) -> None:
     (tokenized once; the stream is cached for the run). Skipped while the model folder does
     not exist yet (a GGUF import), where the run checks it after importing."""
     folder = Path(cfg.model.path).expanduser()
-    if not (folder / "tokenizer_config.json").is_file():
+    if cfg.model.gguf and not folder.exists():  # imported when the run starts
         return
     check_model_folder(folder)  # its own one-line errors before the tokenizer's
     for eval_set in sets:
         check_data_file(eval_set.path, f"{eval_set.key}.path")
     tokenizer = load_tokenizer(folder, cfg.model.trust_remote_code)
     for eval_set in sets:
-        stream = token_stream(eval_set.path, tokenizer, cfg.data.text_field, cfg.data.cache_dir,
-                              key=f"{eval_set.key}.path")
-        window_count(stream, eval_set.seq_len, eval_set.key)
+        window_count(stream_of(cfg, tokenizer, eval_set.path, f"{eval_set.key}.path"), eval_set.seq_len, eval_set.key)
+
+
+def stream_of(cfg: DictConfig, tokenizer: Any, path: str, key: str) -> torch.Tensor:
+    """A data file read whole (every record checked, engine.records) and tokenized, from the cache when it can."""
+    return token_stream(path, tokenizer, cfg.data.text_field, cfg.data.cache_dir, key=key)
 
 
 def check_config(cfg: DictConfig) -> list[str]:
@@ -218,6 +233,7 @@ def check_config(cfg: DictConfig) -> list[str]:
     unknown = [s for s in stages if s not in table]
     if unknown:
         raise ShrinkError(f"pipeline.stages: unknown stage {unknown[0]!r} (known: {', '.join(table)})")
+    check_run(cfg, stages)
     for name in dict.fromkeys(stages):
         if table[name].check is not None:
             table[name].check(cfg)
@@ -225,10 +241,16 @@ def check_config(cfg: DictConfig) -> list[str]:
 
 
 def check_inputs(cfg: DictConfig, stages: list[str]) -> None:
-    """Every input file the stages will read exists and is of its format: found now, before
-    a model loads or `out` is made, not after an hour of calibration."""
+    """Every input file the stages will read exists and is of its format, and every data file
+    they read as tokens is read whole (each record checked) and long enough: found now, before
+    a model loads or `out` is made, not after the baseline or an hour of calibration."""
     table = stage_table()
-    for key in dict.fromkeys(k for name in stages for k in table[name].inputs(cfg)):
+    needs: dict[str, Need] = {}
+    for name in stages:
+        for key, need in table[name].inputs(cfg).items():
+            needs[key] = max(needs.get(key, need), need)
+    tokenizer = None
+    for key, need in needs.items():
         if key == "data.eval.path":  # one eval set, a list or a named map of them
             for eval_set in eval_sets(cfg.data.eval):
                 check_data_file(eval_set.path, f"{eval_set.key}.path")
@@ -239,8 +261,13 @@ def check_inputs(cfg: DictConfig, stages: list[str]) -> None:
             raise ShrinkError(f"{key}: not set (the {', '.join(stages)} pipeline reads it)") from None
         if key == "distill.student.path":
             check_model_folder(path, key)
-        else:
-            check_data_file(path, key)
+            continue
+        check_data_file(path, key)
+        if need.tokens:
+            tokenizer = tokenizer or load_tokenizer(Path(cfg.model.path).expanduser(), cfg.model.trust_remote_code)
+            n = stream_of(cfg, tokenizer, path, key).numel()
+            if n < need.tokens:
+                raise ShrinkError(f"{key}: {n} tokens is too short ({need.tokens} needed: {need.why})")
 
 
 MODIFYING = {"distill", "pretrain", "prune", "quantize"}
@@ -254,6 +281,11 @@ def run_pipeline(cfg: DictConfig, out: Path, comm: Optional[CalibComm] = None) -
     With `comm` (rank 0 of a torchrun compression job) the other ranks run follow_pipeline.
     """
     stages = check_config(cfg)
+    with RunFolder(out):  # locked; put back as it was if this fails before anything resumable exists
+        return run_locked(cfg, out, stages, comm)
+
+
+def run_locked(cfg: DictConfig, out: Path, stages: list[str], comm: Optional[CalibComm]) -> dict[str, Any]:
     digest = config_digest(cfg)
     progress = read_progress(out, digest, cfg.resume) or {"config_sha256": digest, "done": [], "seconds": {}}
     start = time.time()
@@ -268,10 +300,7 @@ def run_pipeline(cfg: DictConfig, out: Path, comm: Optional[CalibComm] = None) -
     state.comm = comm
     if comm is not None and state.lazy is not None:
         raise ShrinkError("model.lazy: streaming layers is not supported under torchrun yet; set model.lazy=false")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ShrinkError(f"out: cannot create {out}: {exc.strerror or exc}") from None
+    check_ready(state, stages, progress)
     write_progress(out, progress)  # from here on out is a resumable run of this recipe
     write_recipe(cfg, out, inputs)
     seconds = progress["seconds"]
@@ -289,6 +318,19 @@ def run_pipeline(cfg: DictConfig, out: Path, comm: Optional[CalibComm] = None) -
     write_progress(out, progress)
     remove_checkpoints(out)
     return state.metrics
+
+
+def check_ready(state: RunState, stages: list[str], progress: dict[str, Any]) -> None:
+    """The model-dependent checks of the stages still to run on the model as loaded: those up
+    to and including the first that changes it (later ones see another model)."""
+    table = stage_table()
+    for i, name in enumerate(stages, 1):
+        if f"{i}-{name}" in progress["done"]:
+            continue
+        if table[name].ready is not None:
+            table[name].ready(state)
+        if name in MODIFYING:
+            return
 
 
 def run_stages(state: RunState, stages: list[str], progress: dict[str, Any], seconds: dict[str, float]) -> None:

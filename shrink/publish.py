@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from engine.errors import ShrinkError
+from engine.modeling import TOKENIZER_VOCABS
 
 log = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
 QUANT_CONFIG = "quantize_config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-TOKENIZER_VOCABS = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
 CARD_KEYS = ("base_model", "license", "tags")
 GPTQ_KEYS = ("bits", "group_size", "sym", "desc_act")
 
@@ -205,6 +205,20 @@ def check_gptq(check: FolderCheck, config: Optional[dict[str, Any]], names: set[
             break
 
 
+def check_loads(check: FolderCheck) -> None:
+    """The rules of a run's own input (engine.modeling.check_model_folder, engine.weights.check_load):
+    no link out of the folder, whole safetensors, every size in config.json, every tensor present,
+    of its shape and kind, finite, and tied embeddings that are one tensor. The folder is loaded
+    as shrink loads a model, once the per-file checks found nothing."""
+    from engine.config import ModelConfig
+    from shrink.model_folder import load_model
+
+    try:
+        load_model(ModelConfig(path=str(check.folder)))
+    except ShrinkError as exc:
+        check.fail("weights", str(exc).removeprefix("model.path: "))
+
+
 def check_folder(folder: Path) -> FolderCheck:
     if not folder.is_dir():
         raise ShrinkError(f"publish: {folder} is not a folder")
@@ -215,6 +229,8 @@ def check_folder(folder: Path) -> FolderCheck:
     check_card(check)
     check_generation_config(check)
     check_gptq(check, config, names)
+    if not check.problems:
+        check_loads(check)
     return check
 
 

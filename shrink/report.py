@@ -2,9 +2,14 @@
 
 A run folder is any folder holding both metrics.json and recipe.yaml, so this reads a
 Hydra multirun sweep (multirun/DATE/TIME/<job>/), a hand-made set of `out=` folders, or
-both. The settings shown are the recipe keys whose values differ between the runs (a
-single run shows its stage settings); a stage's keys are blanked for runs that did not
-run that stage, since e.g. quant.bits of a prune-only run is a default nobody chose.
+both. Every folder that looks like a run or a sweep point (recipe.yaml, progress.json,
+failed.json or Hydra's .hydra/) but cannot be reported (it failed, is unfinished, or its
+metrics.json does not read or holds a value of the wrong type) is named, with the reason,
+under "Left out" in report.md and on the console; only when no run is left is it an error.
+
+The settings shown are the recipe keys whose values differ between the runs (a single run
+shows its stage settings); a stage's keys are blanked for runs that did not run that
+stage, since e.g. quant.bits of a prune-only run is a default nobody chose.
 
 Outputs (written to temporary files, then renamed, so a failure leaves no partial report):
 report.md, report.csv, report.png (perplexity against size on disk; the Pareto front,
@@ -46,7 +51,7 @@ class Run:
     metrics: dict[str, Any]
 
     def ppl(self, name: str) -> Optional[float]:
-        return self.metrics.get("ppl", {}).get(name)
+        return (self.metrics.get("ppl") or {}).get(name)
 
     def task(self, name: str, prefix: str = "") -> tuple[Optional[float], Optional[float]]:
         """A task's headline accuracy and its stderr (prefix "baseline_" for the input model's)."""
@@ -64,24 +69,45 @@ def task_score(figures: Optional[dict[str, Any]]) -> tuple[Optional[float], Opti
 
 
 # ---------------------------------------------------------------------------- gathering
+POINT_MARKS = ("metrics.json", "recipe.yaml", "progress.json", "failed.json", ".hydra")
+
+
+@dataclass
+class LeftOut:
+    """A run folder or sweep point that the report cannot show, and why."""
+    label: str
+    folder: Path
+    reason: str
+
+
 def find_runs(dirs: list[Path]) -> list[Run]:
-    """Every run folder under dirs (recursively), each once, in natural order."""
+    """Every reportable run folder under dirs (recursively), each once, in natural order."""
+    return gather(dirs)[0]
+
+
+def gather(dirs: list[Path]) -> tuple[list[Run], list[LeftOut]]:
+    """(the runs, the points left out with their reasons) under dirs; ShrinkError if no run."""
     runs: list[Run] = []
+    left: list[LeftOut] = []
     seen: set[Path] = set()
     for root in dirs:
         if not root.is_dir():
             raise ShrinkError(f"report: {root} is not a folder")
-        found = [p.parent for p in root.rglob("metrics.json")
-                 if (p.parent / "recipe.yaml").is_file() and not _hidden(p.parent, root)]
+        found = {p.parent for mark in POINT_MARKS for p in root.rglob(mark) if not _hidden(p.parent, root)}
         for folder in sorted(found, key=lambda f: _natural(f.relative_to(root).as_posix())):
             if folder.resolve() in seen:
                 continue
             seen.add(folder.resolve())
             label = folder.relative_to(root).as_posix() if folder != root else folder.name
-            runs.append(load_run(folder, label))
+            try:
+                runs.append(load_run(folder, label))
+            except ShrinkError as exc:
+                left.append(LeftOut(label, folder, str(exc).removeprefix("report: ")))
     if not runs:
-        raise ShrinkError(f"report: no run folders (metrics.json + recipe.yaml) under {', '.join(map(str, dirs))}")
-    return runs
+        first = f" ({left[0].folder}: {left[0].reason})" if left else ""
+        raise ShrinkError(f"report: no run folders (metrics.json + recipe.yaml) under {', '.join(map(str, dirs))}"
+                          + first)
+    return runs, left
 
 
 def _hidden(folder: Path, root: Path) -> bool:
@@ -95,10 +121,20 @@ def _natural(text: str) -> list[Any]:
 
 
 def load_run(folder: Path, label: str) -> Run:
+    if not (folder / "metrics.json").is_file():
+        failed = folder / "failed.json"
+        if failed.is_file():
+            reason = _read(failed, json.loads)
+            raise ShrinkError(f"failed: {reason.get('error') if isinstance(reason, dict) else reason}")
+        state = "unfinished" if (folder / "progress.json").is_file() else "failed or not run"
+        raise ShrinkError(f"{state} (no metrics.json)")
+    if not (folder / "recipe.yaml").is_file():
+        raise ShrinkError(f"{folder} has metrics.json but no recipe.yaml")
     metrics = _read(folder / "metrics.json", json.loads)
     recipe = _read(folder / "recipe.yaml", yaml.safe_load)
     if not isinstance(metrics, dict) or not isinstance(recipe, dict):
         raise ShrinkError(f"report: {folder} has a metrics.json or recipe.yaml that is not a mapping")
+    check_metrics(metrics, folder / "metrics.json")
     return Run(folder, label, flatten_settings(recipe), metrics)
 
 
@@ -107,6 +143,35 @@ def _read(path: Path, parse) -> Any:
         return parse(path.read_text())
     except (OSError, ValueError, yaml.YAMLError) as exc:
         raise ShrinkError(f"report: cannot read {path}: {str(exc).splitlines()[0]}") from None
+
+
+# What the report reads from metrics.json, and of which type: a number (or null), or maps of them.
+NUMBERS = ("size_bytes", "bits_per_weight", "sparsity")
+NUMBER_MAPS = ("ppl", "baseline_ppl", "bits_per_byte", "seconds")
+TASK_MAPS = ("tasks", "baseline_tasks")
+TASK_FIGURES = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
+
+
+def check_metrics(metrics: dict[str, Any], file: Path) -> None:
+    """Every value the report reads is a number or null, in maps where it expects maps."""
+    def number(key: str, value: Any) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ShrinkError(f"{file}: {key} is {type(value).__name__} {value!r}, not a number")
+
+    def mapping(key: str, value: Any) -> dict[str, Any]:
+        if value is not None and not isinstance(value, dict):
+            raise ShrinkError(f"{file}: {key} is {type(value).__name__}, not a mapping")
+        return value or {}
+
+    for key in NUMBERS:
+        number(key, metrics.get(key))
+    for key in NUMBER_MAPS:
+        for name, value in mapping(key, metrics.get(key)).items():
+            number(f"{key}.{name}", value)
+    for key in TASK_MAPS:
+        for task, figures in mapping(key, metrics.get(key)).items():
+            for figure in TASK_FIGURES:
+                number(f"{key}.{task}.{figure}", mapping(f"{key}.{task}", figures).get(figure))
 
 
 def flatten_settings(recipe: dict[str, Any]) -> dict[str, Any]:
@@ -172,7 +237,7 @@ def build_table(runs: list[Run]) -> Table:
     evals, tasks = eval_sets(runs), eval_sets(runs, "tasks")
     baselines: dict[str, Optional[float]] = {}
     for name in evals:
-        values = {r.metrics.get("baseline_ppl", {}).get(name) for r in runs} - {None}
+        values = {(r.metrics.get("baseline_ppl") or {}).get(name) for r in runs} - {None}
         baselines[name] = values.pop() if len(values) == 1 else None
     task_baselines: dict[str, Optional[tuple[float, Optional[float]]]] = {}
     for name in tasks:
@@ -180,7 +245,7 @@ def build_table(runs: list[Run]) -> Table:
         task_baselines[name] = values.pop() if len(values) == 1 else None
     pareto: set[int] = set()
     if evals:
-        idx = [i for i, r in enumerate(runs) if r.ppl(evals[0]) is not None and "size_bytes" in r.metrics]
+        idx = [i for i, r in enumerate(runs) if r.ppl(evals[0]) is not None and r.metrics.get("size_bytes") is not None]
         points = [(float(runs[i].metrics["size_bytes"]), float(runs[i].ppl(evals[0]))) for i in idx]
         pareto = {idx[j] for j in pareto_front(points)}
     return Table(runs, setting_columns(runs), evals, baselines, pareto, tasks, task_baselines)
@@ -199,7 +264,7 @@ def csv_rows(table: Table) -> list[dict[str, Any]]:
         row.update({k: run.settings.get(k, "") for k in table.settings})
         for name in table.evals:
             row[f"ppl:{name}"] = run.ppl(name)
-            row[f"baseline_ppl:{name}"] = metrics.get("baseline_ppl", {}).get(name)
+            row[f"baseline_ppl:{name}"] = (metrics.get("baseline_ppl") or {}).get(name)
             row[f"bits_per_byte:{name}"] = (metrics.get("bits_per_byte") or {}).get(name)
         for name in table.tasks:
             figures = (metrics.get("tasks") or {}).get(name) or {}
@@ -226,7 +291,7 @@ def _fmt(value: Any, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
-def render_markdown(table: Table, plot_name: str = "report.png") -> str:
+def render_markdown(table: Table, plot_name: str = "report.png", left: Optional[list[LeftOut]] = None) -> str:
     metric = {t: next((task_metric((run.metrics.get("tasks") or {}).get(t)) for run in table.runs
                        if task_metric((run.metrics.get("tasks") or {}).get(t))), "acc") for t in table.tasks}
     head = ["run", *table.settings, *[f"ppl {n}" for n in table.evals], *[f"bits/byte {n}" for n in table.evals],
@@ -248,7 +313,8 @@ def render_markdown(table: Table, plot_name: str = "report.png") -> str:
         notes.append("Task accuracy from lm-evaluation-harness, ± its standard error.")
     if table.evals:
         notes.append(f"Pareto: no other run has both lower perplexity on {table.evals[0]} and a smaller size.")
-    return "\n".join([f"# Sweep report ({len(table.runs)} runs)", "", *lines, "", *notes, "",
+    missing = ["", f"Left out ({len(left)}):", ""] + [f"- {p.label}: {p.reason}" for p in left] if left else []
+    return "\n".join([f"# Sweep report ({len(table.runs)} runs)", "", *lines, "", *notes, *missing, "",
                       f"![perplexity vs size]({plot_name})", ""])
 
 
@@ -301,14 +367,16 @@ def render_plot(table: Table, path: Path) -> None:
 # ---------------------------------------------------------------------------- entry point
 def write_report(dirs: list[Path], out: Optional[Path] = None) -> Path:
     """Gather, render everything to temporary files, then rename them into out."""
-    runs = find_runs(dirs)
+    runs, left = gather(dirs)
+    for point in left:
+        log.warning("report: left out %s: %s", point.folder, point.reason)
     table = build_table(runs)
     out = out or dirs[0]
     out.mkdir(parents=True, exist_ok=True)
     # all three rendered before any is renamed: a failure leaves the previous report whole
     with atomic_path(out / "report.md") as md, atomic_path(out / "report.csv") as csv_file, \
             atomic_path(out / "report.png") as png:
-        md.write_text(render_markdown(table))
+        md.write_text(render_markdown(table, left=left))
         csv_file.write_text(render_csv(table))
         render_plot(table, png)
     log.info("report of %d runs: %s", len(runs), out / "report.md")

@@ -13,6 +13,12 @@ is done. progress.json also records a digest of the input files: a resume with o
 settings or other input files is refused. Checkpoints are deleted once the whole
 pipeline has finished. An `out` holding anything else (another recipe's run, a finished
 run, any other files) is refused before anything is loaded or written.
+
+`RunFolder` is every run's hold on `out`: a lock that a second run on the same `out` finds
+taken (refused in one line), and on a failure before anything resumable exists (no stage
+finished, no layer or training checkpoint) `out` is put back as it was, so the corrected
+command runs in the same `out`. Operating-system errors (disk full, a name too long, ...)
+become the one-line error there too.
 """
 from __future__ import annotations
 
@@ -24,8 +30,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-from engine.errors import ShrinkError
-from engine.files import atomic_folder, atomic_write_json, remove_stale_temps
+from engine.errors import ShrinkError, io_error_line
+from engine.files import LOCK_NAME, FolderBusy, FolderLock, atomic_folder, atomic_write_json, remove_stale_temps
 from engine.layer_checkpoint import LayerCheckpoint
 from quant.export import export_float_dtype
 from shrink.model_folder import save_model_folder
@@ -35,6 +41,11 @@ log = logging.getLogger(__name__)
 PROGRESS = "progress.json"
 # What Hydra itself puts into its run folder, which is `out` when out= is not given.
 HYDRA_ENTRIES = (".hydra",)
+# What a failed point of a `-m` sweep leaves in its folder (shrink/cli.py), for `shrink report`.
+FAILED = "failed.json"
+# Entries of `out` that are not a run's results: Hydra's, the lock of the run writing it, and an
+# earlier failure's record (removed when a run starts there).
+NOT_RESULTS = (*HYDRA_ENTRIES, LOCK_NAME, FAILED)
 
 
 def read_progress(out: Path, digest: str, resume: bool) -> Optional[dict[str, Any]]:
@@ -43,7 +54,7 @@ def read_progress(out: Path, digest: str, resume: bool) -> Optional[dict[str, An
     check_writable(out)
     path = out / PROGRESS
     if not path.is_file():
-        others = sorted(p.name for p in out.iterdir() if p.name not in HYDRA_ENTRIES
+        others = sorted(p.name for p in out.iterdir() if p.name not in NOT_RESULTS
                         and not p.name.endswith(".log")) if out.is_dir() else []
         if others:
             raise ShrinkError(f"out: {out} is not empty and holds no shrink run (found {others[0]}); "
@@ -121,3 +132,75 @@ def layer_checkpoint(out: Path, step: str, progress: dict[str, Any]) -> LayerChe
     key = {k: progress.get(k) for k in ("config_sha256", "inputs_sha256", "checkpoint")}
     fingerprint = hashlib.sha256(json.dumps({**key, "step": step}, sort_keys=True).encode()).hexdigest()
     return LayerCheckpoint(out / "checkpoints" / f"{step}.layers", fingerprint)
+
+
+class RunFolder:
+    """A run's hold on `out` (module docstring): `with RunFolder(out):` around the whole run."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.lock = FolderLock(out)
+        self.made: Optional[Path] = None  # the outermost folder this run created (None: out existed)
+        self.before: set[str] = set()  # out's entries before the run
+        self.fresh = True  # out held no run before (nothing to keep but what this run makes)
+
+    def __enter__(self) -> "RunFolder":
+        try:
+            check_writable(self.out)
+            missing = [p for p in [self.out, *self.out.absolute().parents] if not p.exists()]
+            self.made = missing[-1] if missing else None
+            self.before = set(os.listdir(self.out)) if self.out.is_dir() else set()
+            self.fresh = PROGRESS not in self.before
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()
+            (self.out / FAILED).unlink(missing_ok=True)  # this run replaces the failed one
+        except FolderBusy as exc:
+            self._restore()
+            raise ShrinkError(f"out: {exc}; a second run must not write the same out (wait for it, "
+                              f"or choose another out)") from None
+        except OSError as exc:
+            self._restore()
+            raise ShrinkError(f"out: cannot create {self.out}: {exc.strerror or io_error_line(exc)}") from None
+        return self
+
+    def __exit__(self, kind: Any, exc: Optional[BaseException], tb: Any) -> bool:
+        kept = exc is not None and not (self.fresh and not resumable(self.out))
+        if exc is not None and not kept:
+            self._restore()
+        self.lock.release()
+        line = io_error_line(exc) if exc is not None and not isinstance(exc, ShrinkError) else None
+        if line is not None:  # named by its file; a library that names none was writing the run's files
+            where = "" if getattr(exc, "filename", None) else f"out: {self.out}: "
+            hint = f"; {self.out} keeps the finished work (rerun with resume=true)" if kept else ""
+            raise ShrinkError(f"{where}{line}{hint}") from None
+        return False
+
+    def _restore(self) -> None:
+        """Put out back as it was: remove what this run added (all of it if it made out)."""
+        try:
+            if self.made is not None:
+                shutil.rmtree(self.made, ignore_errors=True)
+            elif self.out.is_dir():
+                for name in set(os.listdir(self.out)) - self.before - {LOCK_NAME}:
+                    path = self.out / name
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
+        except OSError:  # out cannot even be looked at (a name too long): nothing of ours is there
+            pass
+
+
+def resumable(out: Path) -> bool:
+    """Whether out holds work a resume would not redo: a finished stage (the baseline evaluation
+    aside), a finished layer of a stage, or a training checkpoint."""
+    try:
+        progress = json.loads((out / PROGRESS).read_text())
+    except (OSError, ValueError):
+        progress = {}
+    done = progress.get("done", []) if isinstance(progress, dict) else []
+    if any(step != "baseline" for step in done):
+        return True
+    checkpoints = out / "checkpoints"
+    return checkpoints.is_dir() and any(p.name.startswith("layer-") or p.name == "trainer.json"
+                                        for p in checkpoints.rglob("*"))

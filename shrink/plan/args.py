@@ -2,13 +2,13 @@
 disk (the model's config.json and the recipe, composed like a run)."""
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from engine.errors import ShrinkError
+from engine.modeling import read_config_file
 from shrink.plan.memory import DTYPE_BYTES, Target
 
 DEFAULT_RESERVE = 0.10
@@ -93,10 +93,7 @@ def load_config(path: Path, trust_remote_code: bool = False) -> Any:
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise ShrinkError(f"model.path: {file} not found (give a model folder or a config .json)")
-    try:
-        raw = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ShrinkError(f"model.path: {file} is not valid JSON ({exc})") from None
+    raw = read_config_file(file)  # the run's own check of a config: JSON, model_type, every size given
     raw.pop("quantization_config", None)  # plan the architecture; the recipe says how it is stored
     model_type = raw.get("model_type")
     if model_type in CONFIG_MAPPING:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 
 import pytest
 import torch
@@ -73,3 +74,29 @@ def test_windows(tmp_path) -> None:
     assert torch.equal(a, calibration_windows(stream, 8, 64, seed=1))
     assert not torch.equal(a, calibration_windows(stream, 8, 64, seed=2))
     assert all(torch.equal(row, torch.arange(row[0], row[0] + 64)) for row in a)  # contiguous windows
+
+
+def test_every_record_of_every_format_is_checked_naming_its_line(tmp_path) -> None:
+    """Past line 1 too: a number or a list as text, bytes that are not UTF-8, a line that is not
+    JSON; a folder or a device as the path. JSON arrays, .txt and .csv hold the same rules."""
+    good = json.dumps({"text": "fine"})
+    cases = {
+        "number.jsonl": (f'{good}\n{{"text": 7}}\n'.encode(), "line 2: 'text' is a number, not text"),
+        "list.jsonl.gz": (gzip.compress(f'{good}\n\n{{"text": ["a"]}}\n'.encode()), "line 3: 'text' is a list"),
+        "latin1.jsonl": (f'{good}\n'.encode() + b'{"text": "caf\xe9"}\n', "line 2 is not UTF-8 (byte 0xe9"),
+        "cut.jsonl": (f'{good}\n{{"text": "x"\n'.encode(), "line 2 is not JSON"),
+        "array.json": (b'[{"text": "a"}, {"text": {"b": 1}}]', "record 2: 'text' is an object"),
+        "latin1.txt": (b"ok\n\xff\n", "line 2 is not UTF-8"),
+        "numbers.csv": (b"text\n1\n2\n", "row 1: 'text' is a number"),
+    }
+    for name, (raw, expected) in cases.items():
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(ShrinkError, match=re.escape(expected)):
+            load_texts(tmp_path / name, key="data.calib.path")
+    (tmp_path / "folder.jsonl").mkdir()
+    with pytest.raises(ShrinkError, match="is a folder, not a data file"):
+        load_texts(tmp_path / "folder.jsonl")
+    with pytest.raises(ShrinkError, match="is not a regular file"):
+        load_texts("/dev/zero")
+    (tmp_path / "ok.json").write_text('[{"text": "a"}, {"text": null}, {"other": 1}, {"text": "b"}]')
+    assert load_texts(tmp_path / "ok.json") == ["a", "b"]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import logging
+import math
 import shutil
 import signal
 import sys
@@ -97,7 +99,32 @@ MODELS: dict[str, Callable[[Path], Path]] = {
     "template_name": traversing_template,
     "pickle": pickled,
     "lost_shard": lost_shard,
+    # issue 30
+    "big_norm": lambda f: edit_weights(f, set_big_norm),
+    "untied_head": lambda f: edit_config(f, tie_word_embeddings=True),  # the file's lm_head is its own
+    "no_hidden_size": lambda f: drop_config_key(f, "hidden_size"),
+    "no_tokenizer": lambda f: [p.unlink() for p in f.glob("tokenizer*")] and f,
 }
+
+
+def set_big_norm(state: dict[str, torch.Tensor]) -> None:
+    """A finite float32 value beyond float16's range (65504)."""
+    state["model.norm.weight"][0] = 7e4
+
+
+def drop_config_key(folder: Path, key: str) -> Path:
+    config = json.loads((folder / "config.json").read_text())
+    del config[key]
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def jsonl(path: Path, *records: object) -> Path:
+    """A JSON-lines file: six good documents, then the given records (dicts, or raw lines)."""
+    good = [json.dumps({"text": "To be, or not to be, that is the question. " * 40})] * 6
+    path.write_bytes(b"\n".join([*(g.encode() for g in good),
+                                  *(r if isinstance(r, bytes) else json.dumps(r).encode() for r in records)]) + b"\n")
+    return path
 
 
 def write_gz(path: Path, text: str) -> Path:
@@ -127,6 +154,25 @@ def inputs(tmp_path_factory, shipped_tokenizer: Path) -> dict[str, Path]:
     paths["a_file"] = root / "a_file.txt"
     paths["a_file"].write_text("x")
     paths["shakespeare"] = SHAKESPEARE_EVAL
+    # issue 30: records after the first line, checked before anything is written
+    paths["text_number"] = jsonl(root / "number.jsonl", {"text": 12345})
+    paths["text_list"] = jsonl(root / "list.jsonl", {"text": ["a", "b"]})
+    paths["not_utf8"] = jsonl(root / "latin1.jsonl", b'{"text": "caf\xe9"}')
+    paths["bad_json_later"] = jsonl(root / "later.jsonl", b'{"text": "unclosed"')
+    paths["no_text_field"] = root / "body.jsonl"
+    paths["no_text_field"].write_text(json.dumps({"body": "words " * 200}) + "\n")
+    paths["empty_texts"] = root / "empty_texts.jsonl"
+    paths["empty_texts"].write_text("\n".join(json.dumps({"text": ""}) for _ in range(3)) + "\n")
+    paths["short_text"] = root / "short.jsonl"
+    paths["short_text"].write_text(json.dumps({"text": "Too short."}) + "\n")
+    paths["a_folder"] = root / "folder.jsonl"
+    paths["a_folder"].mkdir()
+    paths["not_gguf"] = root / "model.gguf"
+    paths["not_gguf"].write_bytes((root / "good" / "model.safetensors").read_bytes()[:4096])
+    paths["truncated_gguf"] = root / "truncated.gguf"
+    paths["truncated_gguf"].write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (10).to_bytes(8, "little")
+                                        + (3).to_bytes(8, "little") + bytes(20))
+    paths["gptq"] = gptq_folder(good, root / "gptq_run")
     paths["broken_tasks"] = root / "broken_tasks"  # a task YAML that does not parse
     paths["broken_tasks"].mkdir()
     (paths["broken_tasks"] / "bad.yaml").write_text("task: bad\ndoc_to_text: [unclosed\n")
@@ -135,6 +181,15 @@ def inputs(tmp_path_factory, shipped_tokenizer: Path) -> dict[str, Path]:
     (paths["hub_tasks"] / "remote.yaml").write_text("task: remote_task\ndataset_path: some-org/not-cached-here\n"
                                                     "output_type: multiple_choice\ntest_split: test\n")
     return paths
+
+
+def gptq_folder(model: Path, run: Path) -> Path:
+    """A 4-bit RTN export of `model`: an already quantized input."""
+    from tests.conftest import run_shrink
+
+    run_shrink(["pipeline=quantize", f"model.path={model}", *tiny_data_overrides(), "quant.method=rtn",
+                "quant.group_size=32", "eval.baseline=false"], run)
+    return run / "model"
 
 
 @dataclass(frozen=True)
@@ -155,6 +210,30 @@ def model(name: str, *extra: str) -> Callable[[dict[str, Path], Path], list[str]
 def quantize(name: str, *extra: str) -> Callable[[dict[str, Path], Path], list[str]]:
     return lambda inp, out: ["pipeline=quantize", f"model.path={inp[name]}", *tiny_data_overrides(),
                              "quant.group_size=32", *extra, f"out={out}"]
+
+
+def stage(pipeline: str, name: str, *extra: str) -> Callable[[dict[str, Path], Path], list[str]]:
+    return lambda inp, out: [f"pipeline={pipeline}", f"model.path={inp[name]}", *tiny_data_overrides(), *extra,
+                             f"out={out}"]
+
+
+HELD: list = []  # locks held by a row's setup (another live run), released after the row
+
+
+@pytest.fixture(autouse=True)
+def release_held_locks():
+    yield
+    while HELD:
+        HELD.pop().release()
+
+
+def run_in_progress(inp: dict[str, Path], out: Path) -> None:
+    """out is being written by a live run: its lock is held (here by this test process)."""
+    from engine.files import FolderLock
+
+    out.mkdir()
+    (out / "progress.json").write_text(json.dumps({"config_sha256": "x", "done": []}))
+    HELD.append(FolderLock(out).acquire())
 
 
 def finished_run(inp: dict[str, Path], out: Path) -> None:
@@ -234,11 +313,75 @@ ROWS = [
     Row("task_needs_the_hub", quantize("good", "eval.tasks=[remote_task]", "eval.task_dir={hub_tasks}"),
         "'remote_task' needs the dataset 'some-org/not-cached-here' from the Hugging Face Hub",
         before_model=True, marks=(NEEDS_LM_EVAL,)),
+    # issue 30, 1: a finite value beyond the narrowed dtype (export, or a float16 load)
+    Row("beyond_export_dtype", quantize("big_norm", "quant.method=rtn"),
+        "quant.export_dtype: tensor 'model.norm.weight' holds 70000, beyond the range of float16"),
+    Row("beyond_model_dtype", model("big_norm", "model.dtype=float16"),
+        "tensor 'model.norm.weight' holds 70000, beyond the range of float16"),
+    # 2, 3, 9, 17: what a folder claims against what it holds
+    Row("tied_but_different_head", model("untied_head"), "'lm_head.weight' differs from 'model.embed_tokens.weight'"),
+    Row("config_without_a_size", model("no_hidden_size"), "has no 'hidden_size'", before_model=True),
+    Row("no_tokenizer", model("no_tokenizer"), "has no tokenizer", before_model=True),
+    Row("quantize_a_gptq_folder", quantize("gptq"), "is already quantized (gptq, 4-bit"),
+    Row("quantize_a_gptq_folder_any_coverage", quantize("gptq", "min_coverage=0"), "is already quantized"),
+    Row("prune_a_gptq_folder", stage("prune", "gptq"), "prune needs the floating-point model"),
+    Row("prune_after_quantize", stage("quantize", "good", "pipeline.stages=[quantize,prune,eval]"),
+        "prune after quantize", before_model=True),
+    # 4, 5, 8: settings that ran and gave another result than they say
+    Row("two_four_at_0.7", stage("prune", "good", "prune.pattern='2:4'", "prune.sparsity=0.7"),
+        "prune.sparsity: 0.7 but prune.pattern=2:4 prunes exactly 0.5", before_model=True),
+    Row("distill_zero_steps", stage("distill", "good", "distill.student.init=skip", "distill.steps=0"),
+        "distill.steps: 0 must be > 0", before_model=True),
+    Row("damp_zero", quantize("good", "quant.damp=0"), "quant.damp: 0.0 must be in (0, 1)", before_model=True),
+    Row("calib_num_samples_zero", quantize("good", "data.calib.num_samples=0"), "data.calib.num_samples: 0 must be > 0",
+        before_model=True),
+    Row("unknown_model_dtype", model("good", "model.dtype=fp8"), "model.dtype: unknown dtype 'fp8'", before_model=True),
+    Row("cuda_without_a_gpu", model("good", "model.device=cuda"), "no CUDA device is available", before_model=True,
+        marks=(pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA"),)),
+    # 6: a second run on an out a live run is writing
+    Row("out_in_use", model("good", "resume=true"), "is in use by another process", setup=run_in_progress),
+    # 7, 16, 17: data records past line 1, and data that would fail after the baseline
+    Row("calib_text_a_number", quantize("good", "data.calib.path={text_number}"), "line 7: 'text' is a number",
+        before_model=True),
+    Row("eval_text_a_list", model("good", "data.eval.path={text_list}"), "line 7: 'text' is a list", before_model=True),
+    Row("eval_not_utf8", model("good", "data.eval.path={not_utf8}"), "line 7 is not UTF-8 (byte 0xe9", before_model=True),
+    Row("bad_json_on_line_7", quantize("good", "data.calib.path={bad_json_later}"), "line 7 is not JSON",
+        before_model=True),
+    Row("calib_without_text_field", quantize("good", "data.calib.path={no_text_field}"), "has no field 'text'",
+        before_model=True),
+    Row("calib_all_texts_empty", quantize("good", "data.calib.path={empty_texts}"), "holds no text",
+        before_model=True),
+    Row("calib_shorter_than_seq_len", quantize("good", "data.calib.path={short_text}"), "is too short",
+        before_model=True),
+    Row("data_path_a_folder", quantize("good", "data.calib.path={a_folder}"), "is a folder, not a data file",
+        before_model=True),
+    Row("data_path_a_device", model("good", "data.eval.path=/dev/zero"), "is not a regular file", before_model=True),
+    Row("min_coverage_before_the_baseline", quantize("good", "quant.skip=[q_proj,k_proj,v_proj,o_proj]",
+                                                     "min_coverage=0.9"), "min_coverage: "),
+    Row("student_deeper_than_skip_allows", stage("distill", "good", "distill.student.init=skip",
+                                                 "distill.student.num_layers=3"), "must be in 1..2"),
+    Row("two_of_five_does_not_divide", stage("prune", "good", "prune.pattern='2:5'", "prune.sparsity=0.4"),
+        "does not divide"),
+    # 12: out longer than the system allows
+    Row("out_name_too_long", lambda i, o: [*EVAL, f"model.path={i['good']}", f"out={o.parent / ('x' * 300)}"],
+        "File name too long", before_model=True),
+    # 3, 13: the other commands hold the same rules
+    Row("plan_config_without_a_size", lambda i, o: ["plan", f"model.path={i['no_hidden_size']}", "target=1xH100-80GB",
+                                                    f"out={o}"], "has no 'hidden_size'", before_model=True),
+    Row("import_gguf_not_gguf", lambda i, o: ["import-gguf", str(i["not_gguf"]), str(o)],
+        "is not a GGUF file", before_model=True),
+    Row("import_gguf_truncated", lambda i, o: ["import-gguf", str(i["truncated_gguf"]), str(o)],
+        "is damaged or truncated", before_model=True),
+    Row("import_gguf_into_a_foreign_folder", lambda i, o: ["import-gguf", str(i["not_gguf"]), str(o)],
+        "is not an imported model folder", setup=foreign_files, before_model=True),
 ]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    if not folder.exists():
+    try:
+        if not folder.exists():
+            return {}
+    except OSError:  # a name the system refuses: nothing can be there
         return {}
     if folder.is_file():
         return {"": folder.read_bytes()}
@@ -250,11 +393,15 @@ def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
     from shrink.cli import main
 
     monkeypatch.setattr(sys, "argv", ["shrink", *args])
+    handlers = list(logging.root.handlers)
     try:
         main()
         code = 0
     except SystemExit as exc:
         code = exc.code
+    finally:  # Hydra's handlers write to this row's captured stderr, closed after it: not the next row's
+        for handler in [h for h in logging.root.handlers if h not in handlers]:
+            logging.root.removeHandler(handler)
     return code, capsys.readouterr().err
 
 
@@ -270,7 +417,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(row: Row, inputs, tmp_p
         monkeypatch.setattr(shrink.pipeline, "load_model", lambda *a, **k: loaded.append(a) or pytest.fail("loaded"))
     row.setup(inputs, out)
     args = [a.format(**{k: str(v) for k, v in inputs.items()}) for a in row.args(inputs, out)]
-    target = Path(next(a for a in args if a.startswith("out=")).split("=", 1)[1])
+    target = Path(next((a.split("=", 1)[1] for a in args if a.startswith("out=")), out))
     before = snapshot(target)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -307,6 +454,104 @@ def test_documents_without_the_text_field_are_counted_in_a_warning(tmp_path, cap
     assert "2 of 4 documents of mixed.jsonl have no 'text' text" in caplog.text
 
 
+# ------------------------------------------------------------- right results (issue 30)
+def test_a_corrected_command_runs_in_the_out_a_refused_one_used(inputs, tmp_path, capsys, monkeypatch) -> None:
+    """A refusal that needs the model (min_coverage) leaves out as it was: the corrected command
+    then runs there, with no 'unfinished run' or 'settings differ' in its way."""
+    out = tmp_path / "out"
+    args = quantize("good", "quant.method=rtn")(inputs, out)
+    code, err = run_cli([*args, "quant.skip=[q_proj,k_proj,v_proj,o_proj]", "min_coverage=0.9"], capsys, monkeypatch)
+    assert code == 2 and "min_coverage" in err and not out.exists()
+    code, err = run_cli(args, capsys, monkeypatch)
+    assert code == 0, err[-3000:]
+    assert (out / "model" / "config.json").is_file() and not (out / ".lock").exists()
+
+
+def enospc(*args, **kwargs):
+    raise OSError(28, "No space left on device", "/full/disk/file")
+
+
+def test_a_full_disk_before_anything_resumable_leaves_out_as_it_was(inputs, tmp_path, capsys, monkeypatch) -> None:
+    import shrink.pipeline
+
+    out = tmp_path / "out"
+    args = quantize("good", "quant.method=rtn")(inputs, out)
+    with monkeypatch.context() as patch:
+        patch.setattr(shrink.pipeline, "write_recipe", enospc)  # the run's first writes
+        code, err = run_cli(args, capsys, monkeypatch)
+    errors = [line for line in err.splitlines() if line.startswith("shrink: error:")]
+    assert code == 2 and len(errors) == 1 and "No space left on device" in errors[0] and "Traceback" not in err
+    assert not out.exists()
+    assert run_cli(args, capsys, monkeypatch)[0] == 0
+
+
+def test_a_full_disk_after_a_stage_keeps_it_and_resume_finishes(inputs, tmp_path, capsys, monkeypatch) -> None:
+    """Also for errors a Rust library words as text (safetensors' SafetensorError)."""
+    import shrink.pipeline
+    from safetensors import SafetensorError
+
+    def rust_enospc(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    out = tmp_path / "out"
+    args = quantize("good", "quant.method=rtn")(inputs, out)
+    with monkeypatch.context() as patch:
+        patch.setattr(shrink.pipeline, "save_model_folder", rust_enospc)  # the export, after quantize
+        code, err = run_cli(args, capsys, monkeypatch)
+    errors = [line for line in err.splitlines() if line.startswith("shrink: error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert "No space left on device" in errors[0] and "keeps the finished work (rerun with resume=true)" in errors[0]
+    assert not (out / "model").exists() and not list(out.glob(".tmp-*"))
+    code, err = run_cli([*args, "resume=true"], capsys, monkeypatch)
+    assert code == 0, err[-3000:]
+    assert (out / "model" / "model.safetensors").is_file() and not (out / "checkpoints").exists()
+
+
+def test_a_loss_past_exps_range_is_an_infinite_perplexity(inputs, tmp_path) -> None:
+    """A model whose logits are huge: mean NLL past 709 nats is reported as perplexity inf."""
+    from tests.conftest import run_shrink
+
+    folder = edit_weights(shutil.copytree(inputs["good"], tmp_path / "loud"),
+                          lambda st: st["lm_head.weight"].mul_(1e5))
+    metrics = run_shrink([*EVAL, f"model.path={folder}"], tmp_path / "out")
+    assert metrics["ppl"][EVAL_NAME] == float("inf")
+
+
+def test_a_student_deeper_than_its_teacher_distills(inputs, tmp_path, shipped_tokenizer) -> None:
+    """Two student layers learn from the same teacher layer (the uniform map of 3 onto 2)."""
+    from tests.conftest import run_shrink
+
+    config = tiny_config("llama")
+    config.num_hidden_layers = 3
+    import transformers
+    student = save_with_tokenizer(transformers.AutoModelForCausalLM.from_config(config), tmp_path / "deep",
+                                  shipped_tokenizer)
+    metrics = run_shrink(["pipeline=distill", f"model.path={inputs['good']}", *tiny_data_overrides(),
+                          "distill.student.init=pretrained", f"distill.student.path={student}", "distill.steps=2",
+                          "distill.batch_size=2", "distill.seq_len=32", "distill.warmup=0"], tmp_path / "out")
+    assert metrics["stages"]["distill"]["layer_map"] == [[0, 0], [1, 1], [2, 1]]
+    final = metrics["stages"]["distill"]["final"]
+    assert metrics["stages"]["distill"]["steps"] == 2 and final["step"] == 2
+    assert math.isfinite(final["loss"]) and math.isfinite(metrics["ppl"][EVAL_NAME])
+
+
+def test_a_failed_sweep_point_does_not_end_the_sweep_and_the_report_names_it(inputs, tmp_path, capsys,
+                                                                              monkeypatch) -> None:
+    sweep = tmp_path / "sweep"
+    bad = inputs["text_number"]
+    args = ["-m", "pipeline=quantize", f"model.path={inputs['good']}", *tiny_data_overrides(), "quant.group_size=32",
+            f"data.calib.path={bad},{SHAKESPEARE_EVAL}", f"hydra.sweep.dir={sweep}"]
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(args, capsys, monkeypatch)
+    errors = [line for line in err.splitlines() if line.startswith("shrink: error:")]
+    assert code == 2 and len(errors) == 1 and "sweep: 1 point failed (0: data.calib.path" in errors[0], err[-3000:]
+    assert (sweep / "1" / "metrics.json").is_file()  # the point after the failed one ran
+    assert "is a number" in json.loads((sweep / "0" / "failed.json").read_text())["error"]
+    code, err = run_cli(["report", str(sweep)], capsys, monkeypatch)
+    assert code == 0, err[-3000:]
+    report = (sweep / "report.md").read_text()
+    assert "Left out (1):" in report and "- 0: failed: data.calib.path" in report and "# Sweep report (1 runs)" in report
+
+
 # ---------------------------------------------------------------------------- faults
 @pytest.fixture(scope="module")
 def reference(inputs, tmp_path_factory) -> tuple[list[str], Path]:
@@ -336,6 +581,8 @@ FAULTS = {
     "sigkill_during_export": (("shrink.pipeline:save_model_folder", "after", "KILL"), -signal.SIGKILL),
     # Ctrl-C after the quantize checkpoint: one line, exit 2, the run stays resumable
     "sigint_after_quantize_checkpoint": (("shrink.pipeline:eval_stage", "before", "INT"), 2),
+    # `kill` (SIGTERM) at the same point: handled as Ctrl-C is
+    "sigterm_after_quantize_checkpoint": (("shrink.pipeline:eval_stage", "before", "TERM"), 2),
 }
 
 
@@ -349,7 +596,8 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(fault: str, reference, 
     assert killed.returncode == code, killed.stderr[-3000:]
     if code == 2:
         errors = [line for line in killed.stderr.splitlines() if line.startswith("shrink: error:")]
-        assert len(errors) == 1 and "interrupted" in errors[0] and "resume=true" in errors[0], killed.stderr[-3000:]
+        said = "terminated (SIGTERM)" if kill[2] == "TERM" else "interrupted"
+        assert len(errors) == 1 and said in errors[0] and "resume=true" in errors[0], killed.stderr[-3000:]
         assert "Traceback" not in killed.stderr
     progress = json.loads((out / "progress.json").read_text())
     assert progress["checkpoint"] == "checkpoints/1-quantize"  # relative: the run folder can move

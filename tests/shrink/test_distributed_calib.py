@@ -127,6 +127,42 @@ def test_a_rank_that_dies_stops_the_others_with_one_line_naming_it(tmp_path: Pat
     assert not (out / "model").exists() and not (out / "metrics.json").exists()
 
 
+DIE_WHILE_PEER_IS_BUSY = """
+import os, sys, time
+from engine.distributed_calib import CalibComm
+share = CalibComm.share
+calls = []
+def dying(self, *a, **k):
+    calls.append(1)
+    if len(calls) == 3:
+        if self.rank == 1:
+            os._exit(9)
+        time.sleep(60)  # rank 0 is busy, in no collective, when torchrun sees rank 1 gone
+    return share(self, *a, **k)
+CalibComm.share = dying
+from shrink.launch import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_dead_rank_is_named_when_torchrun_stops_the_others(tmp_path: Path, tiny_model_dir) -> None:
+    """torchrun ends the surviving ranks with SIGTERM: rank 0 says which rank stopped, in the README's
+    one line, before torchrun's own summary; the fresh out is left as it was (absent)."""
+    script = tmp_path / "die.py"
+    script.write_text(DIE_WHILE_PEER_IS_BUSY)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script), "pipeline=quantize", f"model.path={tiny_model_dir('llama')}",
+                             *tiny_data_overrides(), "quant.group_size=32", f"out={out}"],
+                            cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("shrink: error:")]
+    assert result.returncode != 0 and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith("shrink: error: torchrun: rank 1 stopped; rank 0 stops too"), lines
+    assert not out.exists()
+
+
 def test_more_ranks_than_linears_in_a_layer_is_one_error_before_any_weight_changes() -> None:
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}

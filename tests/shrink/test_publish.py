@@ -147,7 +147,23 @@ BREAKAGES = {
     "model-00001-of-00002.safetensors: tensors differ from model.safetensors.index.json": break_sharding,
     "pytorch_model.bin: pickle weights": lambda f: (f / "pytorch_model.bin").write_bytes(b"x"),
     "generation_config.json: not valid JSON": lambda f: (f / "generation_config.json").write_text("nope"),
+    # the rules of a run's own input (issue 30): publish loads the folder as a run would
+    "holds non-finite values": lambda f: edit_tensor(f, "model.norm.weight", float("inf")),
+    "has no 'hidden_size'": lambda f: drop_key(f, "config.json", "hidden_size"),
+    "links outside the model folder": lambda f: (f / "chat_template.jinja").symlink_to("/etc/hostname"),
 }
+
+
+def edit_tensor(folder: Path, name: str, value: float) -> None:
+    tensors = load_file(folder / "model.safetensors")
+    tensors[name][0] = value
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def drop_key(folder: Path, file: str, key: str) -> None:
+    data = json.loads((folder / file).read_text())
+    del data[key]
+    (folder / file).write_text(json.dumps(data))
 
 
 @pytest.mark.parametrize("problem", list(BREAKAGES))

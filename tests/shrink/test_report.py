@@ -107,6 +107,30 @@ def test_no_runs_and_broken_metrics_are_clear_errors(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("report.*")) and not list(tmp_path.glob(".report*"))
 
 
+def test_points_it_cannot_report_are_named_and_the_rest_reported(tmp_path: Path) -> None:
+    """A metrics.json value of the wrong type, a null where a number goes, a failed and an
+    unfinished point: the report shows what it can and names the others with their reasons."""
+    fake_run(tmp_path / "0", ppl=5.0, size=100)
+    nulls = fake_run(tmp_path / "1", ppl=4.0, size=200)
+    metrics = json.loads((nulls / "metrics.json").read_text())
+    (nulls / "metrics.json").write_text(json.dumps({**metrics, "size_bytes": None, "baseline_ppl": None}))
+    typed = fake_run(tmp_path / "2", ppl=3.0, size=300)
+    (typed / "metrics.json").write_text(json.dumps({**metrics, "ppl": {"test": "3.1"}}))
+    (tmp_path / "3" / ".hydra").mkdir(parents=True)
+    (tmp_path / "3" / "failed.json").write_text(json.dumps({"error": "quant.damp: 0.0 must be in (0, 1)"}))
+    (tmp_path / "4" / ".hydra").mkdir(parents=True)
+    (tmp_path / "5").mkdir()
+    (tmp_path / "5" / "progress.json").write_text("{}")
+    out = write_report([tmp_path], tmp_path / "r")
+    md = (out / "report.md").read_text()
+    assert md.startswith("# Sweep report (2 runs)")
+    assert "- 2: " in md and "ppl.test is str '3.1', not a number" in md
+    assert "- 3: failed: quant.damp: 0.0 must be in (0, 1)" in md
+    assert "- 4: failed or not run (no metrics.json)" in md and "- 5: unfinished (no metrics.json)" in md
+    rows = list(csv.DictReader((out / "report.csv").open()))
+    assert [r["run"] for r in rows] == ["0", "1"] and rows[1]["size_bytes"] == ""
+
+
 def test_a_failing_plot_leaves_the_previous_report_untouched(tmp_path: Path, monkeypatch) -> None:
     fake_run(tmp_path / "runs" / "0", ppl=5.0, size=100)
     out = write_report([tmp_path / "runs"], tmp_path / "r")
