@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from engine.config import EvalSet, eval_sets
+from engine.config import EvalSet, check_calib_dtype, eval_sets
 from engine.data import token_stream, window_count
 from engine.errors import ShrinkError
 from engine.evaluation import measure
@@ -218,6 +218,7 @@ def check_config(cfg: DictConfig) -> list[str]:
     unknown = [s for s in stages if s not in table]
     if unknown:
         raise ShrinkError(f"pipeline.stages: unknown stage {unknown[0]!r} (known: {', '.join(table)})")
+    check_calib_dtype(cfg.data.calib.dtype)
     for name in dict.fromkeys(stages):
         if table[name].check is not None:
             table[name].check(cfg)
