@@ -526,8 +526,8 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
         if stream is not None:
             stream.load(i, layer)
         with calibrating(layer, device, dtype) as settle:
-            job = _LayerJob(i, len(layers), parent_name, targets[i], expert_roles(layer), compressor, moe, device, report,
-                            comm, lockstep_memory=lockstep_memory, settle=settle)
+            job = _LayerJob(i, len(layers), parent_name, targets[i], expert_roles(layer), compressor, moe, device,
+                            report, comm, lockstep_memory=lockstep_memory, settle=settle)
             first = len(report)
             routed_before = comm.routed_before(layer) if comm is not None else None
             if calls is None:

@@ -38,13 +38,13 @@ def add_gram_(S: torch.Tensor, X: torch.Tensor, block: int = TRIANGLE_BLOCK) -> 
 class HessianAccumulator:
     """H = 2/n * sum x x^T over every input row seen, plus the per-feature sum of x^2.
 
-    Kept as a running SUM (fp32, or fp64 for an fp64 calibration) with an exact row count, divided once when H is read
-    (no rescaling of the whole matrix per batch). The product runs on the upper block
-    triangle (add_gram_) and is mirrored when H is read. Inputs of fewer than
-    MIN_GEMM_ROWS rows are copied into a staging block and multiplied together once it
-    is full (or H is read); larger ones are multiplied in place (a view, converted to
-    fp32 only if they are not). So the result depends only on the sequence of inputs,
-    not on how the caller batches its calls.
+    Kept as a running SUM in `dtype` (fp32; fp64 for an fp64 calibration) with an exact row
+    count, divided once when H is read (no rescaling of the whole matrix per batch). The
+    product runs on the upper block triangle (add_gram_) and is mirrored when H is read.
+    Inputs of fewer than MIN_GEMM_ROWS rows are copied into a staging block and multiplied
+    together once it is full (or H is read); larger ones are multiplied in place (a view,
+    converted to `dtype` only if they are not). So the result depends only on the sequence
+    of inputs, not on how the caller batches its calls.
 
     With full=False only the diagonal statistic is kept (H is None): methods that
     need no more than activation norms (Wanda) then skip the [cols, cols] GEMM, which

@@ -271,7 +271,8 @@ def replay_notes(runs: list[Run]) -> list[str]:
                 notes.append(f"{other.label} has the settings of {first.label} and the same weights in every "
                              f"compressed Linear.")
                 continue
-            why = "the data reaching it differed" if part["hessian_differs"] else "its Hessian agrees, the solve differed"
+            why = ("the data reaching it differed" if part["hessian_differs"]
+                   else "its Hessian agrees, the solve differed")
             notes.append(f"{other.label} has the settings of {first.label}; their weights part at "
                          f"{part['full_name']} ({why}).")
     return notes

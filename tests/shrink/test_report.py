@@ -130,7 +130,8 @@ def test_runs_of_one_recipe_say_where_their_weights_part(tmp_path: Path) -> None
     for name, weights in (("a", ("w0", "w1", "w2")), ("b", ("w0", "w1", "w2")), ("c", ("w0", "x1", "x2"))):
         folder = fake_run(tmp_path / name, ppl=12.0, size=100)
         metrics = json.loads((folder / "metrics.json").read_text())
-        (folder / "metrics.json").write_text(json.dumps({**metrics, "stages": {"quantize": {"layers": linears(*weights)}}}))
+        metrics["stages"] = {"quantize": {"layers": linears(*weights)}}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
     fake_run(tmp_path / "d", ppl=13.0, size=100, quant__bits=3)  # other settings: not compared
     text = render_markdown(build_table(find_runs([tmp_path])))
     assert "b has the settings of a and the same weights in every compressed Linear." in text
