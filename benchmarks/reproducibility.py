@@ -89,7 +89,7 @@ def render_table(p: dict[str, Any]) -> str:
             first = next((n for n, a, b in zip(r["linears"], r["weights"], ref["weights"]) if a != b), "none")
             out.append([dtype, r["machine"], ppl, f"{100 * (ppl - base) / base:+.2f}%", f"{same}/{len(ref['weights'])}",
                         first.removeprefix("model."), f"{r['quantize_seconds']:.0f}",
-                        f"{r['load_avg'][0]:.1f}-{r['load_avg'][1]:.1f}" + (" noisy" if max(r["load_avg"]) > 2.5 else "")])
+                        f"{r['load_avg'][0]:.1f}-{r['load_avg'][1]:.1f}{' noisy' if max(r['load_avg']) > 2.5 else ''}"])
     table = md(["calibration", "machine (emulated)", "perplexity", "vs this machine", "Linears equal bitwise",
                 "first that differs", "quantize s", "load avg"], out)
     lines = [f"spread (max - min) / min over the machines: "
