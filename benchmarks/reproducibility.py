@@ -9,7 +9,7 @@ in float32 and in float64 (data.calib.dtype), and records the perplexity, the qu
 every Linear's weights fingerprint (metrics.json), compared with this machine's run.
 Writes benchmarks/results/reproducibility.json; re-running skips the arms measured.
 
-    python -m benchmarks.reproducibility      # 10 arms, about 50 minutes on 2 CPU cores
+    python -m benchmarks.reproducibility      # 8 arms, about 45 minutes on 2 CPU cores
 """
 from __future__ import annotations
 
@@ -31,8 +31,6 @@ MACHINES: dict[str, dict[str, str]] = {
     "ATen AVX2 kernels": {"ATEN_CPU_CAPABILITY": "avx2"},
     "MKL AVX2 code path": {"MKL_ENABLE_INSTRUCTIONS": "AVX2"},
     "1 thread": {"OMP_NUM_THREADS": "1"},
-    "AVX2 machine, 1 thread": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-                               "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1"},
 }
 DTYPES = ("float32", "float64")
 OVERRIDES = ["eval.baseline=false", "pipeline.stages=[quantize,eval]"]
