@@ -40,6 +40,7 @@ from engine.config import MoeConfig
 from engine.coverage import compression_targets, coverage
 from engine.distributed_calib import CalibComm
 from engine.errors import ShrinkError
+from engine.fingerprint import fingerprint
 from engine.experts import SplitExperts, split_experts, split_modules
 from engine.hessian import HessianAccumulator, HessianError
 from engine.layer_checkpoint import LayerCheckpoint
@@ -125,8 +126,8 @@ class _CallRecorder(nn.Module):
 
 
 @torch.no_grad()
-def capture_layer_calls(model: nn.Module, windows: torch.Tensor, batch_size: int,
-                        device: torch.device, store: torch.device) -> list[list[LayerBatch]]:
+def capture_layer_calls(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device,
+                        store: torch.device, dtype: Optional[torch.dtype] = None) -> list[list[LayerBatch]]:
     """calls[i][j]: the args and kwargs decoder layer i receives for calibration batch j.
 
     Only the embeddings run, plus layer 0 on the first batch (to learn the structure of a
@@ -134,7 +135,7 @@ def capture_layer_calls(model: nn.Module, windows: torch.Tensor, batch_size: int
     per-layer masks/positions are right) and passes the hidden states on. Layers >= 1 are
     stored without hidden states (None): the engine feeds each layer the previous layer's
     compressed outputs. A tensor passed to
-    several layers (the usual case) is stored once per batch."""
+    several layers (the usual case) is stored once per batch; floating ones in `dtype` if given."""
     parent_name, layers = find_decoder_layers(model)
     parent = model.get_submodule(parent_name.rsplit(".", 1)[0]) if "." in parent_name else model
     attr = parent_name.rsplit(".", 1)[-1]
@@ -145,7 +146,8 @@ def capture_layer_calls(model: nn.Module, windows: torch.Tensor, batch_size: int
     def keep(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             if id(value) not in stored:
-                stored[id(value)] = (value, value.to(store))
+                wide = dtype is not None and value.is_floating_point()
+                stored[id(value)] = (value, value.to(store, dtype) if wide else value.to(store))
             return stored[id(value)][1]
         return tuple(keep(v) for v in value) if isinstance(value, tuple) else value
 
@@ -270,7 +272,7 @@ def accumulate(layer: nn.Module, groups: list[list[str]], batches: list[LayerBat
     accs: list[HessianAccumulator] = []
     for group in groups:
         first = linears[group[0]]
-        acc = HessianAccumulator(weight_matrix(first).shape[1], device, full)
+        acc = new_accumulator(first, device, full)
         accs.append(acc)
         kept[id(acc)] = []
         for name in group:
@@ -289,9 +291,16 @@ def accumulate(layer: nn.Module, groups: list[list[str]], batches: list[LayerBat
     return hessians
 
 
+def new_accumulator(linear: nn.Module, device: torch.device, full: bool) -> HessianAccumulator:
+    """The Hessian of a Linear's inputs: summed in float64 when the layer computes in float64 (an
+    fp64 calibration, see `calibrating`), else in float32."""
+    W = weight_matrix(linear)
+    return HessianAccumulator(W.shape[1], device, full, torch.float64 if W.dtype == torch.float64 else torch.float32)
+
+
 def _accumulators(linears: dict[str, nn.Module], groups: list[list[str]], device: torch.device,
                   full: bool) -> list[HessianAccumulator]:
-    return [HessianAccumulator(weight_matrix(linears[g[0]]).shape[1], device, full) for g in groups]
+    return [new_accumulator(linears[g[0]], device, full) for g in groups]
 
 
 @dataclass
@@ -331,11 +340,19 @@ def add_compressor_seconds(profile: list[dict[str, Any]], report: list[dict[str,
     return profile
 
 
+def linear_fingerprint(module: nn.Module, acc: Optional[HessianAccumulator]) -> dict[str, Optional[str]]:
+    """Fingerprints of the statistic a Linear was compressed with (H, or diag(H) where only that
+    is kept; None without data) and of its weights after compression (engine/fingerprint.py)."""
+    stat = None if acc is None else (acc.H if acc.H is not None else acc.diagonal())
+    return {"hessian": fingerprint(stat) if stat is not None else None, "weights": fingerprint(weight_matrix(module))}
+
+
 def relative_error(W0: torch.Tensor, W1: torch.Tensor, acc: Optional[HessianAccumulator]) -> float:
     """||(W0-W1) X^T||^2 / ||W0 X^T||^2 = tr(D H D^T) / tr(W H W^T); with only diag(H)
     kept, the same with H replaced by its diagonal (Wanda's own error model); in weight
     space if there is no data at all."""
-    D, W = (W0 - W1).float(), W0.float()
+    dtype = acc.dtype if acc is not None else torch.float32
+    D, W = (W0 - W1).to(dtype), W0.to(dtype)
     if acc is None:
         return float((D * D).sum() / (W * W).sum().clamp_min(1e-30))
     if acc.H is None:
@@ -406,6 +423,55 @@ def sequential_passes(groups: list[list[str]], roles: dict[str, tuple[str, int, 
     return passes
 
 
+def calibration_dtype(setting: str, device: torch.device) -> Optional[torch.dtype]:
+    """data.calib.dtype as compress_model's `dtype`: auto is float64 on the CPU (see `calibrating`),
+    the model's own elsewhere (GPUs compute float64 far slower, and have less memory for it)."""
+    if setting == "auto":
+        return torch.float64 if device.type == "cpu" else None
+    return None if setting == "model" else getattr(torch, setting)
+
+
+def calibration_facts(dtype: Optional[torch.dtype], device: torch.device) -> dict[str, Any]:
+    """What besides its inputs decides a calibration's rounding, for the stage's report: the
+    precision, and the kernels' instruction set and thread count (which decide it in float32)."""
+    return {"dtype": str(dtype).removeprefix("torch.") if dtype is not None else "model", "device": device.type,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
+
+
+@contextmanager
+def calibrating(layer: nn.Module, device: torch.device,
+                dtype: Optional[torch.dtype]) -> Iterator[Callable[[nn.Module], None]]:
+    """The layer on `device` while it is calibrated, its floating parameters and buffers in `dtype`
+    (None: as they are); after, on the CPU, each in its own dtype again. Yields settle(module),
+    which rounds a module's parameters to the dtypes they are stored in: a compressed Linear's
+    new weights, before the forwards go on through it, are then exactly those the model keeps.
+
+    Why float64 (the default on the CPU): the BLAS and ATen kernels a machine picks (AVX-512 or
+    AVX2 code paths, its thread count) round float32 differently, and GPTQ's rounding decisions
+    amplify any such difference: one flipped code moves its row's later columns, the layer's
+    outputs, and every later layer's Hessian. Computed in float64, the differences stay about
+    1e-16 and no decision flips, so the codes depend on the model and the data only.
+    """
+    layer.to(device)  # first: moving a layer replaces its buffers
+    tensors = [t for t in (*layer.parameters(), *layer.buffers()) if t.is_floating_point()]
+    own = {id(t): t.dtype for t in tensors}
+    if dtype is not None:
+        for t in tensors:
+            t.data = t.data.to(dtype)
+
+    def settle(module: nn.Module) -> None:
+        for p in module.parameters():
+            if own.get(id(p), p.dtype) != p.dtype:
+                p.data.copy_(p.data.to(own[id(p)]))
+
+    try:
+        yield settle
+    finally:
+        for t in tensors:
+            t.data = t.data.to(own[id(t)])
+        layer.to("cpu")
+
+
 def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor: Compressor,
                    device: torch.device, true_sequential: bool = True, batch_size: int = 8,
                    offload_activations: Optional[bool] = None, label: str = "compress",
@@ -413,7 +479,7 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
                    min_coverage: float = 0.0, profile: Optional[list[dict[str, Any]]] = None,
                    comm: Optional[CalibComm] = None, lockstep_memory: Optional[int] = None,
                    checkpoint: Optional[LayerCheckpoint] = None, stream: Optional["LayerStream"] = None,
-                   _rerun: bool = False) -> list[dict[str, Any]]:
+                   dtype: Optional[torch.dtype] = None, _rerun: bool = False) -> list[dict[str, Any]]:
     """Compress every Linear of every decoder layer (fused experts split first; names matching
     `skip` left alone); returns a per-Linear report. `full_hessian=False` hands the compressor
     accumulators holding only diag(H). Fails before touching a weight if the Linears reached
@@ -427,7 +493,9 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
     given, restores the layers a killed run finished and goes on from there, and is handed
     every finished layer with the next layer's inputs (one process only: under torchrun the
     ranks would have to restore together, so the pipeline gives none). `stream` (a lazy model,
-    engine/streaming.py) reads each layer in before its turn and takes it when done."""
+    engine/streaming.py) reads each layer in before its turn and takes it when done. `dtype`: the
+    precision the calibration computes in (the captured inputs, each layer while it is calibrated,
+    the Hessians in float64 when it is float64; see `calibrating`); None: the model's own."""
     moe = moe or MoeConfig()
     split_experts(model)
     parent_name, layers = find_decoder_layers(model)
@@ -436,7 +504,7 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
         comm.check_layers(targets)
         windows = comm.shard(windows, "data.calib.num_samples") if windows is not None else None
     store = activation_store(model, windows, device, offload_activations) if windows is not None else device
-    calls = capture_layer_calls(model, windows, batch_size, device, store) if windows is not None else None
+    calls = capture_layer_calls(model, windows, batch_size, device, store, dtype) if windows is not None else None
     hidden = [b.hidden() for b in calls[0]] if calls is not None else None
     report: list[dict[str, Any]] = []
     resumed = checkpoint.restore(layers) if checkpoint is not None else None
@@ -455,22 +523,21 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
         start = time.time()
         if stream is not None:
             stream.load(i, layer)
-        layer.to(device)
-        job = _LayerJob(i, len(layers), parent_name, targets[i], expert_roles(layer), compressor, moe, device, report,
-                        comm, lockstep_memory=lockstep_memory)
-        first = len(report)
-        routed_before = comm.routed_before(layer) if comm is not None else None
-        if calls is None:
-            job.compress([list(job.linears)], {})
-        else:
-            # layer i's own kwargs, fed the previous layer's (compressed) outputs
-            batches = [c.with_hidden(h) for c, h in zip(calls[i], hidden)]
-            hidden = _calibrate_layer(layer, batches, job, true_sequential, full_hessian, store, _rerun)
-            calls[i] = []  # this layer's kwargs are no longer needed
-        if comm is not None:
-            comm.sum_routed(layer, routed_before, f"layer {i}'s routed-token counts")
-        _add_routing(report[first:], job.roles, layer, f"{parent_name}.{i}")
-        layer.to("cpu")
+        with calibrating(layer, device, dtype) as settle:
+            job = _LayerJob(i, len(layers), parent_name, targets[i], expert_roles(layer), compressor, moe, device,
+                            report, comm, lockstep_memory=lockstep_memory, settle=settle)
+            first = len(report)
+            routed_before = comm.routed_before(layer) if comm is not None else None
+            if calls is None:
+                job.compress([list(job.linears)], {})
+            else:
+                # layer i's own kwargs, fed the previous layer's (compressed) outputs
+                batches = [c.with_hidden(h) for c, h in zip(calls[i], hidden)]
+                hidden = _calibrate_layer(layer, batches, job, true_sequential, full_hessian, store, _rerun)
+                calls[i] = []  # this layer's kwargs are no longer needed
+            if comm is not None:
+                comm.sum_routed(layer, routed_before, f"layer {i}'s routed-token counts")
+            _add_routing(report[first:], job.roles, layer, f"{parent_name}.{i}")
         if stream is not None:
             stream.done(i, layer)
         # the finished layer's Linears are not needed: a streamed layer's originals, swapped out
@@ -512,6 +579,7 @@ class _LayerJob:
     report: list[dict[str, Any]]
     comm: Optional[CalibComm] = None  # torchrun: Hessians summed onto owners, results shared
     lockstep_memory: Optional[int] = None  # bytes paused forwards may keep (None: automatic)
+    settle: Optional[Callable[[nn.Module], None]] = None  # rounds a compressed Linear to its stored dtype
 
     def __post_init__(self) -> None:
         self.clock = LayerProfile(self.index)
@@ -535,7 +603,8 @@ class _LayerJob:
             for members in _expert_batches(mine, self.roles, jobs).values():
                 for n in members:
                     jobs[n].batch = [jobs[m] for m in members]
-            entries = {name: compress_one(jobs[name], self.compressor, self.min_tokens(name)) for name in mine}
+            entries = {name: compress_one(jobs[name], self.compressor, self.min_tokens(name), self.settle)
+                       for name in mine}
         for job in jobs.values():  # job.batch holds the job itself: a cycle that would keep each Linear and
             job.batch = None       # Hessian alive until a full gc pass, through every later layer
         if self.comm is not None:
@@ -691,9 +760,11 @@ def _make_job(i: int, n: int, parent: str, name: str, module: nn.Module, acc: Op
     return job
 
 
-def compress_one(job: LinearJob, compressor: Compressor, min_tokens: int = 0) -> dict[str, Any]:
+def compress_one(job: LinearJob, compressor: Compressor, min_tokens: int = 0,
+                 settle: Optional[Callable[[nn.Module], None]] = None) -> dict[str, Any]:
     """Run the compressor on one job; its report entry (error relative to the data, seconds, the
-    compressor's figures). A non-positive-definite Hessian or a kernel's refusal is one ShrinkError."""
+    compressor's figures). A non-positive-definite Hessian or a kernel's refusal is one ShrinkError.
+    `settle(module)` then rounds the new weights to the dtype they are stored in (see `calibrating`)."""
     i, name, full, module, acc = job.layer_index, job.name, job.full_name, job.module, job.hessian
     seen, fallback = job.stat_tokens, job.fallback
     W0 = weight_matrix(module).clone()
@@ -704,8 +775,11 @@ def compress_one(job: LinearJob, compressor: Compressor, min_tokens: int = 0) ->
         raise ShrinkError(f"{full}: {exc}") from exc
     except ValueError as exc:  # kernels validate shapes/options with ValueError
         raise ShrinkError(f"{full}: {exc}") from exc
+    if settle is not None:
+        settle(module)
     rel = relative_error(W0, weight_matrix(module), acc)
-    entry = {"layer": i, "name": name, "full_name": full, "seconds": time.time() - start, "rel_error": rel, **stats}
+    entry = {"layer": i, "name": name, "full_name": full, "seconds": time.time() - start, "rel_error": rel, **stats,
+             "fingerprint": linear_fingerprint(module, acc)}
     if min_tokens:
         entry.update(stat_tokens=seen, fallback=fallback)
     return entry

@@ -78,6 +78,18 @@ class CalibDataConfig:
     path: str = "???"
     num_samples: int = 128
     seq_len: int = 512
+    # Precision the calibration computes in (the layer forwards over these windows, their Hessians
+    # and the solves): auto (float64 on the CPU, where it makes the result the same on every
+    # machine; the model's dtype on GPUs) | model | float32 | float64. See engine/calibration.py.
+    dtype: str = "auto"
+
+
+CALIB_DTYPES = ("auto", "model", "float32", "float64")
+
+
+def check_calib_dtype(value: str) -> None:
+    if value not in CALIB_DTYPES:
+        raise ShrinkError(f"data.calib.dtype: {value!r} is not one of {' | '.join(CALIB_DTYPES)}")
 
 
 @dataclass

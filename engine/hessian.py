@@ -38,25 +38,29 @@ def add_gram_(S: torch.Tensor, X: torch.Tensor, block: int = TRIANGLE_BLOCK) -> 
 class HessianAccumulator:
     """H = 2/n * sum x x^T over every input row seen, plus the per-feature sum of x^2.
 
-    Kept as an fp32 running SUM with an exact row count, divided once when H is read
-    (no rescaling of the whole matrix per batch). The product runs on the upper block
-    triangle (add_gram_) and is mirrored when H is read. Inputs of fewer than
-    MIN_GEMM_ROWS rows are copied into a staging block and multiplied together once it
-    is full (or H is read); larger ones are multiplied in place (a view, converted to
-    fp32 only if they are not). So the result depends only on the sequence of inputs,
-    not on how the caller batches its calls.
+    Kept as a running SUM in `dtype` (fp32; fp64 for an fp64 calibration) with an exact row
+    count, divided once when H is read (no rescaling of the whole matrix per batch). The
+    product runs on the upper block triangle (add_gram_) and is mirrored when H is read.
+    Inputs of fewer than MIN_GEMM_ROWS rows are copied into a staging block and multiplied
+    together once it is full (or H is read); larger ones are multiplied in place (a view,
+    converted to `dtype` only if they are not). So the result depends only on the sequence
+    of inputs, not on how the caller batches its calls.
 
     With full=False only the diagonal statistic is kept (H is None): methods that
     need no more than activation norms (Wanda) then skip the [cols, cols] GEMM, which
     at LLM widths (an MLP's 14336 inputs) costs far more than the layer's forward.
     """
 
-    def __init__(self, columns: int, device: torch.device | str = "cpu", full: bool = True) -> None:
+    def __init__(self, columns: int, device: torch.device | str = "cpu", full: bool = True,
+                 dtype: torch.dtype = torch.float32) -> None:
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"a Hessian sums in float32 or float64, not {dtype}")
         self.columns = columns
         self.device = torch.device(device)
+        self.dtype = dtype
         # sum x x^T (upper block triangle while accumulating; H itself once read)
-        self._sum = torch.zeros(columns, columns, dtype=torch.float32, device=device) if full else None
-        self._sq = None if full else torch.zeros(columns, dtype=torch.float32, device=device)
+        self._sum = torch.zeros(columns, columns, dtype=dtype, device=device) if full else None
+        self._sq = None if full else torch.zeros(columns, dtype=dtype, device=device)
         self._final = False  # _sum holds H = 2/n * (the full symmetric sum), n = _final_n
         self._final_n = 1
         self._stage: torch.Tensor | None = None  # [MIN_GEMM_ROWS, cols] small inputs waiting
@@ -70,12 +74,12 @@ class HessianAccumulator:
         self.n += m
         if m >= MIN_GEMM_ROWS:
             self._flush()
-            self._add_rows(rows.to(self.device, torch.float32))
+            self._add_rows(rows.to(self.device, self.dtype))
             return
         if self._staged + m > MIN_GEMM_ROWS:
             self._flush()
         if self._stage is None:
-            self._stage = torch.empty(MIN_GEMM_ROWS, self.columns, dtype=torch.float32, device=self.device)
+            self._stage = torch.empty(MIN_GEMM_ROWS, self.columns, dtype=self.dtype, device=self.device)
         self._stage[self._staged : self._staged + m].copy_(rows)
         self._staged += m
 
@@ -86,7 +90,7 @@ class HessianAccumulator:
 
     def raw_sum(self) -> torch.Tensor:
         """The running sum itself, staged rows added: sum x x^T on the upper block triangle
-        (sum x^2 per feature with full=False), fp32. A distributed reduction adds these up in
+        (sum x^2 per feature with full=False), in self.dtype. A distributed reduction adds these up in
         place and then sets `n` to the total rows; only valid before H is read."""
         if self._final:
             raise RuntimeError("raw_sum: H was already read (the sum is divided)")
@@ -100,7 +104,7 @@ class HessianAccumulator:
         if self._final:
             raise RuntimeError("chain_buffers: H was already read (the sum is divided)")
         if self._stage is None:
-            self._stage = torch.empty(MIN_GEMM_ROWS, self.columns, dtype=torch.float32, device=self.device)
+            self._stage = torch.empty(MIN_GEMM_ROWS, self.columns, dtype=self.dtype, device=self.device)
         return [self._sum if self._sum is not None else self._sq, self._stage]
 
     @property
@@ -130,7 +134,7 @@ class HessianAccumulator:
 
     @property
     def H(self) -> torch.Tensor | None:
-        """2/n * sum x x^T, symmetric, fp32 (None with full=False)."""
+        """2/n * sum x x^T, symmetric, in self.dtype (None with full=False)."""
         self._flush()
         self._stage = None
         if self._sum is not None and not self._final:

@@ -48,10 +48,12 @@ class SweepResult:
     errors: list[float]  # the same per matrix of a batched sweep ([error] for one matrix)
 
 
-def compute_dtype(W: torch.Tensor) -> torch.dtype:
-    """fp32 for fp16/bf16/fp32 weights (half precision cannot carry the updates), fp64
-    only when given fp64 (used by the tests for rounding-free comparisons)."""
-    return torch.float64 if W.dtype == torch.float64 else torch.float32
+def compute_dtype(W: torch.Tensor, H: torch.Tensor | None = None) -> torch.dtype:
+    """fp32 for fp16/bf16/fp32 weights (half precision cannot carry the updates); fp64 when
+    W or H is fp64 (an fp64 calibration's Hessian: the solve then depends on the data only,
+    not on the machine's BLAS, see engine/calibration.py; the tests' rounding-free checks)."""
+    wide = W.dtype == torch.float64 or (H is not None and H.dtype == torch.float64)
+    return torch.float64 if wide else torch.float32
 
 
 def prepare_layer(
@@ -71,7 +73,7 @@ def prepare_layer(
         )
     if mask is not None and (mask.dtype != torch.bool or mask.shape != W.shape):
         raise ValueError(f"mask must be a bool tensor of shape {tuple(W.shape)}")
-    dtype = compute_dtype(W)
+    dtype = compute_dtype(W, H)
     W = W.to(dtype=dtype, copy=True)
     H = H.to(device=W.device, dtype=dtype)
     dead = torch.diagonal(H) == 0

@@ -19,7 +19,8 @@ from quant.export import export_float_dtype, install_quantized, quantization_con
 from quant.streaming import streamed_export
 from quant.gptq import QuantResult, gptq_quantize, gptq_quantize_batch, rtn_quantize
 from quant.pack import pack_result
-from engine.calibration import LinearJob, add_compressor_seconds, compress_model, record_coverage
+from engine.calibration import (LinearJob, add_compressor_seconds, calibration_dtype, calibration_facts, compress_model,
+                                record_coverage)
 from engine.modeling import set_weight_matrix, weight_matrix
 from engine.weights import MODEL_DTYPE_HINT, narrow
 
@@ -69,6 +70,7 @@ def quantize_stage(state: "RunState") -> dict[str, Any]:
                 "sweep_seconds": swept - start, "pack_seconds": time.perf_counter() - swept}
 
     windows = state.calibration() if quant.method == "gptq" else None
+    calib_dtype = calibration_dtype(state.cfg.data.calib.dtype, state.device)
     if state.layer_checkpoint is not None:
         state.layer_checkpoint.track(packed)  # a resumed run gets the finished layers' packed tensors back
     profile: list[dict[str, Any]] = []
@@ -80,7 +82,7 @@ def quantize_stage(state: "RunState") -> dict[str, Any]:
                                 label=f"{quant.method} {quant.bits}-bit", skip=quant.skip, moe=state.cfg.moe,
                                 min_coverage=state.cfg.min_coverage, profile=profile, stream=stream,
                                 checkpoint=state.layer_checkpoint,
-                                comm=state.comm.sharing(packed) if state.comm is not None else None)
+                                comm=state.comm.sharing(packed) if state.comm is not None else None, dtype=calib_dtype)
     end_report = []
     if stream is None:
         state.quantization_config = install_quantized(state.model, packed, quant)
@@ -89,4 +91,5 @@ def quantize_stage(state: "RunState") -> dict[str, Any]:
     return {"method": quant.method, "bits": quant.bits, "group_size": quant.group_size, "layers": report,
             **({"ends": end_report} if end_report else {}),
             **record_coverage(state, report),
+            **({"calibration": calibration_facts(calib_dtype, state.device)} if windows is not None else {}),
             "profile": add_compressor_seconds(profile, report, ("sweep_seconds", "pack_seconds"))}

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from engine.config import EvalSet, eval_sets
+from engine.config import EvalSet, check_calib_dtype, eval_sets
 from engine.data import token_stream, window_count
 from engine.errors import ShrinkError
 from engine.evaluation import measure
@@ -234,6 +234,7 @@ def check_config(cfg: DictConfig) -> list[str]:
     if unknown:
         raise ShrinkError(f"pipeline.stages: unknown stage {unknown[0]!r} (known: {', '.join(table)})")
     check_run(cfg, stages)
+    check_calib_dtype(cfg.data.calib.dtype)
     for name in dict.fromkeys(stages):
         if table[name].check is not None:
             table[name].check(cfg)

@@ -32,6 +32,7 @@ import yaml
 from engine.config import without_volatile
 from engine.errors import ShrinkError
 from engine.files import atomic_path
+from engine.fingerprint import first_divergence
 
 log = logging.getLogger(__name__)
 
@@ -313,9 +314,41 @@ def render_markdown(table: Table, plot_name: str = "report.png", left: Optional[
         notes.append("Task accuracy from lm-evaluation-harness, ± its standard error.")
     if table.evals:
         notes.append(f"Pareto: no other run has both lower perplexity on {table.evals[0]} and a smaller size.")
+    notes += replay_notes(table.runs)
     missing = ["", f"Left out ({len(left)}):", ""] + [f"- {p.label}: {p.reason}" for p in left] if left else []
     return "\n".join([f"# Sweep report ({len(table.runs)} runs)", "", *lines, "", *notes, *missing, "",
                       f"![perplexity vs size]({plot_name})", ""])
+
+
+def replay_notes(runs: list[Run]) -> list[str]:
+    """Runs of one recipe (the same settings, e.g. on two machines): whether each compressed the
+    same as the first such run, bitwise, or the first Linear where their weights part."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(json.dumps(run.settings, sort_keys=True, default=str), []).append(run)
+    notes = []
+    for first, *others in groups.values():
+        for other in others:
+            mine, theirs = compressed_linears(first), compressed_linears(other)
+            if not mine or not theirs:
+                continue
+            part = first_divergence(mine, theirs)
+            if part is None:
+                notes.append(f"{other.label} has the settings of {first.label} and the same weights in every "
+                             f"compressed Linear.")
+                continue
+            why = ("the data reaching it differed" if part["hessian_differs"]
+                   else "its Hessian agrees, the solve differed")
+            notes.append(f"{other.label} has the settings of {first.label}; their weights part at "
+                         f"{part['full_name']} ({why}).")
+    return notes
+
+
+def compressed_linears(run: Run) -> list[dict[str, Any]]:
+    """Every stage's per-Linear report entries (metrics.json stages.*.layers), in run order."""
+    stages = run.metrics.get("stages") or {}
+    return [e for stage in stages.values() if isinstance(stage, dict)
+            for e in stage.get("layers") or [] if isinstance(e, dict)]
 
 
 def _accuracy(value: Optional[float], stderr: Optional[float]) -> str:

@@ -299,6 +299,8 @@ ROWS = [
     Row("no_calib_data", quantize("good", "data.calib.path=/nonexistent/calib.jsonl.gz"), "data.calib.path"),
     Row("calib_data_unset", quantize("good", "data.calib.path='???'"),
         "data.calib.path: not set"),
+    Row("calib_dtype", quantize("good", "data.calib.dtype=float16"),
+        "data.calib.dtype: 'float16' is not one of auto | model | float32 | float64", before_model=True),
     # 8: a finished run is not resumed
     Row("resume_finished", model("good", "resume=true"), "nothing to resume", setup=finished_run),
     Row("finished_no_resume", model("good"), "already holds a finished run", setup=finished_run),

@@ -13,7 +13,7 @@ import yaml
 
 from shrink import report as report_mod
 from engine.errors import ShrinkError
-from shrink.report import build_table, find_runs, pareto_front, write_report
+from shrink.report import build_table, find_runs, pareto_front, render_markdown, write_report
 from tests.conftest import EVAL_NAME, ROOT, save_with_tokenizer, tiny_data_overrides, tiny_model
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -143,3 +143,22 @@ def test_a_failing_plot_leaves_the_previous_report_untouched(tmp_path: Path, mon
     with pytest.raises(RuntimeError):
         write_report([tmp_path / "runs"], out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_runs_of_one_recipe_say_where_their_weights_part(tmp_path: Path) -> None:
+    """Two machines replaying one recipe: the report names the first Linear whose weights differ."""
+    def linears(*weights: str) -> list[dict]:
+        return [{"full_name": f"model.layers.0.{n}", "layer": 0, "fingerprint": {"hessian": h, "weights": w}}
+                for n, h, w in zip(("q", "k", "v"), ("h0", "h0", "h1"), weights)]
+
+    for name, weights in (("a", ("w0", "w1", "w2")), ("b", ("w0", "w1", "w2")), ("c", ("w0", "x1", "x2"))):
+        folder = fake_run(tmp_path / name, ppl=12.0, size=100)
+        metrics = json.loads((folder / "metrics.json").read_text())
+        metrics["stages"] = {"quantize": {"layers": linears(*weights)}}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+    fake_run(tmp_path / "d", ppl=13.0, size=100, quant__bits=3)  # other settings: not compared
+    text = render_markdown(build_table(find_runs([tmp_path])))
+    assert "b has the settings of a and the same weights in every compressed Linear." in text
+    assert ("c has the settings of a; their weights part at model.layers.0.k "
+            "(its Hessian agrees, the solve differed).") in text
+    assert "d has the settings" not in text
