@@ -180,3 +180,27 @@ def test_bf16_autocast_path_runs_with_fp32_master_weights(teacher) -> None:
     result = t.run(RunFiles())
     assert all(torch.isfinite(torch.tensor(v)) for v in result.history[-1].values())
     assert t.student.lm_head.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("loss,topk", [("akt+logits+lm", False), ("logits+lm", True)])
+def test_blockwise_kernels_train_as_the_naive_ones(teacher, tmp_path: Path, loss: str, topk: bool) -> None:
+    """distill.kernels=blockwise (relations in row blocks, head terms in token chunks) against the
+    reference kernels: the same loss curve and weights within fp32 tolerance."""
+    runs = {}
+    cache = None
+    if topk:
+        sampler = WindowSampler(random_stream(), 16, 0)
+        cache = TopKCache(tmp_path / "cache", k=64, shard=4)
+        cache.build(teacher, CPU, sampler, num_samples=8, batch_size=2, ctx=trainer(teacher, settings()).ctx)
+    for kernels in ("naive", "blockwise"):
+        distill = settings(loss=loss, steps=4, kernels=kernels, relation_block=5, logit_chunk=7, temperature=2.0)
+        runs[kernels] = trainer(teacher, distill, topk=cache)
+        runs[kernels].history = runs[kernels].run(RunFiles()).history
+    assert runs["blockwise"].chunked_head and not runs["naive"].chunked_head
+    naive, blockwise = runs["naive"].history, runs["blockwise"].history
+    assert [set(r) for r in naive] == [set(r) for r in blockwise] and len(naive) == 4
+    for a, b in zip(naive, blockwise):
+        assert all(b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6) for k in a)
+    a, b = weights(runs["naive"].student), weights(runs["blockwise"].student)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert any(not torch.equal(a[k], v) for k, v in weights(skip_student(teacher, [1, 3])).items())
