@@ -62,6 +62,9 @@ class DistillConfig:
     kernels: str = "blockwise"
     relation_block: int = 64  # rows of the [T, T] relations per block (memory: R T block floats)
     logit_chunk: int = 256  # tokens per chunk through the LM head (memory: a few chunk x vocab floats)
+    # Recompute each student decoder layer's activations in backward instead of keeping them
+    # (transformers' gradient checkpointing, non-reentrant): less memory, about one more student forward
+    activation_checkpointing: bool = False
     schedule: str = "joint"  # joint | progressive (one AKT stage per mapped layer, then joint)
     progressive_steps: Optional[int] = None  # steps per layer stage (None: steps)
     train_path: Optional[str] = None  # training corpus (None: data.calib.path)

@@ -127,7 +127,8 @@ def topk_cache(distill: Any, cfg: Any, teacher: Any, device: torch.device, sampl
                                   sampler.windows.flatten(), distill.seq_len, cfg.seed, distill.teacher.topk_logits)
     cache = TopKCache(folder, distill.teacher.topk_logits)
     num_samples = plan.total_steps * distill.grad_accum * ctx.world * distill.batch_size
-    cache.build(teacher, device, sampler, num_samples, distill.batch_size, ctx)
+    cache.build(teacher, device, sampler, num_samples, distill.batch_size, ctx,
+                chunk=distill.logit_chunk if distill.kernels == "blockwise" else None)
     return cache
 
 

@@ -237,6 +237,7 @@ class Trainer:
             ids = self.sampler.samples(start, distill.batch_size).to(self.device)
             total, terms = self.micro_loss(ids, start, objective, s_cap, t_cap)
             (total / distill.grad_accum).backward()
+            s_cap.clear()  # what the hooks saw again while a checkpointed backward recomputed the layers
             for name, value in {"loss": total, **terms}.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach()) / distill.grad_accum
         if distill.grad_clip:
@@ -256,6 +257,7 @@ class Trainer:
         self.set_trainable(None)
         # sharded: shard() copies the student on the CPU first and fully_shard moves each rank's
         # shards to the mesh's device, so no rank ever holds two full copies on its GPU
+        self.checkpointing(distill.activation_checkpointing)
         shell = shard(self.student, self.ctx)
         if shell is None:
             self.student.to(self.device)
@@ -304,6 +306,16 @@ class Trainer:
         self.finish(shell, result)
         return result
 
+    def checkpointing(self, on: bool) -> None:
+        """distill.activation_checkpointing: non-reentrant, so the Q/K/V the hooks capture during
+        the forward stay in the autograd graph (a reentrant checkpoint runs it without grad)."""
+        if not on:
+            return
+        if not getattr(self.student, "supports_gradient_checkpointing", False):
+            raise ShrinkError(f"distill.activation_checkpointing: {type(self.student).__name__} does not support "
+                              "gradient checkpointing")
+        self.student.activation_checkpointing_enable({"use_reentrant": False})
+
     def restore(self, files: RunFiles, optimizer: torch.optim.Optimizer) -> tuple[int, list, bool, float]:
         """(first step, history, resumed?, seconds already spent) from a checkpoint if resuming."""
         folder = latest_checkpoint(files.checkpoint) if files.resume and files.checkpoint else None
@@ -320,6 +332,8 @@ class Trainer:
         Sharded runs gather the full weights on every rank and record each rank's digest,
         so a report shows that the replicas agree bit for bit.
         """
+        if getattr(self.student, "is_activation_checkpointing", False):
+            self.student.activation_checkpointing_disable()
         if shell is not None:
             state = full_state(self.student, self.ctx, everywhere=True)
             result.weights_digests = self.ctx.gather_strings(state_digest(state))

@@ -12,7 +12,7 @@ from distill.data import WindowSampler, sample_start
 from distill.losses import qkv_relation_loss
 from distill.plan import make_train_plan
 from distill.student import skip_student
-from distill.teacher import TopKCache, prepare_teacher
+from distill.teacher import TopKCache, prepare_teacher, top_logits
 from distill.trainer import RunFiles, Trainer
 from engine.config import ModelConfig
 from engine.errors import ShrinkError
@@ -204,3 +204,27 @@ def test_blockwise_kernels_train_as_the_naive_ones(teacher, tmp_path: Path, loss
     a, b = weights(runs["naive"].student), weights(runs["blockwise"].student)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert any(not torch.equal(a[k], v) for k, v in weights(skip_student(teacher, [1, 3])).items())
+
+
+def test_top_logits_in_chunks_are_the_top_of_the_whole_logits(teacher) -> None:
+    ids = random_stream(64, seed=2).view(2, 32)
+    whole = top_logits(teacher, ids, 5)
+    chunked = top_logits(teacher, ids, 5, chunk=7)
+    assert chunked[0].shape == (2, 32, 5) and torch.equal(chunked[1], whole[1])
+    assert torch.allclose(chunked[0], whole[0], atol=1e-5)
+
+
+def test_activation_checkpointing_recomputes_the_layers_and_trains_the_same(teacher) -> None:
+    runs = {}
+    for on in (False, True):
+        t = trainer(teacher, settings(loss="akt+logits+lm", steps=3, activation_checkpointing=on))
+        calls = []
+        handle = t.student.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *a: calls.append(1))
+        runs[on] = (t.run(RunFiles()).history, len(calls), t)
+        handle.remove()
+    # the head check's forward, then each step's forward of layer 0, again in a checkpointed backward (which
+    # stops recomputing once it has what backward needs: the MLP's forward hooks never see it)
+    assert runs[False][1] == 1 + 3 and runs[True][1] == 1 + 6
+    for a, b in zip(runs[False][0], runs[True][0]):
+        assert all(b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7) for k in a)
+    assert not runs[True][2].student.is_activation_checkpointing  # the exported student carries no training switch
