@@ -211,8 +211,9 @@ class Trainer:
 
     def head_chunks_apply(self) -> bool:
         """Whether the LM and logit KD terms run through the heads in token chunks (distill.kernels=
-        blockwise): not for sharded students (FSDP2 gathers the head's weight only inside the model's
-        forward), nor for models whose logits are more than their head's output."""
+        blockwise): not for models whose logits are more than their head's output, nor for sharded
+        students (tried: a joint FSDP2 run matches a single process, but after progressive phases the
+        final norm's gradients do not, so FSDP2's hooks need more care than the head's input gives)."""
         terms = [p.objective for p in self.plan.phases if p.objective.lm or p.objective.logit]
         if self.distill.kernels != "blockwise" or self.ctx.sharded or not terms:
             return False
@@ -221,7 +222,10 @@ class Trainer:
             models.append((self.teacher, self.teacher_device))
         fits = isinstance(self.student.get_output_embeddings(), nn.Linear) and all(
             head_reproduces_logits(m, d) for m, d in models)
-        if not fits:
+        if fits:
+            log.info("distill: the LM and logit KD terms run through the heads, %d tokens at a time",
+                     self.distill.logit_chunk)
+        else:
             log.warning("distill: the LM head's output is not the model's logits; the LM and logit KD terms "
                         "use the whole [batch, seq_len, vocab] logits")
         return fits
