@@ -170,6 +170,11 @@ def render_table(p: dict[str, Any]) -> str:
                              naive and f"{naive['tokens_per_s']:.0f}", new and f"{new['tokens_per_s']:.0f}"])
     text = md(["teacher", "loss", "seq_len", "naive peak RSS GiB", "blockwise peak RSS GiB", "naive tokens/s",
                "blockwise tokens/s"], body)
+    short, long = by.get(("8k", 1024, "akt", "blockwise")), by.get(("8k", 4096, "akt", "blockwise"))
+    if short and long:
+        text += (f"\n\nAKT + logit KD with the blockwise kernels, 8k vocabulary: peak RSS "
+                 f"{long['peak_rss_gib']:.2f} GiB at T = 4096 against {short['peak_rss_gib']:.2f} GiB at T = 1024, "
+                 f"{long['peak_rss_gib'] - short['peak_rss_gib']:+.2f} GiB.")
     ratio = [r for r in rows if r["vocab"] == "8k" and r["seq_len"] == RATIO_T and r["kernels"] == "blockwise"]
     kd = [r["seconds_per_step"] for r in ratio if r["loss"] == "logits"]
     akt = [r["seconds_per_step"] for r in ratio if r["loss"] == "akt"]
