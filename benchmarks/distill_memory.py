@@ -48,6 +48,7 @@ NAIVE_MAX = {("8k", "lm"): 4096, ("8k", "logits"): 4096, ("8k", "akt"): 2048, ("
              ("128k", "logits"): 1024}
 ARMS_128K = ("lm", "logits")  # the 128k vocabulary is for the head terms
 RATIO_T, REPEATS = 1024, 3
+RATIO_PAIRS = 8  # adjacent AKT + logit KD / logit KD step pairs of the in-process interleaved ratio
 STEPS = {512: 4, 1024: 3, 2048: 3, 4096: 2}  # the first step is warm-up
 
 
@@ -100,6 +101,50 @@ def run_arm(teacher: Path, seq_len: int, loss: str, kernels: str, threads: int) 
             "final": report["final"], "load_start": list(load_start), "load_end": list(os.getloadavg())}
 
 
+def interleaved_ratio(teacher_folder: Path, seq_len: int, pairs: int) -> dict[str, Any]:
+    """AKT + logit KD against logit KD alone in one process, step by step: one trainer on the
+    skip student alternates the two objectives (A B, B A, ... so a drift in the machine's load
+    falls on both), and the ratio of each adjacent pair of steps is taken. On a machine shared
+    with other jobs, whose load swings within a minute, this is far steadier than whole runs."""
+    import torch
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM
+
+    from distill.config import DistillConfig
+    from distill.data import WindowSampler
+    from distill.layer_map import parse_layer_map
+    from distill.plan import Objective, make_train_plan
+    from distill.student import skip_student
+    from distill.trainer import Trainer, make_optimizer
+    from engine import data as data_mod
+    from engine.modeling import load_tokenizer
+
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_folder, dtype=torch.float32).eval().requires_grad_(False)
+    student = skip_student(teacher, [0, 2, 5, 7])
+    distill = OmegaConf.merge(OmegaConf.structured(DistillConfig),
+                              {"loss": "akt", "seq_len": seq_len, "batch_size": 1, "relation_heads": 16})
+    plan = make_train_plan(distill, parse_layer_map("uniform", 4, 8), student)
+    stream = data_mod.token_stream(SHARED / "data" / "docs-en" / "valid.jsonl.gz", load_tokenizer(teacher_folder))
+    cpu = torch.device("cpu")
+    trainer = Trainer(student, teacher, cpu, WindowSampler(stream, seq_len, 0), plan, distill, cpu)
+    objectives = {"akt": plan.phases[0].objective, "logits": Objective(logit=plan.phases[0].objective.logit)}
+    optimizer = make_optimizer(student, distill)
+    seconds: dict[str, list[float]] = {"akt": [], "logits": []}
+    load_start = os.getloadavg()
+    student.train()
+    with trainer.captures() as (s_cap, t_cap):
+        order = ["logits", "akt"] + [name for i in range(pairs) for name in (("akt", "logits") if i % 2 else
+                                                                              ("logits", "akt"))]
+        for step, name in enumerate(order):
+            began = time.perf_counter()
+            trainer.step(step, objectives[name], optimizer, distill.lr, s_cap, t_cap)
+            seconds[name].append(time.perf_counter() - began)
+    ratios = [a / k for a, k in zip(seconds["akt"][1:], seconds["logits"][1:])]  # the first of each: warm-up
+    return {"step_seconds_akt": seconds["akt"], "step_seconds_logits": seconds["logits"], "ratios": ratios,
+            "ratio": statistics.median(ratios), "threads": torch.get_num_threads(), "load_start": list(load_start),
+            "load_end": list(os.getloadavg())}
+
+
 def arms() -> list[dict[str, Any]]:
     """Every arm in run order: the interleaved ratio arms first, then by vocabulary and seq_len."""
     plan = []
@@ -141,6 +186,14 @@ def main() -> None:
         write_teacher(teacher, VOCABS[arm["vocab"]])
         print(f"arm {arm}", flush=True)
         results.add({**arm, **run_arm(teacher, arm["seq_len"], arm["loss"], arm["kernels"], args.threads)})
+    ratio_arm = {"vocab": "8k", "seq_len": RATIO_T, "loss": "interleaved", "kernels": "blockwise", "repeat": 0}
+    if not results.has(**ratio_arm) and selected(ratio_arm, args.only):
+        import torch
+
+        torch.set_num_threads(args.threads)
+        write_teacher(args.models / "teacher-8k", VOCABS["8k"])
+        print(f"arm {ratio_arm}", flush=True)
+        results.add({**ratio_arm, **interleaved_ratio(args.models / "teacher-8k", RATIO_T, RATIO_PAIRS)})
     print(results.save())
 
 
@@ -175,15 +228,25 @@ def render_table(p: dict[str, Any]) -> str:
         text += (f"\n\nAKT + logit KD with the blockwise kernels, 8k vocabulary: peak RSS "
                  f"{long['peak_rss_gib']:.2f} GiB at T = 4096 against {short['peak_rss_gib']:.2f} GiB at T = 1024, "
                  f"{long['peak_rss_gib'] - short['peak_rss_gib']:+.2f} GiB.")
-    ratio = [r for r in rows if r["vocab"] == "8k" and r["seq_len"] == RATIO_T and r["kernels"] == "blockwise"]
+    inter = next((r for r in rows if r["loss"] == "interleaved"), None)
+    if inter:
+        text += (f"\n\n**AKT + logit KD costs {inter['ratio']:.2f}x logit KD alone per token** at T = {RATIO_T} "
+                 f"(blockwise kernels): the median over {len(inter['ratios'])} adjacent pairs of steps of one process "
+                 f"that alternates the two losses on the skip student (pairs from {min(inter['ratios']):.2f}x to "
+                 f"{max(inter['ratios']):.2f}x; median step {statistics.median(inter['step_seconds_akt'][1:]):.2f} s "
+                 f"against {statistics.median(inter['step_seconds_logits'][1:]):.2f} s, {inter['threads']} threads, "
+                 f"load average {inter['load_start'][0]:.1f} to {inter['load_end'][0]:.1f}"
+                 f"{' (noisy)' if noisy([inter]) else ''}).")
+    ratio = [r for r in rows if r["vocab"] == "8k" and r["seq_len"] == RATIO_T and r["kernels"] == "blockwise"
+             and r["loss"] in ("logits", "akt")]
     # every timed step (after each run's first) of the interleaved runs, pooled per loss
     kd = [t for r in ratio if r["loss"] == "logits" for t in r["step_seconds"][1:]]
     akt = [t for r in ratio if r["loss"] == "akt" for t in r["step_seconds"][1:]]
     if kd and akt:
         loads = [x for r in ratio for x in (r["load_start"][0], r["load_end"][0])]
         runs = sum(r["loss"] == "akt" for r in ratio), sum(r["loss"] == "logits" for r in ratio)
-        text += (f"\n\nAKT + logit KD against logit KD alone at T = {RATIO_T} (blockwise kernels, {runs[0]} and "
-                 f"{runs[1]} runs interleaved, their {len(akt)} and {len(kd)} timed steps pooled): median seconds per "
+        text += (f"\n\nThe same from whole runs (`shrink` processes, {runs[0]} and {runs[1]} interleaved, their "
+                 f"{len(akt)} and {len(kd)} timed steps pooled): median seconds per "
                  f"step {statistics.median(akt):.2f} against {statistics.median(kd):.2f}, "
                  f"**{statistics.median(akt) / statistics.median(kd):.2f}x** per token (fastest steps: "
                  f"{min(akt):.2f} against {min(kd):.2f}, {min(akt) / min(kd):.2f}x); load average {min(loads):.1f} to "
