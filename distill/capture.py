@@ -98,9 +98,11 @@ def find_qkv(layer: nn.Module, config: Any) -> QKVProjections:
 
 
 def head_input_module(model: nn.Module) -> Optional[nn.Module]:
-    """The model without its LM head (transformers' base_model), whose output is the head's input."""
-    base = getattr(model, "base_model", None)
-    return base if isinstance(base, nn.Module) and base is not model else None
+    """The module whose output is the LM head's input: transformers' decoder (get_decoder; not
+    base_model, since OPT's head reads its decoder's output, past its base model's forward)."""
+    get = getattr(model, "get_decoder", None)
+    decoder = get() if callable(get) else None
+    return decoder if isinstance(decoder, nn.Module) and decoder is not model else None
 
 
 def last_hidden(output: Any) -> Optional[torch.Tensor]:
@@ -129,7 +131,7 @@ class QKVCapture:
         self.blocks = blocks
         self.final = head_input_module(model) if final else None
         if final and self.final is None:
-            raise ShrinkError(f"distill: {type(model).__name__} has no base model to read the LM head's input from")
+            raise ShrinkError(f"distill: {type(model).__name__} has no decoder to read the LM head's input from")
         self.outputs: dict[Any, Any] = {}
         self.handles: list[Any] = []
 
@@ -169,14 +171,23 @@ class QKVCapture:
         self.outputs.clear()
 
 
+# config attributes of families whose logits are more than their head's output (Gemma 2/3
+# soft-capping, Granite's logits_scaling, Cohere's logit_scale)
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logits_scaling", "logit_scale")
+
+
 def head_reproduces_logits(model: nn.Module, device: torch.device) -> bool:
     """Whether the logits `model` returns are its LM head applied to the captured last hidden
     state, and it can skip computing them (logits_to_keep): then the loss terms may run the
-    head on chunks of tokens themselves. Not so for a family that post-processes its logits
-    (soft-capping, a logit scale), which then keeps the full logits."""
+    head on chunks of tokens themselves. Not so for a family that post-processes its logits,
+    which then keeps the full logits: known by its config, or else by a forward on three
+    tokens whose logits must equal the head's output bit for bit (a random model's tiny logits
+    can pass through a soft-cap unchanged, hence the config as well)."""
     head = model.get_output_embeddings()
+    configs = [model.config, getattr(model.config, "text_config", None)]
     if head is None or head_input_module(model) is None or \
-            "logits_to_keep" not in inspect.signature(model.forward).parameters:
+            "logits_to_keep" not in inspect.signature(model.forward).parameters or \
+            any(getattr(c, a, None) for c in configs if c is not None for a in LOGIT_TRANSFORMS):
         return False
     ids = torch.zeros(1, 3, dtype=torch.long, device=device)
     with torch.no_grad(), QKVCapture(model, [], final=True) as cap:
