@@ -218,11 +218,12 @@ def render_table(p: dict[str, Any]) -> str:
                 naive, new = by.get((vocab, seq_len, loss, "naive")), by.get((vocab, seq_len, loss, "blockwise"))
                 if not (naive or new):
                     continue
+                load = " / ".join(f"{max(r['load_start'][0], r['load_end'][0]):.1f}" if r else "-" for r in (naive, new))
                 body.append([f"{vocab} vocabulary", LOSSES[loss], seq_len,
                              naive and f"{naive['peak_rss_gib']:.2f}", new and f"{new['peak_rss_gib']:.2f}",
-                             naive and f"{naive['tokens_per_s']:.0f}", new and f"{new['tokens_per_s']:.0f}"])
+                             naive and f"{naive['tokens_per_s']:.0f}", new and f"{new['tokens_per_s']:.0f}", load])
     text = md(["teacher", "loss", "seq_len", "naive peak RSS GiB", "blockwise peak RSS GiB", "naive tokens/s",
-               "blockwise tokens/s"], body)
+               "blockwise tokens/s", "load average (naive / blockwise)"], body)
     short, long = by.get(("8k", 1024, "akt", "blockwise")), by.get(("8k", 4096, "akt", "blockwise"))
     if short and long:
         text += (f"\n\nAKT + logit KD with the blockwise kernels, 8k vocabulary: peak RSS "
