@@ -242,6 +242,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "prune_ablation": prune_ablation,
     "distill_akt": _rendered_by("benchmarks.distill_akt_tables"),
     "distill_moe": _rendered_by("benchmarks.distill_moe"),
+    "distill_memory": _rendered_by("benchmarks.distill_memory"),
     "scale_resume": _rendered_by("benchmarks.scale_resume"),
     "moe": _rendered_by("benchmarks.moe"),
     "reproducibility": _rendered_by("benchmarks.reproducibility"),

@@ -12,6 +12,7 @@ and the config's head counts:
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -96,14 +97,31 @@ def find_qkv(layer: nn.Module, config: Any) -> QKVProjections:
     return QKVProjections((fused,), FUSED_LAYOUTS[model_type], shape)
 
 
+def head_input_module(model: nn.Module) -> Optional[nn.Module]:
+    """The module whose output is the LM head's input: transformers' decoder (get_decoder; not
+    base_model, since OPT's head reads its decoder's output, past its base model's forward)."""
+    get = getattr(model, "get_decoder", None)
+    decoder = get() if callable(get) else None
+    return decoder if isinstance(decoder, nn.Module) and decoder is not model else None
+
+
+def last_hidden(output: Any) -> Optional[torch.Tensor]:
+    hidden = getattr(output, "last_hidden_state", None)
+    if hidden is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        hidden = output[0]
+    return hidden
+
+
 class QKVCapture:
-    """Context manager: while active, each forward of `model` records Q/K/V of `layers`.
+    """Context manager: while active, each forward of `model` records Q/K/V of `layers`, and
+    with `final` the LM head's input (the base model's last hidden state, [B, T, D]).
 
     Outputs are kept as produced (in the autograd graph for a student, so the AKT loss
-    reaches its weights); `pop(i)` hands over layer i's Q/K/V of the last forward.
+    reaches its weights); `pop(i)` hands over layer i's Q/K/V of the last forward,
+    `pop_final()` the last hidden state.
     """
 
-    def __init__(self, model: nn.Module, layers: list[int]) -> None:
+    def __init__(self, model: nn.Module, layers: list[int], final: bool = False) -> None:
         _, blocks = find_decoder_layers(model)
         missing = [i for i in layers if not 0 <= i < len(blocks)]
         if missing:
@@ -111,7 +129,10 @@ class QKVCapture:
         self.model = model
         self.projections = {i: find_qkv(blocks[i], model.config) for i in layers}
         self.blocks = blocks
-        self.outputs: dict[int, dict[str, torch.Tensor]] = {}
+        self.final = head_input_module(model) if final else None
+        if final and self.final is None:
+            raise ShrinkError(f"distill: {type(model).__name__} has no decoder to read the LM head's input from")
+        self.outputs: dict[Any, Any] = {}
         self.handles: list[Any] = []
 
     def __enter__(self) -> "QKVCapture":
@@ -119,6 +140,10 @@ class QKVCapture:
             modules = dict(self.blocks[i].named_modules())
             for name in proj.names:
                 self.handles.append(modules[name].register_forward_hook(self._hook(i, name)))
+        if self.final is not None:
+            def record_final(module: nn.Module, inputs: Any, output: Any) -> None:
+                self.outputs["final"] = last_hidden(output)
+            self.handles.append(self.final.register_forward_hook(record_final))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -139,5 +164,34 @@ class QKVCapture:
         proj = self.projections[layer]
         return proj.split([recorded[name] for name in proj.names])
 
+    def pop_final(self) -> Optional[torch.Tensor]:
+        return self.outputs.pop("final", None)
+
     def clear(self) -> None:
         self.outputs.clear()
+
+
+# config attributes of families whose logits are more than their head's output (Gemma 2/3
+# soft-capping, Granite's logits_scaling, Cohere's logit_scale)
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logits_scaling", "logit_scale")
+
+
+def head_reproduces_logits(model: nn.Module, device: torch.device) -> bool:
+    """Whether the logits `model` returns are its LM head applied to the captured last hidden
+    state, and it can skip computing them (logits_to_keep): then the loss terms may run the
+    head on chunks of tokens themselves. Not so for a family that post-processes its logits,
+    which then keeps the full logits: known by its config, or else by a forward on three
+    tokens whose logits must equal the head's output bit for bit (a random model's tiny logits
+    can pass through a soft-cap unchanged, hence the config as well)."""
+    head = model.get_output_embeddings()
+    configs = [model.config, getattr(model.config, "text_config", None)]
+    if head is None or head_input_module(model) is None or \
+            "logits_to_keep" not in inspect.signature(model.forward).parameters or \
+            any(getattr(c, a, None) for c in configs if c is not None for a in LOGIT_TRANSFORMS):
+        return False
+    ids = torch.zeros(1, 3, dtype=torch.long, device=device)
+    with torch.no_grad(), QKVCapture(model, [], final=True) as cap:
+        logits = model(input_ids=ids, use_cache=False).logits
+        hidden = cap.pop_final()
+        return hidden is not None and hidden.shape[:2] == ids.shape and torch.equal(head(hidden).float(),
+                                                                                     logits.float())

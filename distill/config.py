@@ -58,6 +58,15 @@ class DistillConfig:
     # Which relations AKT transfers, any of q, k, v (Yuan: all three). A separately pretrained
     # student pays for Q/K relations it must unlearn; V alone costs it nothing (docs/results.md, Distillation).
     relations: str = "qkv"
+    # Loss kernels: blockwise (memory linear in seq_len: the relations relation_block rows at a
+    # time, the LM and logit KD terms through the LM head logit_chunk tokens at a time) | naive
+    # (the whole [T, T] relations and [T, V] logits; the reference, memory quadratic in seq_len)
+    kernels: str = "blockwise"
+    relation_block: int = 64  # rows of the [T, T] relations per block (memory: R T block floats)
+    logit_chunk: int = 256  # tokens per chunk through the LM head (memory: a few chunk x vocab floats)
+    # Recompute each student decoder layer's activations in backward instead of keeping them
+    # (transformers' gradient checkpointing, non-reentrant): less memory, about one more student forward
+    activation_checkpointing: bool = False
     schedule: str = "joint"  # joint | progressive (one AKT stage per mapped layer, then joint)
     progressive_steps: Optional[int] = None  # steps per layer stage (None: steps)
     train_path: Optional[str] = None  # training corpus (None: data.calib.path)

@@ -14,10 +14,12 @@ and the K/V width of grouped-query attention), since only the [T, T] relations m
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+
+from distill.blockwise import blockwise_relation_kl
 
 
 class QKV(NamedTuple):
@@ -60,12 +62,16 @@ def valid_parts(parts: str) -> bool:
 
 
 def qkv_relation_loss(teacher: QKV, student: QKV, relation_heads: int, causal: bool = True,
-                      parts: str = "qkv") -> torch.Tensor:
+                      parts: str = "qkv", block: Optional[int] = None) -> torch.Tensor:
     """AKT loss of one mapped layer pair: sum over Q, K, V (those named in `parts`) of the
-    relation KL (MiniLMv2)."""
+    relation KL (MiniLMv2). With `block`, each KL is formed `block` rows at a time
+    (distill/blockwise.py: the same value in memory linear in T); without, whole (the reference)."""
     if not valid_parts(parts):
         raise ValueError(f"parts must name each of q, k, v at most once, got {parts!r}")
-    return sum(relation_kl(teacher[i], student[i], relation_heads, causal) for i in map("qkv".index, parts))
+    if block is None:
+        return sum(relation_kl(teacher[i], student[i], relation_heads, causal) for i in map("qkv".index, parts))
+    return sum(blockwise_relation_kl(teacher[i], student[i], relation_heads, causal, block)
+               for i in map("qkv".index, parts))
 
 
 def logit_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

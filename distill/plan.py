@@ -28,6 +28,7 @@ from engine.modeling import find_decoder_layers
 TERMS = ("akt", "logits", "lm")
 SCHEDULES = ("joint", "progressive")
 PRECISIONS = ("auto", "bf16", "fp32")
+KERNELS = ("blockwise", "naive")
 
 
 @dataclass
@@ -89,6 +90,11 @@ def check_distill_config(distill: Any) -> None:
     if not valid_parts(str(distill.relations)):
         raise ShrinkError(f"distill.relations={distill.relations!r}: name each of q, k, v at most once "
                           "(e.g. qkv, v, kv)")
+    if distill.kernels not in KERNELS:
+        raise ShrinkError(f"distill.kernels: unknown kernels {distill.kernels!r} ({' | '.join(KERNELS)})")
+    for key in ("relation_block", "logit_chunk"):
+        if getattr(distill, key) <= 0:
+            raise ShrinkError(f"distill.{key}={getattr(distill, key)} must be > 0")
     teacher_device_map(distill.teacher.device_map)  # a device_map.json file: present and well formed
 
 

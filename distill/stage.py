@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from omegaconf import OmegaConf
 
-from distill.capture import attention_shape
 from distill.data import WindowSampler
 from distill.distributed import DistContext, local_device
 from distill.layer_map import parse_layer_map
 from distill.moe import router_weight
 from distill.plan import TrainPlan, make_train_plan
+from distill.shapes import check_shapes
 from distill.student import Student, build_student, shape_report
 from distill.teacher import TopKCache, prepare_teacher, teacher_vocab_check
 from distill.trainer import RunFiles, Trainer, TrainResult
@@ -91,7 +91,7 @@ def run_training(state: "RunState", pretrain: bool, evaluate_init: bool = False)
     n_teacher = len(find_decoder_layers(state.model)[1])
     pairs = [] if pretrain else parse_layer_map(distill.layer_map, n_student, n_teacher)
     plan = make_train_plan(distill, pairs, student.model)
-    check_relation_heads(plan, state.model, student.model, distill.relation_heads)
+    check_shapes(distill, {"teacher": state.model.config, "student": student.model.config})
     train_path = distill.train_path or cfg.data.calib.path
     stream = data_mod.token_stream(train_path, student.tokenizer, cfg.data.text_field, cfg.data.cache_dir,
                                    key="distill.train_path")
@@ -130,19 +130,9 @@ def topk_cache(distill: Any, cfg: Any, teacher: Any, device: torch.device, sampl
                                   sampler.windows.flatten(), distill.seq_len, cfg.seed, distill.teacher.topk_logits)
     cache = TopKCache(folder, distill.teacher.topk_logits)
     num_samples = plan.total_steps * distill.grad_accum * ctx.world * distill.batch_size
-    cache.build(teacher, device, sampler, num_samples, distill.batch_size, ctx)
+    cache.build(teacher, device, sampler, num_samples, distill.batch_size, ctx,
+                chunk=distill.logit_chunk if distill.kernels == "blockwise" else None)
     return cache
-
-
-def check_relation_heads(plan: TrainPlan, teacher: Any, student: Any, heads: int) -> None:
-    """Every Q/K/V width of both models must split into `heads` relation heads (before training)."""
-    if not any(p.objective.akt for p in plan.phases):
-        return
-    for who, model in (("teacher", teacher), ("student", student)):
-        shape = attention_shape(model.config)
-        for what, width in (("Q", shape.q_width), ("K/V", shape.kv_width)):
-            if heads <= 0 or width % heads:
-                raise ShrinkError(f"distill.relation_heads={heads} does not divide the {who}'s {what} width {width}")
 
 
 def evaluate(state: "RunState", student: Student, device: torch.device) -> float:
@@ -157,7 +147,7 @@ def evaluate(state: "RunState", student: Student, device: torch.device) -> float
 def train_report(result: TrainResult) -> dict[str, Any]:
     report = {"steps": result.steps, "tokens": result.tokens, "seconds": result.seconds,
               "tokens_per_s": result.tokens_per_s, "history": result.history,
-              "final": result.history[-1] if result.history else {}}
+              "final": result.history[-1] if result.history else {}, "step_seconds": result.step_seconds}
     if result.resumed_from is not None:
         report["resumed_from"] = result.resumed_from
     if result.weights_digests:

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
+from distill.capture import QKVCapture, head_reproduces_logits
 from distill.config import TeacherConfig
 from distill.data import WindowSampler
 from distill.distributed import DistContext
@@ -118,20 +119,22 @@ class TopKCache:
 
     @torch.no_grad()
     def build(self, teacher: PreTrainedModel, device: torch.device, sampler: WindowSampler, num_samples: int,
-              batch_size: int, ctx: DistContext) -> None:
-        """Compute the missing shards (rank 0; the others wait)."""
+              batch_size: int, ctx: DistContext, chunk: Optional[int] = None) -> None:
+        """Compute the missing shards (rank 0; the others wait); with `chunk`, the teacher's head
+        runs `chunk` tokens at a time (top_logits)."""
         shards = range((num_samples + self.shard - 1) // self.shard)
         missing = [j for j in shards if not self.shard_path(j).is_file()]
         if ctx.main and missing:
+            chunk = chunk if chunk and head_reproduces_logits(teacher, device) else None
             self.folder.mkdir(parents=True, exist_ok=True)
             progress = Progress("teacher top-k cache", len(missing) * self.shard, unit="tok")
             for j in missing:
                 values, indices = [], []
                 for start in range(j * self.shard, (j + 1) * self.shard, batch_size):
                     ids = sampler.samples(start, min(batch_size, (j + 1) * self.shard - start))
-                    top = teacher(input_ids=ids.to(device), use_cache=False).logits.float().topk(self.k, dim=-1)
-                    values.append(top.values.half().cpu())
-                    indices.append(top.indices.int().cpu())
+                    top_values, top_indices = top_logits(teacher, ids.to(device), self.k, chunk)
+                    values.append(top_values.half().cpu())
+                    indices.append(top_indices.int().cpu())
                     progress.update(ids.shape[0], ids.numel())
                 with atomic_path(self.shard_path(j)) as tmp:
                     save_file({"values": torch.cat(values), "indices": torch.cat(indices)}, tmp)
@@ -149,6 +152,24 @@ class TopKCache:
                 indices.append(f.get_slice("indices")[offset:offset + n])
             k += n
         return torch.cat(values), torch.cat(indices)
+
+
+def top_logits(teacher: PreTrainedModel, ids: torch.Tensor, k: int,
+               chunk: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's k largest logits of each token and their ids, [B, T, k]. With `chunk` (for a
+    teacher whose logits are its head's output), its head runs on `chunk` tokens at a time: the
+    whole [B, T, V] logits (16 GiB for 8 x 4096 tokens of a 128k vocabulary) are never formed."""
+    if chunk is None:
+        top = teacher(input_ids=ids, use_cache=False).logits.float().topk(k, dim=-1)
+        return top.values, top.indices
+    with QKVCapture(teacher, [], final=True) as cap:
+        teacher(input_ids=ids, use_cache=False, logits_to_keep=1)
+        hidden = cap.pop_final()
+    head = teacher.get_output_embeddings()
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    tops = [head(flat[r0:r0 + chunk]).float().topk(k, dim=-1) for r0 in range(0, flat.shape[0], chunk)]
+    shape = (*ids.shape, k)
+    return torch.cat([t.values for t in tops]).view(shape), torch.cat([t.indices for t in tops]).view(shape)
 
 
 def teacher_vocab_check(teacher: PreTrainedModel, student: PreTrainedModel) -> Optional[int]:

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from distill.capture import QKVCapture
+from distill.capture import QKVCapture, head_reproduces_logits
+from distill.chunked import HeadLosses, TopK, chunked_head_losses
 from distill.train_state import check_resumable, latest_checkpoint, load_train_state, save_train_state
 from distill.data import WindowSampler, sample_start
 from distill.distributed import DistContext, full_state, shard, state_digest
@@ -53,6 +54,7 @@ class TrainResult:
     resumed_from: Optional[int] = None
     stopped_at: Optional[int] = None
     weights_digests: list[str] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each step this process ran
 
     @property
     def tokens_per_s(self) -> float:
@@ -100,6 +102,7 @@ class Trainer:
         self.ctx = ctx or DistContext()
         self.topk, self.vocab = topk, vocab
         self.bf16 = use_bf16(distill.precision, device)
+        self.chunked_head = False  # decided when training starts (captures)
         needs_teacher = any(p.objective.akt or (p.objective.logit and topk is None) for p in plan.phases)
         if needs_teacher and teacher is None:
             raise ShrinkError("distill: the loss needs the teacher, but none was given")
@@ -112,18 +115,54 @@ class Trainer:
     def micro_loss(self, ids: torch.Tensor, start: int, objective: Objective, s_cap: QKVCapture,
                    t_cap: Optional[QKVCapture]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         router = {"output_router_logits": True} if objective.router else {}
+        # chunked head terms: the models return one position's logits, the terms run the head themselves
+        keep = {"logits_to_keep": 1} if self.chunked_head else {}
         with self.autocast():
-            out = self.student(input_ids=ids, use_cache=False, **router)
+            out = self.student(input_ids=ids, use_cache=False, **router, **keep)
         logits = out.logits
         terms: dict[str, torch.Tensor] = {}
+        weighted: list[torch.Tensor] = []
         if objective.router:
             terms["router"] = out.aux_loss.float()
-        if objective.lm:
-            terms["lm"] = lm_loss(logits, ids)
+            weighted.append(objective.router * terms["router"])
         teacher_logits = None
         if objective.akt or (objective.logit and self.topk is None):
             with torch.no_grad():
-                teacher_logits = self.teacher(input_ids=ids.to(self.teacher_device), use_cache=False).logits
+                teacher_logits = self.teacher(input_ids=ids.to(self.teacher_device), use_cache=False, **keep).logits
+        if self.chunked_head and (objective.lm or objective.logit):
+            head = self.head_terms(ids, start, objective, s_cap, t_cap)
+            weighted.append(head.total)
+            terms.update({name: value for name, value in (("lm", head.lm), ("logit", head.logit)) if value is not None})
+        else:
+            terms.update(self.full_logit_terms(logits, teacher_logits, ids, start, objective))
+            weighted += [w * terms[name] for name, w in (("lm", objective.lm), ("logit", objective.logit)) if w]
+        block = self.distill.relation_block if self.distill.kernels == "blockwise" else None
+        # one capture per teacher layer, however many student layers it guides (a deeper student)
+        teacher_qkv = {t: t_cap.pop(t) for t in {self.plan.pairs[s] for s in objective.akt}}
+        for s, w in objective.akt.items():
+            t_qkv = QKV(*(a.to(self.device) for a in teacher_qkv[self.plan.pairs[s]]))
+            terms[f"akt.{s}"] = qkv_relation_loss(t_qkv, s_cap.pop(s), self.distill.relation_heads,
+                                                  self.distill.causal_relations, self.distill.relations, block)
+            weighted.append(w * terms[f"akt.{s}"])
+        s_cap.clear()
+        if t_cap is not None:
+            t_cap.clear()
+        total = sum(weighted)
+        if self.ctx.sharded and not (objective.lm or objective.logit):
+            # FSDP2 re-gathers a layer's freed parameters for backward, and reduces its gradients,
+            # from hooks on module outputs. With a loss on Q/K/V alone (progressive phases) the
+            # outputs never reach the loss, so tie them to it with weight 0: same gradients,
+            # every hook fires.
+            total = total + 0.0 * logits.sum(dtype=torch.float32)
+        return total, terms
+
+    def full_logit_terms(self, logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], ids: torch.Tensor,
+                         start: int, objective: Objective) -> dict[str, torch.Tensor]:
+        """The LM and logit KD terms on the whole [B, T, V] logits (distill.kernels=naive, sharded runs,
+        and heads that post-process their logits)."""
+        terms: dict[str, torch.Tensor] = {}
+        if objective.lm:
+            terms["lm"] = lm_loss(logits, ids)
         if objective.logit:
             v = self.vocab or logits.shape[-1]
             if self.topk is not None:
@@ -133,25 +172,27 @@ class Trainer:
             else:
                 terms["logit"] = logit_kd_loss(logits[..., :v], teacher_logits[..., :v].to(self.device),
                                                self.distill.temperature)
-        # one capture per teacher layer, however many student layers it guides (a deeper student)
-        teacher_qkv = {t: t_cap.pop(t) for t in {self.plan.pairs[s] for s in objective.akt}}
-        for s in objective.akt:
-            t_qkv = QKV(*(a.to(self.device) for a in teacher_qkv[self.plan.pairs[s]]))
-            terms[f"akt.{s}"] = qkv_relation_loss(t_qkv, s_cap.pop(s), self.distill.relation_heads,
-                                                  self.distill.causal_relations, self.distill.relations)
-        s_cap.clear()
-        if t_cap is not None:
-            t_cap.clear()
-        weights = {"lm": objective.lm, "logit": objective.logit, "router": objective.router,
-                   **{f"akt.{s}": w for s, w in objective.akt.items()}}
-        total = sum(weights[name] * value for name, value in terms.items())
-        if self.ctx.sharded and not (objective.lm or objective.logit):
-            # FSDP2 re-gathers a layer's freed parameters for backward, and reduces its gradients,
-            # from hooks on module outputs. With a loss on Q/K/V alone (progressive phases) the
-            # outputs never reach the loss, so tie them to it with weight 0: same gradients,
-            # every hook fires.
-            total = total + 0.0 * logits.sum(dtype=torch.float32)
-        return total, terms
+        return terms
+
+    def head_terms(self, ids: torch.Tensor, start: int, objective: Objective, s_cap: QKVCapture,
+                   t_cap: Optional[QKVCapture]) -> HeadLosses:
+        """The LM and logit KD terms through the heads, distill.logit_chunk tokens at a time
+        (distill/chunked.py): no [B, T, V] logits, of either model."""
+        head = self.student.get_output_embeddings()
+        teacher, top = None, None
+        if objective.logit and self.topk is not None:
+            top = TopK(*(t.to(self.device) for t in self.topk.get(start, ids.shape[0])))
+        elif objective.logit:
+            t_head = self.teacher.get_output_embeddings()
+            t_hidden = t_cap.pop_final()
+            t_flat = t_hidden.reshape(-1, t_hidden.shape[-1])
+
+            def teacher(r0: int, r1: int) -> torch.Tensor:
+                with torch.no_grad():
+                    return t_head(t_flat[r0:r1]).to(self.device)
+
+        return chunked_head_losses(s_cap.pop_final(), head.weight, head.bias, ids, objective.lm, objective.logit,
+                                   teacher, top, self.distill.temperature, self.vocab, self.distill.logit_chunk)
 
     def set_trainable(self, names: Optional[frozenset[str]]) -> None:
         for name, p in self.student.named_parameters():
@@ -159,13 +200,37 @@ class Trainer:
 
     @contextlib.contextmanager
     def captures(self) -> Iterator[tuple[QKVCapture, Optional[QKVCapture]]]:
+        """Q/K/V of the mapped layers of both models, and the LM heads' inputs for chunked head terms."""
         s_layers = sorted({s for p in self.plan.phases for s in p.objective.akt})
-        with QKVCapture(self.student, s_layers) as s_cap:
+        self.chunked_head = self.head_chunks_apply()
+        t_final = self.chunked_head and self.topk is None and any(p.objective.logit for p in self.plan.phases)
+        with QKVCapture(self.student, s_layers, final=self.chunked_head) as s_cap:
             if self.teacher is None:
                 yield s_cap, None
                 return
-            with QKVCapture(self.teacher, [self.plan.pairs[s] for s in s_layers]) as t_cap:
+            with QKVCapture(self.teacher, [self.plan.pairs[s] for s in s_layers], final=t_final) as t_cap:
                 yield s_cap, t_cap
+
+    def head_chunks_apply(self) -> bool:
+        """Whether the LM and logit KD terms run through the heads in token chunks (distill.kernels=
+        blockwise): not for models whose logits are more than their head's output, nor for sharded
+        students (tried: a joint FSDP2 run matches a single process, but after progressive phases the
+        final norm's gradients do not, so FSDP2's hooks need more care than the head's input gives)."""
+        terms = [p.objective for p in self.plan.phases if p.objective.lm or p.objective.logit]
+        if self.distill.kernels != "blockwise" or self.ctx.sharded or not terms:
+            return False
+        models = [(self.student, self.device)]
+        if self.topk is None and any(o.logit for o in terms):
+            models.append((self.teacher, self.teacher_device))
+        fits = isinstance(self.student.get_output_embeddings(), nn.Linear) and all(
+            head_reproduces_logits(m, d) for m, d in models)
+        if fits:
+            log.info("distill: the LM and logit KD terms run through the heads, %d tokens at a time",
+                     self.distill.logit_chunk)
+        else:
+            log.warning("distill: the LM head's output is not the model's logits; the LM and logit KD terms "
+                        "use the whole [batch, seq_len, vocab] logits")
+        return fits
 
     def step(self, step: int, objective: Objective, optimizer: torch.optim.Optimizer, lr: float,
              s_cap: QKVCapture, t_cap: Optional[QKVCapture]) -> dict[str, float]:
@@ -178,6 +243,7 @@ class Trainer:
             ids = self.sampler.samples(start, distill.batch_size).to(self.device)
             total, terms = self.micro_loss(ids, start, objective, s_cap, t_cap)
             (total / distill.grad_accum).backward()
+            s_cap.clear()  # what the hooks saw again while a checkpointed backward recomputed the layers
             for name, value in {"loss": total, **terms}.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach()) / distill.grad_accum
         if distill.grad_clip:
@@ -197,6 +263,7 @@ class Trainer:
         self.set_trainable(None)
         # sharded: shard() copies the student on the CPU first and fully_shard moves each rank's
         # shards to the mesh's device, so no rank ever holds two full copies on its GPU
+        self.checkpointing(distill.activation_checkpointing)
         shell = shard(self.student, self.ctx)
         if shell is None:
             self.student.to(self.device)
@@ -207,6 +274,7 @@ class Trainer:
         tokens_per_step = distill.batch_size * distill.grad_accum * self.ctx.world * self.sampler.seq_len
         progress = Progress("distill" if not resumed else f"distill (resumed at step {start})", end - start, "tok")
         t0 = time.time()
+        step_seconds: list[float] = []
         phase_index = -1
         with self.captures() as (s_cap, t_cap):
             for step in range(start, end):
@@ -218,7 +286,9 @@ class Trainer:
                     self.set_trainable(phase.trainable)
                     phase_index = index
                 lr = lr_at(in_phase, phase.steps, distill)
+                began = time.perf_counter()
                 record = self.step(step, phase.objective, optimizer, lr, s_cap, t_cap)
+                step_seconds.append(time.perf_counter() - began)
                 progress.update(1, tokens_per_step, extra=f"{phase.name} loss {record['loss']:.4f} lr {lr:.2e}")
                 done = step + 1
                 if done % distill.log_every == 0 or done == plan.total_steps:
@@ -238,9 +308,19 @@ class Trainer:
         seconds = spent + time.time() - t0
         result = TrainResult(steps=end, tokens=end * tokens_per_step, seconds=seconds, history=history,
                              resumed_from=start if resumed else None,
-                             stopped_at=end if end < plan.total_steps else None)
+                             stopped_at=end if end < plan.total_steps else None, step_seconds=step_seconds)
         self.finish(shell, result)
         return result
+
+    def checkpointing(self, on: bool) -> None:
+        """distill.activation_checkpointing: non-reentrant, so the Q/K/V the hooks capture during
+        the forward stay in the autograd graph (a reentrant checkpoint runs it without grad)."""
+        if not on:
+            return
+        if not getattr(self.student, "supports_gradient_checkpointing", False):
+            raise ShrinkError(f"distill.activation_checkpointing: {type(self.student).__name__} does not support "
+                              "gradient checkpointing")
+        self.student.activation_checkpointing_enable({"use_reentrant": False})
 
     def restore(self, files: RunFiles, optimizer: torch.optim.Optimizer) -> tuple[int, list, bool, float]:
         """(first step, history, resumed?, seconds already spent) from a checkpoint if resuming."""
@@ -258,6 +338,8 @@ class Trainer:
         Sharded runs gather the full weights on every rank and record each rank's digest,
         so a report shows that the replicas agree bit for bit.
         """
+        if getattr(self.student, "is_activation_checkpointing", False):
+            self.student.activation_checkpointing_disable()
         if shell is not None:
             state = full_state(self.student, self.ctx, everywhere=True)
             result.weights_digests = self.ctx.gather_strings(state_digest(state))

@@ -142,7 +142,8 @@ class Stage:
 
 def stage_table() -> dict[str, Stage]:
     from distill.plan import check_distill_config
-    from distill.stage import distill_stage, pretrain_stage
+    from distill.shapes import check_distill_models
+    from distill.stage import distill_stage, effective_config, pretrain_stage
     from distill.teacher import reloads_teacher
     from prune.config import check_prune_config
     from prune.stage import prune_stage
@@ -160,6 +161,8 @@ def stage_table() -> dict[str, Stage]:
     def check_distill(cfg: DictConfig) -> None:
         check_distill_config(cfg.distill)
         stages = list(cfg.pipeline.stages)
+        for stage in {"distill", "pretrain"} & set(stages):  # seq_len, relation heads against the configs
+            check_distill_models(effective_config(cfg, stage == "pretrain"), cfg.model.path, cfg.model.trust_remote_code)
         before = stages[:stages.index("distill")] if "distill" in stages else []
         if reloads_teacher(cfg.distill.teacher) and MODIFYING & set(before):
             raise ShrinkError("distill.teacher: a device_map or 8/4-bit teacher is loaded again from model.path, "

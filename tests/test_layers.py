@@ -16,7 +16,8 @@ STAGES = {"quant.stage", "prune.stage", "distill.stage"}
 # Kernels: pure functions on tensors, in the papers' notation; besides the project's own kernels
 # they may import only torch and the standard library.
 KERNELS = {"engine.hessian", "engine.obs", "quant.grid", "quant.gptq", "quant.pack", "prune.baselines",
-           "prune.sparsegpt", "prune.reconstruct", "distill.losses"}
+           "prune.sparsegpt", "prune.reconstruct", "distill.losses", "distill.blockwise",
+           "distill.chunked"}
 THIRD_PARTY_IN_KERNELS = {"torch"}
 
 

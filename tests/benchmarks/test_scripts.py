@@ -45,3 +45,22 @@ def test_every_generated_table_stands_in_a_generated_file() -> None:
     texts = "".join(path.read_text() for path in GENERATED)
     missing = [name for name in blocks(ROOT) if f"<!-- BEGIN table:{name} -->" not in texts]
     assert not missing, f"tables with no markers in {[str(p.relative_to(ROOT)) for p in GENERATED]}: {missing}"
+
+
+def test_distill_memory_interleaves_the_ratio_arms_and_runs_naive_kernels_only_where_they_fit() -> None:
+    from benchmarks.distill_memory import NAIVE_MAX, RATIO_T, REPEATS, arms, overrides
+    from distill.plan import check_distill_config
+    from shrink.config import compose
+
+    plan = arms()
+    ratio = plan[:2 * REPEATS]
+    assert [a["loss"] for a in ratio] == ["logits", "akt"] * REPEATS
+    assert {(a["seq_len"], a["kernels"]) for a in ratio} == {(RATIO_T, "blockwise")}
+    keys = [tuple(a.values()) for a in plan]
+    assert len(keys) == len(set(keys))
+    assert all(a["seq_len"] <= NAIVE_MAX[(a["vocab"], a["loss"])] for a in plan if a["kernels"] == "naive")
+    assert {"naive", "blockwise"} == {a["kernels"] for a in plan if a["seq_len"] == 2048 and a["loss"] == "akt"}
+    cfg = compose(overrides(Path("/teacher"), 4096, "akt", "blockwise", 2))
+    check_distill_config(cfg.distill)
+    assert (cfg.distill.seq_len, cfg.distill.batch_size, cfg.distill.relation_heads) == (4096, 1, 16)
+    assert list(cfg.pipeline.stages) == ["distill"] and cfg.distill.kernels == "blockwise"

@@ -9,10 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
-from distill.capture import QKVCapture, attention_shape, find_qkv
+from distill.capture import QKVCapture, attention_shape, find_qkv, head_reproduces_logits
+from distill.chunked import chunked_head_losses
+from distill.losses import lm_loss
 from engine.errors import ShrinkError
-from tests.conftest import tiny_model
+from tests.conftest import FAMILIES, MOE_FAMILIES, tiny_model
 from tests.distill.helpers import tiny_llama
 
 
@@ -74,3 +77,41 @@ def test_fused_projection_of_unknown_layout_is_refused() -> None:
     config.model_type = "mystery"
     with pytest.raises(ShrinkError, match="unknown layout"):
         find_qkv(model.gpt_neox.layers[0], config)
+
+
+@pytest.mark.parametrize("family", FAMILIES + MOE_FAMILIES)
+def test_the_head_on_the_captured_hidden_state_gives_every_familys_lm_loss(family: str) -> None:
+    """Chunked head terms read the LM head's input from the base model and skip the model's own
+    logits (logits_to_keep=1): the same LM loss as the full logits, in every family."""
+    model = tiny_model(family)
+    ids = torch.randint(0, 8192, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert head_reproduces_logits(model, torch.device("cpu"))
+    head = model.get_output_embeddings()
+    with torch.no_grad(), QKVCapture(model, [], final=True) as capture:
+        full = lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
+        one = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+        hidden = capture.pop_final()
+    assert one.shape[1] == 1 and hidden.shape[:2] == ids.shape
+    chunked = chunked_head_losses(hidden, head.weight, head.bias, ids, chunk=5).total
+    assert torch.allclose(chunked, full, rtol=1e-5)
+
+
+def test_a_head_whose_logits_are_post_processed_is_told_apart() -> None:
+    config = transformers.Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512,
+                                       final_logit_softcapping=30.0)
+    torch.manual_seed(0)
+    gemma = transformers.AutoModelForCausalLM.from_config(config).eval()
+    assert not head_reproduces_logits(gemma, torch.device("cpu"))  # soft-capped: tanh(z / c) c, by its config
+
+    class Scaled(transformers.LlamaForCausalLM):  # a post-processing no config attribute names
+        def forward(self, *args, logits_to_keep=0, **kwargs):
+            out = super().forward(*args, logits_to_keep=logits_to_keep, **kwargs)
+            out.logits = out.logits * 0.5
+            return out
+
+    plain = tiny_llama(layers=2)
+    scaled = Scaled(plain.config)
+    scaled.load_state_dict(plain.state_dict())
+    assert head_reproduces_logits(plain.eval(), torch.device("cpu"))
+    assert not head_reproduces_logits(scaled.eval(), torch.device("cpu"))  # by the forward on three tokens

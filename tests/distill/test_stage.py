@@ -99,6 +99,33 @@ def test_bad_layer_map_and_vocab_mismatch_fail_before_training(tmp_path: Path, t
                    tmp_path / "c")
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["distill.relation_heads=5"], "distill.relation_heads=5 does not divide the teacher's Q width 64"),
+    (["distill.relation_heads=32", "distill.student.init=width", "distill.student.hidden_size=48"],
+     "distill.relation_heads=32 does not divide the student's Q width 48"),
+    (["distill.relation_block=0"], "distill.relation_block=0 must be > 0"),
+    (["distill.logit_chunk=-1"], "distill.logit_chunk=-1 must be > 0"),
+    (["distill.kernels=fast"], "distill.kernels: unknown kernels 'fast'"),
+    (["distill.seq_len=4096"], "distill.seq_len=4096 is beyond the teacher's 2048 positions"),
+    (["pipeline=pretrain", "distill.seq_len=2049"], "distill.seq_len=2049 is beyond the teacher's 2048 positions"),
+])
+def test_bad_long_context_settings_fail_before_any_model_loads(tmp_path: Path, teacher_dir: Path, monkeypatch,
+                                                               overrides: list[str], message: str) -> None:
+    monkeypatch.setattr("shrink.pipeline.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ShrinkError, match=message):
+        run_shrink(tiny_distill(teacher_dir, *overrides), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_seq_len_beyond_the_teachers_positions_is_one_line_and_exit_2(tmp_path: Path, teacher_dir: Path) -> None:
+    proc = shrink_cli(*tiny_distill(teacher_dir, "distill.seq_len=8192"), f"out={tmp_path / 'run'}")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2
+    assert err.strip().splitlines()[-1] == ("shrink: error: distill.seq_len=8192 is beyond the teacher's 2048 "
+                                            "positions (max_position_embeddings)")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_reloaded_teacher_after_a_modifying_stage_is_refused_before_anything_runs(tmp_path: Path,
                                                                                      teacher_dir: Path) -> None:
     """An 8-bit or device_map teacher is read again from model.path: after prune it would be the

@@ -12,7 +12,7 @@ from distill.data import WindowSampler, sample_start
 from distill.losses import qkv_relation_loss
 from distill.plan import make_train_plan
 from distill.student import skip_student
-from distill.teacher import TopKCache, prepare_teacher
+from distill.teacher import TopKCache, prepare_teacher, top_logits
 from distill.trainer import RunFiles, Trainer
 from engine.config import ModelConfig
 from engine.errors import ShrinkError
@@ -180,3 +180,51 @@ def test_bf16_autocast_path_runs_with_fp32_master_weights(teacher) -> None:
     result = t.run(RunFiles())
     assert all(torch.isfinite(torch.tensor(v)) for v in result.history[-1].values())
     assert t.student.lm_head.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("loss,topk", [("akt+logits+lm", False), ("logits+lm", True)])
+def test_blockwise_kernels_train_as_the_naive_ones(teacher, tmp_path: Path, loss: str, topk: bool) -> None:
+    """distill.kernels=blockwise (relations in row blocks, head terms in token chunks) against the
+    reference kernels: the same loss curve and weights within fp32 tolerance."""
+    runs = {}
+    cache = None
+    if topk:
+        sampler = WindowSampler(random_stream(), 16, 0)
+        cache = TopKCache(tmp_path / "cache", k=64, shard=4)
+        cache.build(teacher, CPU, sampler, num_samples=8, batch_size=2, ctx=trainer(teacher, settings()).ctx)
+    for kernels in ("naive", "blockwise"):
+        distill = settings(loss=loss, steps=4, kernels=kernels, relation_block=5, logit_chunk=7, temperature=2.0)
+        runs[kernels] = trainer(teacher, distill, topk=cache)
+        runs[kernels].history = runs[kernels].run(RunFiles()).history
+    assert runs["blockwise"].chunked_head and not runs["naive"].chunked_head
+    naive, blockwise = runs["naive"].history, runs["blockwise"].history
+    assert [set(r) for r in naive] == [set(r) for r in blockwise] and len(naive) == 4
+    for a, b in zip(naive, blockwise):
+        assert all(b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6) for k in a)
+    a, b = weights(runs["naive"].student), weights(runs["blockwise"].student)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert any(not torch.equal(a[k], v) for k, v in weights(skip_student(teacher, [1, 3])).items())
+
+
+def test_top_logits_in_chunks_are_the_top_of_the_whole_logits(teacher) -> None:
+    ids = random_stream(64, seed=2).view(2, 32)
+    whole = top_logits(teacher, ids, 5)
+    chunked = top_logits(teacher, ids, 5, chunk=7)
+    assert chunked[0].shape == (2, 32, 5) and torch.equal(chunked[1], whole[1])
+    assert torch.allclose(chunked[0], whole[0], atol=1e-5)
+
+
+def test_activation_checkpointing_recomputes_the_layers_and_trains_the_same(teacher) -> None:
+    runs = {}
+    for on in (False, True):
+        t = trainer(teacher, settings(loss="akt+logits+lm", steps=3, activation_checkpointing=on))
+        calls = []
+        handle = t.student.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *a: calls.append(1))
+        runs[on] = (t.run(RunFiles()).history, len(calls), t)
+        handle.remove()
+    # the head check's forward, then each step's forward of layer 0, again in a checkpointed backward (which
+    # stops recomputing once it has what backward needs: the MLP's forward hooks never see it)
+    assert runs[False][1] == 1 + 3 and runs[True][1] == 1 + 6
+    for a, b in zip(runs[False][0], runs[True][0]):
+        assert all(b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7) for k in a)
+    assert not runs[True][2].student.is_activation_checkpointing  # the exported student carries no training switch
