@@ -95,6 +95,7 @@ RANGES: dict[str, Range] = {
     "steps": POSITIVE, "progressive_steps": POSITIVE, "seq_len": Range(2), "batch_size": POSITIVE,
     "grad_accum": POSITIVE, "lr": POSITIVE, "min_lr_ratio": FRACTION, "warmup": NON_NEGATIVE,
     "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE, "temperature": POSITIVE, "relation_heads": POSITIVE,
+    "relation_block": POSITIVE, "logit_chunk": POSITIVE,
     "checkpoint_every": NON_NEGATIVE, "log_every": POSITIVE, "router_aux_weight": NON_NEGATIVE,
     "weights.lm": NON_NEGATIVE, "weights.logit": NON_NEGATIVE, "weights.akt": NON_NEGATIVE,
     "teacher.topk_logits": NON_NEGATIVE, "student.calib_samples": POSITIVE,

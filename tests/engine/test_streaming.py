@@ -76,7 +76,7 @@ def test_lazy_refuses_stages_that_do_not_stream(tmp_path, tiny_model_dir) -> Non
 
     with pytest.raises(ShrinkError, match="model.lazy: the distill stage"):
         run_shrink(["pipeline=distill", f"model.path={tiny_model_dir('llama')}", "model.lazy=true",
-                    *tiny_data_overrides()], tmp_path / "run")
+                    "distill.student.num_layers=1", *tiny_data_overrides()], tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
