@@ -38,6 +38,9 @@ def lazy_wanted(cfg: DictConfig, folder: Path, stages: list[str]) -> bool:
     if cfg.eval.tasks or cfg.eval.sparse_kernels:
         raise ShrinkError("model.lazy: eval.tasks and eval.sparse_kernels need the whole model in memory; "
                           "set model.lazy=false")
+    if cfg.export.get("gguf"):
+        raise ShrinkError("model.lazy: export.gguf converts the whole model in memory; set model.lazy=false, "
+                          "or run `shrink export-gguf OUT/model OUT.gguf` on the export afterwards")
     if "quantize" in stages and packs_ends(cfg.quant):
         raise ShrinkError("model.lazy: quant.lm_head / quant.embed_bits need the whole model in memory; "
                           "set model.lazy=false")
