@@ -46,7 +46,8 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
         llm = LLM(request["model"], dtype=request.get("dtype", "auto"), enforce_eager=True,
                   max_model_len=request.get("max_model_len", 1024), seed=0)
     except Exception as exc:  # the finding is that vLLM refuses it: say why
-        return {"loaded": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
+        lines = [line.strip() for line in f"{type(exc).__name__}: {exc}".splitlines() if line.strip()]
+        return {"loaded": False, "error": " ".join(lines[:4])[:500]}
     result: dict[str, Any] = {"loaded": True, "load_seconds": time.perf_counter() - start,
                               "methods": llm.apply_model(methods)[0]}
     windows = request.get("windows") or []
