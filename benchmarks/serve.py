@@ -329,20 +329,25 @@ def render_table(p: dict[str, Any]) -> str:
         agree = r.get("greedy_common_prefix")
         gguf = r.get("gguf") or {}
         rows.append([r["label"], r["ppl"], "yes" if v.get("loaded") else f"no: {v.get('error', '')[:90]}",
-                     v.get("ppl"), r.get("vllm_ppl_change") is not None and f"{100 * r['vllm_ppl_change']:+.2f}%",
+                     v.get("ppl"), percent(r.get("vllm_ppl_change")),
                      kernels or ("dense" if v.get("loaded") else None),
                      agree and f"{sum(agree)}/{len(agree) * cfg['greedy_tokens']}",
                      v.get("speed") and f"{v['speed']['tokens_per_second']:.1f}",
                      ("/".join(t for t in gguf.get("tensor_types", []) if t not in ("F16", "F32")) or None)
                      if gguf.get("written") else None,
-                     gguf.get("ppl"), r.get("gguf_ppl_change") is not None and f"{100 * r['gguf_ppl_change']:+.2f}%",
+                     gguf.get("ppl"), percent(r.get("gguf_ppl_change")),
                      "/".join(f"{x:.1f}" for x in r["load_average"])])
     head = (f"vLLM {cfg['vllm']} (CPU build, `enforce_eager`, bfloat16 for the quantized exports), {cfg['eval']}; "
-            f"greedy: tokens of {cfg['prompts']} ({cfg['greedy_tokens']} each) that vLLM continues as the project's "
-            f"loader does in fp32, up to the first difference; speed: {cfg['speed']}, vLLM's one CPU thread "
-            "(noisy on a shared machine: load average in the last column).\n\n")
+            f"greedy agree: of {cfg['greedy_tokens']} greedy tokens after each of {cfg['prompts']}, those vLLM "
+            "produces as the project's loader in fp32 does, up to the first difference; decode: "
+            f"{cfg['speed']}, on the one CPU thread vLLM keeps (noisy on a shared machine: load average in the "
+            "last column). GGUF: the export through `shrink export-gguf`, read back by transformers.\n\n")
     return head + md(["arm", "ppl (shrink)", "vLLM loads", "vLLM ppl", "change", "vLLM kernel", "greedy agree",
                       "decode tok/s", "GGUF blocks", "GGUF ppl (transformers)", "change", "load avg"], rows) + footer(p)
+
+
+def percent(change: Optional[float]) -> Optional[str]:
+    return None if change is None else f"{100 * change:+.2f}%"
 
 
 if __name__ == "__main__":

@@ -244,6 +244,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "distill_moe": _rendered_by("benchmarks.distill_moe"),
     "scale_resume": _rendered_by("benchmarks.scale_resume"),
     "moe": _rendered_by("benchmarks.moe"),
+    "serve": _rendered_by("benchmarks.serve"),
 }
 
 
