@@ -53,6 +53,8 @@ ARMS: list[tuple[str, str, Optional[str], list[str], str]] = [
      "bfloat16"),
     ("float bf16", "llama-teacher", None, [], "bfloat16"),
     ("float fp32, MoE", "moe-teacher", None, [], "float32"),
+    # the README's default job's model (SmolLM2-135M, imported from its GGUF): 576 inputs, groups of 128 -> 64
+    ("SmolLM2-135M GPTQ 4-bit g128 (default)", "smollm2", "quantize", [], "bfloat16"),
 ]
 PROMPTS, GREEDY_TOKENS, SPEED_TOKENS = 4, 32, 128
 
@@ -221,16 +223,29 @@ def gguf_readback(folder: Path, windows: torch.Tensor, tmp: Path) -> dict[str, A
 
 
 # ---------------------------------------------------------------------------- arms
-def arm(label: str, model_dir: Path, pipeline: Optional[str], overrides: list[str], dtype: str, python: Path,
-        windows: torch.Tensor, prompts: list[list[int]], n_windows: int) -> dict[str, Any]:
+def eval_windows(model: list[str], n_windows: int) -> torch.Tensor:
+    """The windows a run with these model settings evaluates (data=docs_en, its tokenizer)."""
+    from engine.modeling import load_tokenizer
+    from engine.state import RunState
+    from shrink.config import compose
+
+    cfg = compose([*model, "data=docs_en", f"data.eval.max_windows={n_windows}"])
+    return RunState(cfg, Path("."), None, load_tokenizer(Path(cfg.model.path))).eval_windows()[0]
+
+
+def arm(label: str, model: list[str], pipeline: Optional[str], overrides: list[str], dtype: str, python: Path,
+        n_windows: int) -> dict[str, Any]:
+    """One arm: the run (pipeline None: eval of the input), then its export (or input) served."""
     from quant.export import load_quantized_model
 
-    common = [f"model.path={model_dir}", "data=docs_en", f"data.eval.max_windows={n_windows}", "eval.baseline=false"]
+    common = [*model, "data=docs_en", f"data.eval.max_windows={n_windows}", "eval.baseline=false"]
     load = [os.getloadavg()[0]]
     result: dict[str, Any] = {}
 
     def measure_export(out: Path) -> dict[str, Any]:
         folder = out / "model"
+        windows = eval_windows(model, n_windows)  # the input is there now (a GGUF import included)
+        prompts = [w[:32].tolist() for w in windows[:PROMPTS]]
         result["served"] = serve(python, folder, dtype, windows, prompts)
         ours = load_quantized_model(folder, dtype=torch.float32)
         result["greedy_ours"] = greedy(ours, prompts, GREEDY_TOKENS)
@@ -243,6 +258,9 @@ def arm(label: str, model_dir: Path, pipeline: Optional[str], overrides: list[st
         import transformers
 
         metrics = run(["pipeline=eval", *common])
+        model_dir = Path(str(run_config(common).model.path))
+        windows = eval_windows(model, n_windows)
+        prompts = [w[:32].tolist() for w in windows[:PROMPTS]]
         result["served"] = serve(python, model_dir, dtype, windows, prompts)
         result["greedy_ours"] = greedy(transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
                                        prompts, GREEDY_TOKENS)
@@ -250,7 +268,8 @@ def arm(label: str, model_dir: Path, pipeline: Optional[str], overrides: list[st
         metrics = run([f"pipeline={pipeline}", *common, *overrides], keep_export=True, then=measure_export)
     load.append(os.getloadavg()[0])
     served = result["served"]
-    row = {"label": label, "model": model_dir.name, "pipeline": pipeline or "eval", "overrides": overrides,
+    row = {"label": label, "model": Path(str(run_config(common).model.path)).name, "pipeline": pipeline or "eval",
+           "overrides": overrides,
            "vllm_dtype": dtype, "ppl": metrics["ppl"][EVAL_SET], "bits_per_weight": metrics["bits_per_weight"],
            "layout": (result.get("quantization_config") or {}).get("quant_method"),
            "vllm": {k: v for k, v in served.items() if k != "greedy"}, "load_average": load}
@@ -262,6 +281,12 @@ def arm(label: str, model_dir: Path, pipeline: Optional[str], overrides: list[st
         if "ppl" in result["gguf"]:
             row["gguf_ppl_change"] = result["gguf"]["ppl"] / row["ppl"] - 1
     return row
+
+
+def run_config(overrides: list[str]) -> Any:
+    from shrink.config import compose
+
+    return compose(overrides)
 
 
 def main() -> None:
@@ -287,15 +312,9 @@ def main() -> None:
                                 "windows of 512", "calibration": "data=docs_en defaults", "greedy_tokens": GREEDY_TOKENS,
                                 "prompts": f"the first 32 tokens of {PROMPTS} eval windows",
                                 "speed": f"{SPEED_TOKENS} tokens after one prompt, batch 1"}, key=("label",))
-    from engine.modeling import load_tokenizer
-    from engine.state import RunState
-    from shrink.config import compose
-
-    cfg = compose([f"model.path={SHARED / 'llama-teacher'}", "data=docs_en", f"data.eval.max_windows={args.windows}"])
-    windows, _ = RunState(cfg, Path("."), None, load_tokenizer(SHARED / "llama-teacher")).eval_windows()
-    prompts = [w[:32].tolist() for w in windows[:PROMPTS]]
     with tempfile.TemporaryDirectory() as tmp:
-        models = {"llama-teacher": SHARED / "llama-teacher", "moe-teacher": SHARED / "moe-teacher"}
+        models = {"llama-teacher": [f"model.path={SHARED / 'llama-teacher'}"],
+                  "moe-teacher": [f"model.path={SHARED / 'moe-teacher'}"], "smollm2": ["model=smollm2"]}
         derived = {"phi3": (derive_phi3, "llama-teacher"), "qwen2moe": (derive_qwen2moe, "moe-teacher")}
         checks: dict[str, float] = {}
         for label, model, pipeline, overrides, dtype in ARMS:
@@ -303,10 +322,12 @@ def main() -> None:
                 continue
             if model in derived and model not in models:
                 make, source = derived[model]
-                models[model] = make(models[source], Path(tmp) / f"{model}-from-{source}")
-                checks[model] = same_function(models[source], models[model], windows)
+                source_dir = SHARED / source
+                made = make(source_dir, Path(tmp) / f"{model}-from-{source}")
+                models[model] = [f"model.path={made}"]
+                checks[model] = same_function(source_dir, made, eval_windows(models[source], 1))
                 log.info("%s made from %s: largest logit difference %.2e", model, source, checks[model])
-            row = arm(label, models[model], pipeline, overrides, dtype, python, windows, prompts, args.windows)
+            row = arm(label, models[model], pipeline, overrides, dtype, python, args.windows)
             if model in checks:
                 row["derived_from"] = {"model": derived[model][1], "max_logit_difference": checks[model]}
             results.add(row)

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -203,7 +202,7 @@ def write_metadata(writer: Any, gguf: Any, config: Any, arch: Arch, folder: Path
     """general.*, the architecture's hyperparameters (as llama.cpp's converter names them), tokenizer."""
     kinds = [k for _, k, _ in tensors if k not in ("F16", "F32")]
     main = max(set(kinds), key=kinds.count) if kinds else "F16"
-    writer.add_name(folder.name)
+    writer.add_name(folder.parent.name if folder.name == "model" else folder.name)  # a run's OUT/model: the run
     writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{main}"))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
