@@ -45,11 +45,16 @@ _EXPERT = re.compile(r"^(?P<head>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>[^.]+)$
 class Arch:
     gguf: str  # gguf-py's MODEL_ARCH_NAMES value
     rotary_rows: bool = False  # llama.cpp's llama graph: q/k rows permuted to its rotary order
+    head_required: bool = False  # llama.cpp's loader needs output.weight even when it is the embedding
+    # whether llama.cpp's graph renormalizes the top-k routing weights (fixed there, not read from
+    # the file): a model routing otherwise would run as another model
+    topk_norm: bool = True
 
 
 # model_type -> llama.cpp architecture (Mistral and Mixtral run as llama in llama.cpp)
 ARCHS = {"llama": Arch("llama", True), "mistral": Arch("llama", True), "mixtral": Arch("llama", True),
-         "qwen2": Arch("qwen2"), "qwen2_moe": Arch("qwen2moe"), "qwen3": Arch("qwen3"), "qwen3_moe": Arch("qwen3moe")}
+         "qwen2": Arch("qwen2"), "qwen2_moe": Arch("qwen2moe", head_required=True, topk_norm=False),
+         "qwen3": Arch("qwen3"), "qwen3_moe": Arch("qwen3moe"), "phi3": Arch("phi3")}
 
 
 def check_gguf_quant(quant: Any, key: str = "export.gguf") -> None:
@@ -64,6 +69,17 @@ def check_gguf_quant(quant: Any, key: str = "export.gguf") -> None:
         raise ShrinkError(f"{key}: act-order groups (g_idx) have no GGUF form; set quant.static_groups=true")
     if quant.embed_bits is not None:
         raise ShrinkError(f"{key}: a packed input embedding (quant.embed_bits) has no GGUF form")
+
+
+def check_routing(config: Any, arch: Arch) -> None:
+    """An MoE model's top-k weights normalized as llama.cpp's graph for the architecture does."""
+    if not (getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)):
+        return
+    norm = bool(getattr(config, "norm_topk_prob", True))  # Mixtral has no such field: it renormalizes
+    if norm != arch.topk_norm:
+        how = "renormalizes" if arch.topk_norm else "does not renormalize"
+        raise ShrinkError(f"export-gguf: norm_topk_prob={str(norm).lower()}: llama.cpp's {arch.gguf} graph {how} "
+                          "the top-k routing weights, so the GGUF would run as another model")
 
 
 def check_gguf_arch(model_type: str, key: str) -> Arch:
@@ -121,7 +137,8 @@ def gguf_tensors(model: nn.Module, config: Any, arch: Arch, rename: Any) -> Iter
     stacks: dict[str, list[tuple[int, str, torch.Tensor]]] = {}
     modules = dict(model.named_modules())
     head = model.get_output_embeddings()
-    tied = getattr(config, "tie_word_embeddings", False) and head is not None and not isinstance(head, QuantLinear)
+    tied = getattr(config, "tie_word_embeddings", False) and head is not None and not isinstance(head, QuantLinear) \
+        and not arch.head_required
     for name, tensor in model.state_dict().items():
         owner, _, leaf = name.rpartition(".")
         module, disk = modules.get(owner), rename(owner)
@@ -174,6 +191,7 @@ def write_gguf(folder: Path, out: Path, tokenizer_pre: Optional[str] = None) -> 
         raise ShrinkError(f"export-gguf: {folder}: group_size {size} is not a multiple of {BLOCK} (GGUF blocks)")
     model = load_quantized_model(folder, dtype=torch.float32)
     config = model.config
+    check_routing(config, arch)
     renames = disk_names(model)[1] if split_modules(model) else []
     tensors = list(gguf_tensors(model, config, arch, lambda key: to_disk_key(key, renames)))
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.gguf)

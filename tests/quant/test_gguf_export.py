@@ -59,7 +59,9 @@ def runs(tmp_path_factory, shipped_tokenizer):
     root = tmp_path_factory.mktemp("gguf")
     out = {}
     for family in ("llama", "qwen3_moe"):
-        folder = save_with_tokenizer(tiny_model(family), root / family, shipped_tokenizer)
+        model = tiny_model(family)
+        model.config.norm_topk_prob = True  # Qwen3-MoE as it ships (and as llama.cpp's qwen3moe graph routes)
+        folder = save_with_tokenizer(model, root / family, shipped_tokenizer)
         metrics = run_shrink(["pipeline=quantize", f"model.path={folder}", *tiny_data_overrides(windows=8),
                               "eval.baseline=false", "quant.group_size=32"], root / f"{family}-run")
         out[family] = (root / f"{family}-run" / "model", metrics)
@@ -156,6 +158,17 @@ def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, runs, tiny_model_di
     (tmp_path / "out.gguf").write_bytes(b"mine")
     code, err = run_cli("export-gguf", str(folder), str(tmp_path / "out.gguf"), capsys=capsys)
     assert code == 2 and "already exists" in err and (tmp_path / "out.gguf").read_bytes() == b"mine"
+
+
+def test_moe_routing_llama_cpp_would_compute_otherwise_is_refused() -> None:
+    from quant.gguf_export import ARCHS, check_routing
+
+    check_routing(transformers.Qwen2MoeConfig(norm_topk_prob=False), ARCHS["qwen2_moe"])
+    check_routing(transformers.MixtralConfig(), ARCHS["mixtral"])  # Mixtral renormalizes, as llama.cpp's llama
+    with pytest.raises(ShrinkError, match="norm_topk_prob=true: llama.cpp's qwen2moe graph does not renormalize"):
+        check_routing(transformers.Qwen2MoeConfig(norm_topk_prob=True), ARCHS["qwen2_moe"])
+    with pytest.raises(ShrinkError, match="norm_topk_prob=false"):
+        check_routing(transformers.Qwen3MoeConfig(norm_topk_prob=False), ARCHS["qwen3_moe"])
 
 
 @pytest.mark.parametrize("override,message", [
