@@ -232,8 +232,8 @@ def load_section(quant_config: Optional[dict[str, Any]], experts: bool) -> list[
     if quant_config is not None and (experts or ends):
         what = f"its per-expert {layout} tensors" if experts else "its packed input embedding / output head"
         also = " gptqmodel (`GPTQModel.load`) reads it too." if ends and not experts and quant_config.get("sym") else ""
-        return lines + [f"transformers + optimum do not read {what}: load it with shrink's pure-PyTorch "
-                        f"loader.{also}", "", *ours]
+        return lines + [f"transformers + optimum do not read {what} (nor does transformers' AWQ path): load it "
+                        f"with shrink's pure-PyTorch loader.{also}", "", *ours]
     lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
               'model = AutoModelForCausalLM.from_pretrained("REPO_ID_OR_PATH")',
               'tokenizer = AutoTokenizer.from_pretrained("REPO_ID_OR_PATH")', "```", ""]
