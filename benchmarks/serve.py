@@ -353,11 +353,12 @@ def render_table(p: dict[str, Any]) -> str:
             if v.get("loaded") else None
         agree = r.get("greedy_common_prefix")
         gguf = r.get("gguf") or {}
-        rows.append([r["label"], r["ppl"], "yes" if v.get("loaded") else f"no: {v.get('error', '')[:90]}",
+        rows.append([r["label"], r["ppl"], "yes" if v.get("loaded") else f"no: {refusal(v.get('error', ''))}",
                      v.get("ppl"), percent(r.get("vllm_ppl_change")),
                      kernels or ("dense" if v.get("loaded") else None),
                      agree and f"{sum(agree)}/{len(agree) * cfg['greedy_tokens']}",
-                     v.get("speed") and f"{v['speed']['tokens_per_second']:.1f}",
+                     v.get("speed") and f"{v['speed']['tokens_per_second']:.1f}"
+                     + (" (noisy)" if max(v["speed"]["loadavg"]) > 2.5 else ""),
                      ("/".join(t for t in gguf.get("tensor_types", []) if t not in ("F16", "F32")) or None)
                      if gguf.get("written") else None,
                      gguf.get("ppl"), percent(r.get("gguf_ppl_change")),
@@ -365,10 +366,18 @@ def render_table(p: dict[str, Any]) -> str:
     head = (f"vLLM {cfg['vllm']} (CPU build, `enforce_eager`, bfloat16 for the quantized exports), {cfg['eval']}; "
             f"greedy agree: of {cfg['greedy_tokens']} greedy tokens after each of {cfg['prompts']}, those vLLM "
             "produces as the project's loader in fp32 does, up to the first difference; decode: "
-            f"{cfg['speed']}, on the one CPU thread vLLM keeps (noisy on a shared machine: load average in the "
-            "last column). GGUF: the export through `shrink export-gguf`, read back by transformers.\n\n")
+            f"{cfg['speed']}, on the one CPU thread vLLM keeps; \"noisy\" where the 1-minute load average passed 2.5 "
+            "(the machine was shared: compare speeds only between quiet rows). GGUF: the export through "
+            "`shrink export-gguf`, read back by transformers (which maps no Mixtral GGUF). llama.cpp: "
+            f"{cfg.get('llama_cpp', 'not run')}.\n\n")
     return head + md(["arm", "ppl (shrink)", "vLLM loads", "vLLM ppl", "change", "vLLM kernel", "greedy agree",
                       "decode tok/s", "GGUF blocks", "GGUF ppl (transformers)", "change", "load avg"], rows) + footer(p)
+
+
+def refusal(error: str) -> str:
+    """The reason in vLLM's error (pydantic wraps it: '... Value error, REASON [type=...')."""
+    reason = error.split("Value error, ", 1)[-1].split(" [type=", 1)[0]
+    return reason[:90]
 
 
 def percent(change: Optional[float]) -> Optional[str]:
