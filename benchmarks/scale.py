@@ -221,8 +221,10 @@ def streamed_logits(folder: Path) -> torch.Tensor:
     """Logits of the first eval-corpus window (WINDOW tokens) of a GPTQ folder, streamed layer by layer."""
     from engine.streaming import build_skeleton, lazy_forward
     from quant.export import quantized_skeleton
+    from quant.layout import checkpoint_reader
 
-    lazy = build_skeleton(folder, torch.bfloat16, replace=quantized_skeleton(folder, torch.bfloat16))
+    lazy = build_skeleton(folder, torch.bfloat16, replace=quantized_skeleton(folder, torch.bfloat16),
+                          reader=checkpoint_reader)
     window = first_window(folder)
     with torch.no_grad(), lazy_forward(lazy, window, 1, torch.device("cpu")) as forward:
         return forward(input_ids=window).logits.float()

@@ -246,6 +246,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "scale_resume": _rendered_by("benchmarks.scale_resume"),
     "moe": _rendered_by("benchmarks.moe"),
     "reproducibility": _rendered_by("benchmarks.reproducibility"),
+    "serve": _rendered_by("benchmarks.serve"),
 }
 
 

@@ -149,6 +149,8 @@ class EvalConfig:
 class ExportConfig:
     # Largest safetensors shard a streamed (model.lazy) export writes: bytes, or e.g. "4GB", "512MiB".
     max_shard_size: str = "4GB"
+    # Also write out/model.gguf (quant/gguf_export.py: llama.cpp / Ollama) from the quantized model/.
+    gguf: bool = False
 
 
 @dataclass

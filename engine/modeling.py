@@ -150,8 +150,13 @@ def check_chat_template_names(folder: Path, key: str) -> None:
             raise ShrinkError(f"{key}: {file}: chat template name {name!r} is not a plain file name")
 
 
-def is_gptq_folder(folder: Path) -> bool:
-    return (read_config(folder).get("quantization_config") or {}).get("quant_method") == "gptq"
+# The quantization_config methods of the packed layouts quant's loader reads (GPTQ, AWQ GEMM).
+PACKED_METHODS = ("gptq", "awq")
+
+
+def is_quantized_folder(folder: Path) -> bool:
+    """A checkpoint in one of the packed layouts (its loader is quant's, not transformers')."""
+    return (read_config(folder).get("quantization_config") or {}).get("quant_method") in PACKED_METHODS
 
 
 def load_model(cfg: ModelConfig, quantized_loader: Optional[QuantizedLoader] = None
@@ -164,9 +169,9 @@ def load_model(cfg: ModelConfig, quantized_loader: Optional[QuantizedLoader] = N
     """
     folder = check_model_folder(cfg.path)
     dtype = resolve_dtype(cfg.dtype)
-    if is_gptq_folder(folder):
+    if is_quantized_folder(folder):
         if quantized_loader is None:
-            raise ShrinkError(f"model.path: {folder} is a GPTQ checkpoint; it cannot be used here")
+            raise ShrinkError(f"model.path: {folder} is a quantized checkpoint; it cannot be used here")
         model = quantized_loader(folder, device="cpu", dtype=dtype)
     else:
         model = load_checked(folder, dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code)

@@ -91,7 +91,11 @@ class ShardReader:
         return index if index.is_file() else self.folder
 
     def get(self, name: str) -> torch.Tensor:
-        entry = self.headers.get(name)
+        return self.read(name, self.headers)
+
+    def read(self, name: str, headers: dict[str, TensorHeader]) -> torch.Tensor:
+        """Tensor `name` as the files hold it (`headers`: the files' own headers)."""
+        entry = headers.get(name)
         if entry is None:
             raise ShrinkError(f"{self.key}: {self.where()}: tensor {name!r} is missing")
         handle = self._handles.get(entry.file)
@@ -142,8 +146,11 @@ class LazyModel:
     """A model skeleton on the meta device and the shards its tensors come from."""
 
     def __init__(self, model: nn.Module, source: ShardReader, dtype: torch.dtype,
-                 renames: Optional[list[tuple[str, str]]] = None) -> None:
+                 renames: Optional[list[tuple[str, str]]] = None, reader: Callable[..., ShardReader] = ShardReader
+                 ) -> None:
         self.model, self.source, self.dtype = model, source, dtype
+        # opens a folder's shards as the model holds its tensors (a quantized layout: quant's reader)
+        self.reader = reader
         # split experts (engine/experts.py) are stored under the family's per-expert disk names
         self.renames = renames or []
         self.parent, self.layers = find_decoder_layers(model)
@@ -224,7 +231,7 @@ class LazyModel:
         self.source.close()
         if self.written is not None and self.written != folder and self.written.name.startswith(".tmp-"):
             shutil.rmtree(self.written, ignore_errors=True)
-        self.source = ShardReader(folder, "model.path")
+        self.source = self.reader(folder, "model.path")
         self.written = folder
 
 
@@ -253,14 +260,16 @@ def release(module: nn.Module) -> None:
 
 
 def build_skeleton(folder: Path, dtype: torch.dtype, trust_remote_code: bool = False,
-                   replace: Optional[Callable[[nn.Module], None]] = None) -> LazyModel:
+                   replace: Optional[Callable[[nn.Module], None]] = None,
+                   reader: Callable[..., ShardReader] = ShardReader) -> LazyModel:
     """The model of folder/config.json on the meta device (non-persistent buffers such as rotary
     frequencies computed as usual), its tensors checked against the files' headers. `replace`
-    may swap modules first (a GPTQ folder's packed Linears)."""
+    may swap modules first (a GPTQ folder's packed Linears); `reader` opens a folder's shards
+    (this one, and the ones stages write) as the model holds them."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    reader = ShardReader(folder)
+    open_reader, reader = reader, reader(folder)
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):  # `replace` installs the packed Linears itself
         del config.quantization_config
@@ -271,7 +280,7 @@ def build_skeleton(folder: Path, dtype: torch.dtype, trust_remote_code: bool = F
         replace(model)
     split_experts(model)  # (a GPTQ folder's `replace` has split them already)
     renames = disk_names(model)[1] if split_modules(model) else []
-    lazy = LazyModel(model.eval(), reader, dtype, renames)
+    lazy = LazyModel(model.eval(), reader, dtype, renames, open_reader)
     lazy.check()
     return lazy
 

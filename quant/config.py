@@ -31,6 +31,10 @@ class QuantConfig:
     # null (model.dtype). The model is rounded to it right after quantizing, so what is
     # evaluated is what is exported.
     export_dtype: Optional[str] = "float16"
+    # The checkpoint layout of the export (quant/layout.py): gptq | awq (asymmetric 4-bit as vLLM
+    # reads it) | auto: awq where it holds the grids exactly and vLLM reads nothing else (4-bit,
+    # asymmetric, groups, no act-order g_idx, no packed ends), gptq otherwise.
+    export_format: str = "auto"
     # The model's ends (quant/ends.py; read by gptqmodel and shrink's loader, the embedding not
     # by transformers + optimum): lm_head quantized like the decoder Linears (GPTQ calibrated
     # on the quantized model's final hidden states), and the input embedding rounded to
@@ -50,6 +54,7 @@ METHODS = ("gptq", "rtn")
 EXPORT_DTYPES = ("float16", "bfloat16", "float32")
 # transformers and gptqmodel refuse a checkpoint whose damp_percent is outside (0, 1)
 RANGES: dict[str, Range] = {"damp": OPEN_FRACTION, "block_size": POSITIVE}
+EXPORT_FORMATS = ("auto", "gptq", "awq")
 
 
 def check_quant_config(quant: QuantConfig) -> None:
@@ -69,3 +74,32 @@ def check_quant_config(quant: QuantConfig) -> None:
     if quant.embed_group_size != -1 and quant.embed_group_size <= 0:
         raise ShrinkError(f"quant.embed_group_size: {quant.embed_group_size} must be -1 or positive")
     check_ranges(quant, "quant", RANGES)
+    check_export_format(quant)
+
+
+def check_export_format(quant: QuantConfig) -> None:
+    """quant.export_format=awq only where AWQ's GEMM layout holds the result exactly."""
+    fmt = quant.export_format
+    if fmt not in EXPORT_FORMATS:
+        raise ShrinkError(f"quant.export_format: {fmt!r} is not one of {' | '.join(EXPORT_FORMATS)}")
+    if fmt != "awq":
+        return
+    if quant.bits != 4:
+        raise ShrinkError(f"quant.export_format: awq holds 4-bit codes only (quant.bits={quant.bits}); use gptq")
+    if quant.group_size <= 0:
+        raise ShrinkError("quant.export_format: awq needs groups (quant.group_size > 0)")
+    if quant.act_order and quant.method == "gptq" and not quant.static_groups:
+        raise ShrinkError("quant.export_format: awq has no g_idx for act-order groups; "
+                          "set quant.static_groups=true or use gptq")
+    if packs_ends(quant):
+        raise ShrinkError("quant.export_format: awq cannot hold packed ends (quant.lm_head / quant.embed_bits); "
+                          "use gptq")
+
+
+def export_format(quant: QuantConfig) -> str:
+    """gptq or awq: quant.export_format with auto resolved (see the field's comment)."""
+    if quant.export_format != "auto":
+        return quant.export_format
+    awq = (quant.bits == 4 and not quant.sym and quant.group_size > 0 and not packs_ends(quant)
+           and not (quant.act_order and quant.method == "gptq" and not quant.static_groups))
+    return "awq" if awq else "gptq"

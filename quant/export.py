@@ -1,6 +1,7 @@
 """Export / load GPTQ checkpoints (app level: uses transformers, safetensors, accelerate).
 
-A folder written by save_gptq_model is a standard GPTQ checkpoint:
+A folder written by save_gptq_model is a standard GPTQ checkpoint (or, when quant_config says
+awq, the same quantization in AWQ's GEMM layout: quant/layout.py):
   config.json            model config + "quantization_config" (what transformers/optimum read)
   quantize_config.json   the same dict (what gptqmodel / AutoGPTQ read)
   model.safetensors      or model-0000x-of-0000y.safetensors + model.safetensors.index.json
@@ -28,7 +29,8 @@ from engine.experts import disk_names, split_experts, split_modules, to_disk_key
 from engine.files import atomic_folder
 from engine.modeling import linear_dims
 from engine.weights import SAFE_INDEX, SAFE_NAME, check_load, narrow, read_headers, tied_embeddings, unique_tensors
-from quant.config import QuantConfig
+from quant.config import QuantConfig, export_format
+from quant.layout import awq_quantization_config, fit_layout, float_matrices, from_disk, is_awq, memory_format, to_disk
 from quant.qlinear import QuantEmbedding, QuantLinear
 
 log = logging.getLogger(__name__)
@@ -207,6 +209,7 @@ def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[s
 
 
 def _check_g_idx(model: nn.Module, desc_act: bool) -> None:
+    """GPTQ readers ignore g_idx unless desc_act (AWQ has no g_idx: layout.to_disk checks its groups)."""
     if desc_act:
         return
     for name, m in model.named_modules():
@@ -235,6 +238,7 @@ def save_gptq_model(
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists (pass overwrite=True)")
+    quant_config = fit_layout(model, quant_config)
     # split experts are written under the family's on-disk per-expert names
     renames = disk_names(model)[1] if split_modules(model) else []
     rename = lambda key: to_disk_key(key, renames)  # noqa: E731
@@ -245,8 +249,8 @@ def save_gptq_model(
     end_modules = _ends(model)
     ends = {rename(n) for n, m in model.named_modules() if any(m is e for e in end_modules)}
     config, qcfg, tied = export_config(model, quant_config, [n for n in qnames if n not in ends],
-                                       _block_linears(model, rename))
-    _check_g_idx(model, bool(qcfg.get("desc_act", False)))
+                                       _block_linears(model, rename), rename)
+    _check_g_idx(model, bool(qcfg.get("desc_act", False)) or is_awq(qcfg))
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if tied and isinstance(out_emb, QuantLinear):
         # A quantized lm_head cannot be re-tied to the float embedding on load.
@@ -256,7 +260,7 @@ def save_gptq_model(
     if float_dtype is not None:
         config.dtype = float_dtype
     state, dropped = _dedup_shared({rename(k): v.detach().cpu() for k, v in model.state_dict().items()}, tied)
-    state = cast_floats(state, float_dtype, qnames)
+    state = to_disk(cast_floats(state, float_dtype, qnames), qcfg, packed_formats(model, rename))
     if dropped:
         log.info("tied weights not written (re-tied on load): %s", dropped)
 
@@ -278,12 +282,20 @@ def save_gptq_model(
     return out
 
 
+def packed_formats(model: nn.Module, rename: Callable[[str], str] = lambda n: n) -> dict[str, str]:
+    """On-disk name -> zero-point convention of every QuantLinear (what layout.to_disk converts)."""
+    return {rename(n): m.checkpoint_format for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
 def export_config(model: nn.Module, quant_config: dict[str, Any], qnames: list[str],
-                  present: dict[str, set[str]]) -> tuple[Any, dict[str, Any], bool]:
+                  present: dict[str, set[str]], rename: Callable[[str], str] = lambda n: n
+                  ) -> tuple[Any, dict[str, Any], bool]:
     """(config.json's config with quantization_config, that quantization_config, tied embeddings)
     of a model whose on-disk quantized Linear names are qnames (`present`: each block's Linears)."""
     qcfg = copy.deepcopy(quant_config)
-    if "modules_in_block_to_quantize" not in qcfg:
+    if is_awq(qcfg):
+        qcfg["modules_to_not_convert"] = float_matrices(model, rename, qnames)
+    elif "modules_in_block_to_quantize" not in qcfg:
         qcfg["modules_in_block_to_quantize"] = _modules_in_block(qnames, present)
     config = copy.deepcopy(model.config)
     config.quantization_config = qcfg
@@ -358,6 +370,7 @@ def load_quantized_model(
                 if t.is_floating_point() and k not in qkeys:
                     t = t.to(dtype)
                 state[k] = t
+    state = from_disk(state, qcfg)  # an AWQ folder's Linears as the GPTQ tensors they hold
     for name in qnames:  # placeholder n_groups may differ (e.g. act-order files): trust the file
         m = model.get_submodule(name)
         if {f"{name}.scales", f"{name}.qzeros"} <= state.keys() and m.scales.shape != state[f"{name}.scales"].shape:
@@ -392,7 +405,7 @@ def _install_placeholders(model: nn.Module, qcfg: dict[str, Any], keys: set[str]
     """Swap every Linear whose packed tensors the files hold (`keys`) for a meta QuantLinear;
     (their in-memory names, the expert renames)."""
     bits, group_size = int(qcfg["bits"]), int(qcfg["group_size"])
-    fmt = qcfg.get("format") or qcfg.get("checkpoint_format") or "gptq"
+    fmt = memory_format(qcfg)
     qnames = sorted(k[: -len(".qweight")] for k in keys if k.endswith(".qweight"))
     # fused experts are read back as split ones: the per-expert keys map onto their Linears
     renames = disk_names(model)[1] if split_experts(model) else []
@@ -438,7 +451,10 @@ def quantized_skeleton(folder: Path, dtype: torch.dtype) -> Callable[[nn.Module]
 
 
 def quantization_config(quant: QuantConfig) -> dict[str, Any]:
-    """The `quantization_config` of a model quantized with these settings."""
+    """The `quantization_config` of a model quantized with these settings, in the layout
+    quant.export_format resolves to."""
+    if export_format(quant) == "awq":
+        return awq_quantization_config(quant.group_size, quant.method, quant.damp, quant.true_sequential)
     return gptq_quantization_config(bits=quant.bits, group_size=quant.group_size, sym=quant.sym,
                                     desc_act=quant.act_order and quant.method == "gptq",
                                     static_groups=quant.static_groups, true_sequential=quant.true_sequential,

@@ -209,3 +209,65 @@ def pack_result(result: "QuantResult", module: torch.nn.Module) -> dict[str, tor
     if getattr(module, "bias", None) is not None:
         tensors["bias"] = narrow(module.bias.data.detach().cpu(), torch.float16, "bias", "quant", hint)
     return tensors
+
+
+# ---------------------------------------------------------------------------- AWQ GEMM layout
+# AutoAWQ's GEMM layout, which vLLM (CPU and GPU), transformers + gptqmodel and AutoAWQ read, and
+# which holds asymmetric 4-bit grids (vLLM reads GPTQ only symmetric). Same dequantization,
+# W[o, i] = scales[g, o] * (code[o, i] - z[g, o]) with g = i // group_size (uniform groups, no
+# g_idx), but packed along the OUTPUT dim: qweight int32 [in, out / 8], qzeros int32
+# [n_groups, out / 8] storing z itself (z = 0 is fine), scales fp16 [n_groups, out]. Within a
+# word, nibble k (bits 4k..4k+3) holds column AWQ_ORDER[k] of its run of 8 output columns.
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+AWQ_BITS = 4
+
+
+def _awq_rows(n: int, device: torch.device) -> torch.Tensor:
+    """Row p of the AWQ bitstream (over an output dim of n) holds output column _awq_rows[p]."""
+    if n % 32:
+        raise ValueError(f"AWQ packing needs out_features divisible by 32, got {n}")
+    order = torch.tensor(AWQ_ORDER, device=device)
+    return (torch.arange(0, n, 8, device=device).repeat_interleave(8) + order.repeat(n // 8)).long()
+
+
+def pack_awq(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> dict[str, torch.Tensor]:
+    """4-bit codes [out, in] with uniform groups (scale/zero [n_groups, out], z integer in [0, 15])
+    -> {"qweight", "qzeros", "scales"} in AWQ's GEMM layout."""
+    out_f, _ = codes.shape
+    rows = _awq_rows(out_f, codes.device)
+    z = torch.round(zero.to(torch.float64)).to(torch.int64)
+    if int(z.min()) < 0 or int(z.max()) > 2**AWQ_BITS - 1:
+        raise ValueError(f"zero points must lie in [0, {2**AWQ_BITS - 1}]")
+    return {
+        "qweight": pack_rows(codes[rows], AWQ_BITS).t().contiguous(),
+        "qzeros": pack_rows(z.t()[rows].contiguous(), AWQ_BITS).t().contiguous(),
+        "scales": scale.to(torch.float16).contiguous(),
+    }
+
+
+def unpack_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_awq`: (codes int32 [out, in], zero fp32 [n_groups, out], scale fp32)."""
+    out_f = qweight.shape[1] * 32 // AWQ_BITS
+    rows = _awq_rows(out_f, qweight.device)
+    codes = torch.empty(out_f, qweight.shape[0], dtype=torch.int32, device=qweight.device)
+    codes[rows] = unpack_rows(qweight.t().contiguous(), AWQ_BITS)
+    zero = torch.empty(out_f, qzeros.shape[0], dtype=torch.int32, device=qzeros.device)
+    zero[rows] = unpack_rows(qzeros.t().contiguous(), AWQ_BITS)
+    return codes, zero.t().to(torch.float32).contiguous(), scales.to(torch.float32)
+
+
+def uniform_groups(scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor, size: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same quantization as groups of `size` consecutive input columns: (scale, zero)
+    [in / size, out], exactly, where every such block lies in one of g_idx's groups (groups of a
+    multiple of `size`, a shorter last group included). Layouts without g_idx (AWQ, GGUF blocks)
+    then hold it as is; a block spanning two groups (act-order g_idx) raises ValueError."""
+    in_f = g_idx.shape[0]
+    if size <= 0 or in_f % size:
+        raise ValueError(f"{in_f} input columns do not split into groups of {size}")
+    blocks = g_idx.to(torch.long).reshape(in_f // size, size)
+    if not bool((blocks == blocks[:, :1]).all()):
+        raise ValueError(f"columns of one block of {size} belong to different groups (act-order g_idx)")
+    first = blocks[:, 0]
+    return scale[first].contiguous(), zero[first].contiguous()

@@ -26,6 +26,7 @@ from engine.files import TEMP_PREFIX
 from engine.streaming import LazyModel, ShardWriter
 from quant.export import (_BLOCK_RE, QuantLinear, _check_g_idx, _dedup_shared, cast_floats, export_config,
                           replace_with_quant_linears, round_float_tensors, write_export_configs)
+from quant.layout import fit_layout, is_awq, memory_format, to_disk
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,8 @@ class StreamedExport:
                  quant_config: Optional[dict[str, Any]], parent: Path, max_shard_bytes: int,
                  float_dtype: Optional[torch.dtype] = None) -> None:
         self.lazy, self.packed, self.bits, self.group_size = lazy, packed, bits, group_size
-        self.quant_config = quant_config
+        # the layout's group size is fixed before the first layer is written (layout.fit_layout)
+        self.quant_config = fit_layout(lazy.model, quant_config) if quant_config is not None else None
         # as save_gptq_model: a GPTQ export's floats outside the packed tensors in float_dtype
         self.float_dtype = float_dtype if quant_config is not None else None
         self.folder = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}model.lazy.", dir=parent))
@@ -63,13 +65,20 @@ class StreamedExport:
         mine = {n: self.packed.pop(n) for n in [n for n in self.packed if n.startswith(prefix)]}
         if self.quant_config is not None:
             replace_with_quant_linears(self.lazy.model, mine, self.bits, self.group_size)
-            _check_g_idx(layer, bool(self.quant_config.get("desc_act", False)))
+            _check_g_idx(layer, bool(self.quant_config.get("desc_act", False)) or is_awq(self.quant_config))
+        formats: dict[str, str] = {}
         for name, module in layer.named_modules():
             if isinstance(module, (nn.Linear, QuantLinear)) and (block := _BLOCK_RE.match(self.rename(prefix + name))):
                 self.present.setdefault(block["idx"], set()).add(block["rest"])
                 if isinstance(module, QuantLinear):
                     self.qnames.append(self.rename(prefix + name))
-        self.writer.add_all(self._cast({self.rename(prefix + k): v for k, v in layer.state_dict().items()}))
+                    formats[self.rename(prefix + name)] = module.checkpoint_format
+        tensors = self._cast({self.rename(prefix + k): v for k, v in layer.state_dict().items()})
+        self.writer.add_all(to_disk(tensors, self.quant_config, formats) if self.quant_config is not None else tensors)
+        if self.quant_config is not None:  # read back from the written folder from now on, as its reader gives them
+            for module in layer.modules():
+                if isinstance(module, QuantLinear):
+                    module.checkpoint_format = memory_format(self.quant_config)
         self.lazy.release(i)
 
     def finish(self) -> tuple[Path, Optional[dict[str, Any]]]:
@@ -81,7 +90,7 @@ class StreamedExport:
             return self.folder, None
         if not self.qnames:
             raise ValueError("no Linear was quantized")
-        config, qcfg, _ = export_config(self.lazy.model, self.quant_config, self.qnames, self.present)
+        config, qcfg, _ = export_config(self.lazy.model, self.quant_config, self.qnames, self.present, self.rename)
         if self.float_dtype is not None:
             config.dtype = self.float_dtype
         write_export_configs(self.folder, self.lazy.model, config, qcfg)

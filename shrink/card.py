@@ -134,7 +134,7 @@ def card_metadata(state: "RunState") -> dict[str, Any]:
     quant_config = state.quantization_config
     if quant_config is not None:
         meta["base_model_relation"] = "quantized"
-        tags += ["gptq", f"{quant_config['bits']}-bit", "quantized"]
+        tags += [quant_config.get("quant_method", "gptq"), f"{quant_config['bits']}-bit", "quantized"]
     if "prune" in stages:
         tags += ["pruned", str(cfg.prune.method)] + (["sparse-2of4"] if cfg.prune.pattern == "2:4" else [])
     if "distill" in stages:
@@ -143,8 +143,12 @@ def card_metadata(state: "RunState") -> dict[str, Any]:
     meta.update({"library_name": "transformers", "pipeline_tag": "text-generation", "tags": tags,
                  "quantized_by": "shrink"})
     if quant_config is not None:
+        awq = quant_config.get("quant_method") == "awq"  # AWQ's config has no sym/desc_act: no g_idx, zero points
         meta["quantization"] = {"method": str(cfg.quant.method), "format": quant_config.get("format", "gptq"),
-                                **{key: quant_config[key] for key in ("bits", "group_size", "sym", "desc_act")}}
+                                "layout": quant_config.get("quant_method", "gptq"),
+                                "bits": quant_config["bits"], "group_size": quant_config["group_size"],
+                                "sym": bool(cfg.quant.sym) if awq else quant_config["sym"],
+                                "desc_act": False if awq else quant_config["desc_act"]}
     return meta
 
 
@@ -159,7 +163,8 @@ def summary(state: "RunState") -> str:
             parts.append(f"pruned with {cfg.prune.method} ({how}{rec})")
         elif stage == "quantize":
             groups = "per-channel" if cfg.quant.group_size == -1 else f"group size {cfg.quant.group_size}"
-            parts.append(f"quantized to {cfg.quant.bits} bits with {cfg.quant.method} ({groups}, GPTQ format)")
+            layout = (state.quantization_config or {}).get("quant_method", "gptq").upper()
+            parts.append(f"quantized to {cfg.quant.bits} bits with {cfg.quant.method} ({groups}, {layout} layout)")
     return ", then ".join(parts) or "re-exported"
 
 
@@ -211,21 +216,32 @@ def tasks_section(metrics: dict[str, Any]) -> list[str]:
 
 
 def load_section(quant_config: Optional[dict[str, Any]], experts: bool) -> list[str]:
-    """How to load the folder, by what reads it: transformers (+ optimum + gptqmodel for GPTQ)
-    reads neither per-expert GPTQ tensors nor packed ends (it would leave them uninitialised)."""
+    """How to serve and load the folder, by what reads it: vLLM where it serves the layout;
+    transformers (+ optimum + gptqmodel) reads neither per-expert packed tensors nor packed ends
+    (it would leave them uninitialised)."""
+    from quant.layout import vllm_serves
+
     ends = bool(quant_config and (quant_config.get("lm_head") or quant_config.get("dynamic")))
     ours = ["```python", "from quant.export import load_quantized_model", "",
             'model = load_quantized_model("PATH")', "```", ""]
     lines = ["## How to load", ""]
+    if quant_config is None or vllm_serves(quant_config):
+        lines += ["Serve it with vLLM (`--tensor-parallel-size N` over N GPUs):", "", "```bash",
+                  "vllm serve REPO_ID_OR_PATH", "```", ""]
+    layout = (quant_config or {}).get("quant_method", "gptq").upper()
     if quant_config is not None and (experts or ends):
-        what = "its per-expert GPTQ tensors" if experts else "its packed input embedding / output head"
+        what = f"its per-expert {layout} tensors" if experts else "its packed input embedding / output head"
         also = " gptqmodel (`GPTQModel.load`) reads it too." if ends and not experts and quant_config.get("sym") else ""
-        return lines + [f"transformers + optimum do not read {what}: load it with shrink's pure-PyTorch "
-                        f"loader.{also}", "", *ours]
+        return lines + [f"transformers + optimum do not read {what} (nor does transformers' AWQ path): load it "
+                        f"with shrink's pure-PyTorch loader.{also}", "", *ours]
     lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
               'model = AutoModelForCausalLM.from_pretrained("REPO_ID_OR_PATH")',
               'tokenizer = AutoTokenizer.from_pretrained("REPO_ID_OR_PATH")', "```", ""]
-    if quant_config is not None:
+    if quant_config is not None and layout == "AWQ":
+        lines += ["This is a GPTQ-calibrated model in AWQ's GEMM layout (`quantization_config` in config.json:",
+                  "asymmetric 4-bit groups with zero points): transformers loads it with `pip install gptqmodel`.",
+                  "Without it, shrink's pure-PyTorch loader reads it anywhere:", "", *ours]
+    elif quant_config is not None:
         lines += ["This is a standard GPTQ checkpoint (`quantization_config` in config.json, `quantize_config.json`):",
                   "transformers loads it with `pip install optimum gptqmodel`. Without them, shrink's pure-PyTorch",
                   "loader reads it anywhere:", "", *ours]

@@ -174,6 +174,22 @@ def import_gguf_command(argv: list[str]) -> None:
     print(import_gguf(args.gguf, args.out, resolve_dtype(args.dtype)))
 
 
+def export_gguf_command(argv: list[str]) -> None:
+    from engine.modeling import check_model_folder
+    from quant.gguf_export import write_gguf
+
+    parser = argparse.ArgumentParser(prog="shrink export-gguf",
+                                     description="Write a quantized export (a run's model/) as one GGUF file for "
+                                                 "llama.cpp / Ollama: 4-bit groups as Q4_0 (symmetric) or Q4_1, "
+                                                 "symmetric 8-bit as Q8_0, everything else f16/f32.")
+    parser.add_argument("model_dir", type=Path, help="a quantized model folder written by shrink")
+    parser.add_argument("out", type=Path, help="the .gguf file to write (must not exist)")
+    parser.add_argument("--tokenizer-pre", default=None, metavar="NAME",
+                        help="llama.cpp's name of the pre-tokenizer (default: detected; 'default' if unknown)")
+    args = parser.parse_args(argv)
+    print(write_gguf(check_model_folder(args.model_dir, "export-gguf"), args.out, args.tokenizer_pre))
+
+
 def report_command(argv: list[str]) -> None:
     from shrink.report import write_report
 
@@ -213,8 +229,8 @@ def plan_command(argv: list[str]) -> None:
     run_plan(parser.parse_args(argv).settings)
 
 
-SUBCOMMANDS = {"import-gguf": import_gguf_command, "report": report_command, "publish": publish_command,
-               "plan": plan_command}
+SUBCOMMANDS = {"import-gguf": import_gguf_command, "export-gguf": export_gguf_command, "report": report_command,
+               "publish": publish_command, "plan": plan_command}
 
 
 def main() -> None:

@@ -17,9 +17,10 @@ from omegaconf import DictConfig
 
 from engine.errors import ShrinkError
 from engine.metrics import decoder_weight_matrices
-from engine.modeling import check_vocab, folder_size_bytes, is_gptq_folder, load_tokenizer, resolve_dtype
+from engine.modeling import check_vocab, folder_size_bytes, is_quantized_folder, load_tokenizer, resolve_dtype
 from engine.streaming import LazyModel, build_skeleton, resolve_lazy, zero_fraction_lazy
 from quant.config import packs_ends
+from quant.layout import checkpoint_reader
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,13 @@ def lazy_wanted(cfg: DictConfig, folder: Path, stages: list[str]) -> bool:
     if cfg.eval.tasks or cfg.eval.sparse_kernels:
         raise ShrinkError("model.lazy: eval.tasks and eval.sparse_kernels need the whole model in memory; "
                           "set model.lazy=false")
+    if cfg.export.get("gguf"):
+        raise ShrinkError("model.lazy: export.gguf converts the whole model in memory; set model.lazy=false, "
+                          "or run `shrink export-gguf OUT/model OUT.gguf` on the export afterwards")
     if "quantize" in stages and packs_ends(cfg.quant):
         raise ShrinkError("model.lazy: quant.lm_head / quant.embed_bits need the whole model in memory; "
                           "set model.lazy=false")
-    if is_gptq_folder(folder) and "quantize" in stages:
+    if is_quantized_folder(folder) and "quantize" in stages:
         raise ShrinkError(f"model.lazy: {folder} is already quantized")
     return True
 
@@ -50,11 +54,11 @@ def open_lazy(cfg: DictConfig, folder: Path) -> tuple[Any, Any, LazyModel]:
     shape and kind checked against its config before anything is read or written."""
     dtype = resolve_dtype(cfg.model.dtype)
     replace = None
-    if is_gptq_folder(folder):
+    if is_quantized_folder(folder):
         from quant.export import quantized_skeleton
 
         replace = quantized_skeleton(folder, dtype)
-    lazy = build_skeleton(folder, dtype, cfg.model.trust_remote_code, replace)
+    lazy = build_skeleton(folder, dtype, cfg.model.trust_remote_code, replace, reader=checkpoint_reader)
     tokenizer = load_tokenizer(folder, cfg.model.trust_remote_code)
     check_vocab(lazy.model, tokenizer, folder)
     log.info("model.lazy: %s opened as a skeleton; %d decoder layers stream from %s", type(lazy.model).__name__,

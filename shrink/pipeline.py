@@ -125,7 +125,34 @@ def export_stage(state: RunState) -> dict[str, Any]:
                           export_float_dtype(state.cfg.quant))
         (tmp / "README.md").write_text(card)
     log.info("exported %s", target)
+    if state.cfg.export.gguf:
+        from quant.gguf_export import write_gguf
+
+        log.info("exported %s", write_gguf(target, state.out / "model.gguf"))
+        return {"path": str(target), "gguf": str(state.out / "model.gguf")}
     return {"path": str(target)}
+
+
+def check_export(cfg: DictConfig) -> None:
+    """export.gguf: a quantized model whose grids GGUF blocks hold, of an architecture mapped to
+    llama.cpp's (when the input's config.json is there to say)."""
+    if not cfg.export.gguf:
+        return
+    from quant.gguf_export import check_gguf_arch, check_gguf_quant
+
+    stages = list(cfg.pipeline.stages)
+    if "quantize" not in stages and not ("prune" in stages and cfg.prune.joint_quant):
+        raise ShrinkError("export.gguf: needs a quantized model (a pipeline with the quantize stage)")
+    check_gguf_quant(cfg.quant)
+    config = Path(str(cfg.model.path)).expanduser() / "config.json"
+    if config.is_file() and "distill" not in stages and "pretrain" not in stages:
+        import json
+
+        try:
+            model_type = json.loads(config.read_text()).get("model_type")
+        except ValueError:
+            return  # the model folder check names the broken file
+        check_gguf_arch(str(model_type), "export.gguf")
 
 
 @dataclass(frozen=True)
@@ -187,7 +214,8 @@ def stage_table() -> dict[str, Stage]:
                               lambda cfg: {"data.calib.path": calib_need(cfg)} if cfg.quant.method == "gptq" else {},
                               ready_quantize),
             "pretrain": Stage(pretrain_stage, check_distill, distill_inputs, ready_distill),
-            "eval": Stage(eval_stage, check_eval, lambda cfg: {"data.eval.path": Need()}), "export": Stage(export_stage)}
+            "eval": Stage(eval_stage, check_eval, lambda cfg: {"data.eval.path": Need()}),
+            "export": Stage(export_stage, check_export)}
 
 
 def calib_need(cfg: DictConfig) -> Need:

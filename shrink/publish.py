@@ -26,6 +26,7 @@ QUANT_CONFIG = "quantize_config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 CARD_KEYS = ("base_model", "license", "tags")
 GPTQ_KEYS = ("bits", "group_size", "sym", "desc_act")
+AWQ_KEYS = ("bits", "group_size", "zero_point", "version")  # the AWQ layout shrink writes (quant/layout.py)
 
 
 @dataclass
@@ -179,24 +180,24 @@ def check_generation_config(check: FolderCheck) -> None:
         check.fail("generation_config.json", f"transformers refuses it ({str(exc).splitlines()[0]})")
 
 
-def check_gptq(check: FolderCheck, config: Optional[dict[str, Any]], names: set[str]) -> None:
+def check_quantized(check: FolderCheck, config: Optional[dict[str, Any]], names: set[str]) -> None:
     qcfg = (config or {}).get("quantization_config")
     if qcfg is None:
         if QUANT_CONFIG in check.files:
             check.fail(QUANT_CONFIG, "present but config.json has no quantization_config")
         return
     method = qcfg.get("quant_method")
-    if method != "gptq":
-        return  # other quantizers (bitsandbytes, awq) carry their own files; not ours to judge
+    if method not in ("gptq", "awq"):
+        return  # other quantizers (bitsandbytes, ...) carry their own files; not ours to judge
     if check.require(QUANT_CONFIG, "required by quantization_config in config.json"):
         other = check.read_json(QUANT_CONFIG) or {}
-        for key in GPTQ_KEYS:
+        for key in GPTQ_KEYS if method == "gptq" else AWQ_KEYS:
             if other.get(key) != qcfg.get(key):
                 check.fail(QUANT_CONFIG, f"{key}={other.get(key)!r} but config.json quantization_config "
                                          f"has {key}={qcfg.get(key)!r}")
     packed = {n[: -len(".qweight")] for n in names if n.endswith(".qweight")}
     if names and not packed:
-        check.fail("config.json", "quantization_config says gptq but the weights hold no .qweight tensors")
+        check.fail("config.json", f"quantization_config says {method} but the weights hold no .qweight tensors")
     for prefix in sorted(packed):
         absent = [s for s in ("qzeros", "scales") if f"{prefix}.{s}" not in names]
         if absent:
@@ -228,7 +229,7 @@ def check_folder(folder: Path) -> FolderCheck:
     check_tokenizer(check)
     check_card(check)
     check_generation_config(check)
-    check_gptq(check, config, names)
+    check_quantized(check, config, names)
     if not check.problems:
         check_loads(check)
     return check

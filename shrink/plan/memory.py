@@ -5,7 +5,9 @@ device), its contiguous units, and the bytes of every unit as each recipe stage 
 - pruned: the same dense storage, except N:M 2:4 where the pruned Linears are stored
   semi-structured (half the values + 2 bits of metadata per kept value: 9/16 of fp16);
 - GPTQ b-bit, group g (the layout quant.export writes): qweight b/8 bytes per weight,
-  qzeros b bits and scales fp16 per group and output column, g_idx int32 per input.
+  qzeros b bits and scales fp16 per group and output column, g_idx int32 per input; in AWQ's
+  layout (quant.export_format, asymmetric 4-bit by default) the same without g_idx, in groups of
+  gcd(g, in) (quant/layout.py).
   Everything outside the decoder-layer Linears (embeddings, norms, lm_head) stays in floating
   point: quant.export_dtype where the config has it, else dtype.
 - fused mixture-of-experts tensors ([E, out, in], or transposed as their class declares) are
@@ -26,7 +28,7 @@ from engine.coverage import is_skipped
 from engine.errors import ShrinkError
 from engine.experts import ExpertLayout
 from engine.modeling import linear_dims
-from quant.config import check_quant_config
+from quant.config import check_quant_config, export_format
 
 log = logging.getLogger(__name__)
 
@@ -141,15 +143,18 @@ class Storage:
     group_size: int = -1
     skip: tuple[str, ...] = ()  # module name patterns the stage leaves in full precision
     float_bytes: Optional[int] = None  # bytes of the tensors it keeps in floating point (None: the dtype's)
+    awq: bool = False  # AWQ's layout: no g_idx, groups that divide the input size
 
 
-def gptq_bytes(in_features: int, out_features: int, bits: int, group_size: int) -> int:
-    """Bytes of qweight + qzeros + scales + g_idx, int32-packed as quant.export writes them."""
-    groups = math.ceil(in_features / (in_features if group_size == -1 else group_size))
+def gptq_bytes(in_features: int, out_features: int, bits: int, group_size: int, awq: bool = False) -> int:
+    """Bytes of qweight + qzeros + scales + g_idx, int32-packed as quant.export writes them
+    (awq: no g_idx, groups of gcd(group_size, in_features))."""
+    size = in_features if group_size == -1 else (math.gcd(group_size, in_features) if awq else group_size)
+    groups = math.ceil(in_features / size)
     qweight = math.ceil(in_features * bits / 32) * out_features * 4
     qzeros = groups * math.ceil(out_features * bits / 32) * 4
     scales = groups * out_features * 2
-    g_idx = in_features * 4
+    g_idx = 0 if awq else in_features * 4
     return qweight + qzeros + scales + g_idx
 
 
@@ -188,7 +193,7 @@ def _expert_matrices(pname: str, layout: ExpertLayout) -> list[tuple[int, int]]:
 def _matrix_bytes(in_features: int, out_features: int, storage: Storage, dtype_bytes: int) -> int:
     numel = in_features * out_features
     if storage.bits is not None:
-        return gptq_bytes(in_features, out_features, storage.bits, storage.group_size)
+        return gptq_bytes(in_features, out_features, storage.bits, storage.group_size, storage.awq)
     if storage.semi_structured:
         return numel * dtype_bytes // 2 + numel // 8  # kept half + 2 bits per kept value
     return numel * dtype_bytes
@@ -208,7 +213,8 @@ def recipe_storages(stages: list[str], quant: Any, prune: Any, dtype: str) -> li
             groups = "per-channel" if quant.group_size == -1 else f"g{quant.group_size}"
             result.append(Storage("quantize", f"{quant.method} {quant.bits}-bit {groups}", bits=quant.bits,
                                   group_size=quant.group_size, skip=tuple(quant.skip),
-                                  float_bytes=DTYPE_BYTES.get(getattr(quant, "export_dtype", None) or dtype)))
+                                  float_bytes=DTYPE_BYTES.get(getattr(quant, "export_dtype", None) or dtype),
+                                  awq=export_format(quant) == "awq"))
         elif stage == "distill":
             log.warning("plan: the distill stage changes the architecture; plan the student's config instead")
     return result

@@ -112,7 +112,7 @@ def test_from_pretrained_does_not_load_per_expert_gptq_keys_into_fused_experts(t
 
     out = tmp_path / "run"
     run_shrink(["pipeline=quantize", f"model.path={tiny_model_dir('mixtral')}", *tiny_data_overrides(),
-                "eval.baseline=false", "quant.method=rtn", "quant.group_size=32"], out)
+                "eval.baseline=false", "quant.method=rtn", "quant.group_size=32", "quant.export_format=gptq"], out)
     folder = out / "model"
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, device_map="cpu",
                                                                output_loading_info=True)
@@ -150,3 +150,20 @@ def test_gptqmodel_loads_a_packed_embedding_and_head(tmp_path, tiny_model_dir) -
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float16, device_map="cpu",
                                                                  output_loading_info=True)
     assert {"lm_head.weight", "model.embed_tokens.weight"} <= set(info["missing_keys"])  # what the card says
+
+
+def test_from_pretrained_reads_the_awq_layout(tmp_path) -> None:
+    """The default asymmetric 4-bit export's layout (AWQ GEMM) through transformers' AWQ path
+    (gptqmodel's kernels): the logits of shrink's loader, to the bf16 int4 kernel's precision."""
+    from quant.layout import awq_quantization_config
+    from tests.quant.test_layout import _quantized
+
+    folder = save_gptq_model(_quantized(32), tmp_path / "awq", awq_quantization_config(32, "rtn", 0.01, True))
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    ours = load_quantized_model(folder, dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float16, device_map="cpu").eval()
+    layer = hf.get_submodule("model.layers.0.self_attn.q_proj")
+    assert type(layer).__module__.startswith("gptqmodel") and "Awq" in type(layer).__name__, type(layer)
+    with torch.no_grad():
+        diff = (ours(ids).logits - hf(ids).logits.float()).abs().max().item()
+    assert diff < 1e-2, diff

@@ -39,10 +39,14 @@ def test_gptq_reaches_every_expert_and_its_export_reloads_exactly(tmp_path, tiny
     saved = keys(out / "model")
     expert = "block_sparse_moe.experts.1.w2" if family == "mixtral" else "mlp.experts.1.down_proj"
     layer = "model.layers.1."
-    assert {f"{layer}{expert}.{s}" for s in ("qweight", "qzeros", "scales", "g_idx")} <= saved
-    assert not any("gate_up_proj" in k for k in saved)
+    # the default (asymmetric 4-bit) in AWQ's layout: no g_idx, the routers listed as float
+    assert {f"{layer}{expert}.{s}" for s in ("qweight", "qzeros", "scales")} <= saved
+    assert not any(k.endswith(".g_idx") for k in saved) and not any("gate_up_proj" in k for k in saved)
     q = json.loads((out / "model" / "config.json").read_text())["quantization_config"]
-    assert expert in q["modules_in_block_to_quantize"][0]
+    assert q["quant_method"] == "awq" and q["zero_point"] is True
+    floats = [n for n in q["modules_to_not_convert"] if n.startswith("model.layers.")]  # disk names
+    assert sorted(n.rsplit(".", 1)[-1] for n in floats) == sorted(n.rsplit(".", 1)[-1] for n in cov["not_compressed"])
+    assert not any(f in k for f in q["modules_to_not_convert"] for k in saved if k.endswith(".qweight"))
     reloaded = run_shrink(["pipeline=eval", f"model.path={out / 'model'}", *tiny_data_overrides()], tmp_path / "re")
     assert reloaded["ppl"] == pytest.approx(metrics["ppl"], rel=1e-5)
     assert reloaded["params"] == metrics["params"]

@@ -180,3 +180,41 @@ def test_quantlinear_forward_matches_dense(bits: int) -> None:
     # in-place buffer edits invalidate the cache
     layer.scales.mul_(2)
     assert torch.allclose(layer(x) - bias, 2 * (ref - bias), atol=1e-4)
+
+
+def test_awq_layout_round_trips_and_is_the_order_vllm_unpacks() -> None:
+    """pack_awq is exact, z = 0 included, and its words read back the way vLLM's AWQ loader
+    unpacks them (nibble k of a word -> column [0, 4, 1, 5, 2, 6, 3, 7][k] of its run of 8)."""
+    from quant.pack import pack_awq, unpack_awq
+
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 16, (64, 96), generator=gen, dtype=torch.int32)
+    zero = torch.randint(0, 16, (3, 64), generator=gen).float()
+    zero[0, 0] = 0
+    scale = (torch.rand(3, 64, generator=gen) + 1e-3).half().float()
+    packed = pack_awq(codes, scale, zero)
+    assert packed["qweight"].shape == (96, 8) and packed["qzeros"].shape == (3, 8)
+    back = unpack_awq(**packed)
+    assert torch.equal(back[0], codes) and torch.equal(back[1], zero) and torch.equal(back[2], scale)
+    shifts = torch.arange(0, 32, 4)
+    vllm_order = [0, 4, 1, 5, 2, 6, 3, 7]
+    words = (packed["qweight"].unsqueeze(-1) >> shifts) & 15
+    assert torch.equal(words[:, :, vllm_order].reshape(96, 64).t().int(), codes)
+    zwords = (packed["qzeros"].unsqueeze(-1) >> shifts) & 15
+    assert torch.equal(zwords[:, :, vllm_order].reshape(3, 64).float(), zero)
+
+
+def test_uniform_groups_hold_shorter_last_groups_and_refuse_act_order() -> None:
+    from quant.pack import uniform_groups
+
+    codes, scale, zero, g_idx = _random_quant(32, 96, 4, 64, act_order=False)  # groups 64 + a last 32
+    s16, z16 = uniform_groups(scale, zero, g_idx, 32)
+    assert s16.shape == (3, 32)
+    dense = dequantize_gptq(**pack_gptq(codes, scale, zero, g_idx, 4), bits=4)
+    again = dequantize_gptq(**pack_gptq(codes, s16, z16, torch.arange(96, dtype=torch.int32) // 32, 4), bits=4)
+    assert torch.equal(dense, again)
+    with pytest.raises(ValueError, match="groups of 64"):
+        uniform_groups(scale, zero, g_idx, 64)  # 96 is not a multiple of 64
+    _, scale, zero, g_idx = _random_quant(32, 96, 4, 32, act_order=True)
+    with pytest.raises(ValueError, match="act-order"):
+        uniform_groups(scale, zero, g_idx, 32)

@@ -42,7 +42,7 @@ def test_group_size_not_dividing_the_inputs_gives_shorter_last_groups(tmp_path, 
     folder = tiny_model_dir("llama")
     out = tmp_path / "run"
     metrics = run_shrink(["pipeline=quantize", f"model.path={folder}", *tiny_data_overrides(),
-                          "quant.group_size=48", "eval.baseline=false"], out)
+                          "quant.group_size=48", "eval.baseline=false", "quant.export_format=gptq"], out)
     from safetensors.torch import load_file
 
     tensors = load_file(out / "model" / "model.safetensors")

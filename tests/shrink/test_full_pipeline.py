@@ -1,6 +1,6 @@
 """One command from the teacher preset to a deployable checkpoint: distill (AKT) -> prune
 (SparseGPT 2:4) -> quantize (GPTQ 4-bit) -> eval -> export, then a fresh process loads the
-export with transformers (optimum + gptqmodel) and generates text. The presets read ../shared's
+export with transformers (gptqmodel: the default 4-bit export is in the AWQ layout) and generates text. The presets read ../shared's
 layout, here built from what ships (tests/conftest.py: shipped_shared)."""
 from __future__ import annotations
 

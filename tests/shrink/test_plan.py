@@ -49,6 +49,8 @@ def test_gptq_bytes_of_one_linear() -> None:
     qweight, qzeros, scales, g_idx = 4096 * 4096 // 2, 32 * 4096 // 2, 32 * 4096 * 2, 4096 * 4
     assert gptq_bytes(4096, 4096, 4, 128) == qweight + qzeros + scales + g_idx
     assert gptq_bytes(4096, 4096, 4, -1) == qweight + 4096 // 2 + 4096 * 2 + g_idx  # one group
+    assert gptq_bytes(4096, 4096, 4, 128, awq=True) == qweight + qzeros + scales  # AWQ: no g_idx
+    assert gptq_bytes(576, 64, 4, 128, awq=True) == 576 * 64 // 2 + 9 * (8 * 4 + 64 * 2)  # groups of gcd = 64
 
 
 def test_stages_dense_2of4_and_gptq_are_priced_as_stored() -> None:
@@ -205,9 +207,10 @@ def test_gptq_prices_each_expert_as_a_matrix_and_keeps_routers() -> None:
                        "quant.bits=4", "quant.group_size=128")
     dense, quant = plan["stages"]
     h, inter, layers = 6144, 16384, 56
-    expert = 2 * gptq_bytes(h, inter, 4, 128) + gptq_bytes(inter, h, 4, 128)  # w1, w3 [I, H], w2 [H, I]
+    # the default (asymmetric 4-bit) is written in AWQ's layout: no g_idx
+    expert = 2 * gptq_bytes(h, inter, 4, 128, awq=True) + gptq_bytes(inter, h, 4, 128, awq=True)  # w1, w3, w2
     assert plan["moe"]["expert_bytes"] == layers * 8 * expert
-    attn = 2 * gptq_bytes(h, h, 4, 128) + 2 * gptq_bytes(h, 1024, 4, 128)
+    attn = 2 * gptq_bytes(h, h, 4, 128, awq=True) + 2 * gptq_bytes(h, 1024, 4, 128, awq=True)
     router_and_norms = 8 * h * 2 + 2 * h * 2
     assert quant["layers_bytes"] == layers * (8 * expert + attn + router_and_norms)
     assert [dense["fits"], quant["fits"]] == [False, True]  # 141B: 2 x 80 GB only after 4-bit

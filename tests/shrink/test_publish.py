@@ -49,11 +49,13 @@ def test_card_metadata_results_and_loading(exported: Path) -> None:
     text = (exported / "README.md").read_text()
     meta = read_front_matter(text)
     assert meta["base_model"] == "tiny-base" and meta["license"] == "mit"  # from the input card
-    assert {"shrink", "gptq", "4-bit", "quantized"} <= set(meta["tags"])
+    # the default export: asymmetric 4-bit in AWQ's layout, which vLLM serves
+    assert {"shrink", "awq", "4-bit", "quantized"} <= set(meta["tags"])
     assert meta["quantized_by"] == "shrink" and meta["quantization"]["bits"] == 4
     assert meta["quantization"]["group_size"] == 32 and meta["base_model_relation"] == "quantized"
+    assert meta["quantization"]["layout"] == "awq" and meta["quantization"]["sym"] is False
     assert f"| {EVAL_NAME} |" in text and "bits per weight" in text
-    assert "load_quantized_model" in text and "optimum" in text
+    assert "load_quantized_model" in text and "gptqmodel" in text and "vllm serve" in text
     assert "quant.bits=4" in text and "```yaml" in text
 
 
