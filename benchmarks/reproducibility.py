@@ -90,7 +90,7 @@ def render_table(p: dict[str, Any]) -> str:
                         f"{r['load_avg'][0]:.1f}-{r['load_avg'][1]:.1f}{' noisy' if max(r['load_avg']) > 2.5 else ''}"])
     table = md(["calibration", "machine (emulated)", "perplexity", "vs this machine", "Linears equal bitwise",
                 "first that differs", "quantize s", "load avg"], out)
-    lines = [f"spread (max - min) / min over the machines: "
+    lines = ["spread (max - min) / min over the machines: "
              + ", ".join(f"{d} {spread([r for r in rows if r['calib_dtype'] == d]):.2f}%" for d in DTYPES
                          if any(r["calib_dtype"] == d for r in rows))]
     pairs = [(a, b) for a in rows for b in rows if a["machine"] == b["machine"] and a["calib_dtype"] == "float32"
