@@ -6,7 +6,7 @@ from typing import Optional
 
 from engine.config import ROUTER_PATTERNS
 from engine.errors import ShrinkError
-from quant.grid import SUPPORTED_BITS
+from quant.grid import SUPPORTED_BITS, ScaleSearch
 
 
 @dataclass
@@ -38,6 +38,20 @@ class QuantConfig:
     lm_head: bool = False
     embed_bits: Optional[int] = None
     embed_group_size: int = 32
+    # Each group's clipping range chosen by grid search (quant/grid.py): null (min/max) | mse (the
+    # shrunk range with the least sum |w - q|^scale_norm, as gptqmodel's mse) | hessian (GPTQ only:
+    # each column's error weighted by the sweep's OBS cost 1/[Hinv]_jj^2). Candidates: the min/max
+    # range times p = 1 - k/scale_steps, k < scale_max_shrink * scale_steps. Same packing.
+    scale_search: Optional[str] = None
+    scale_steps: int = 100
+    scale_max_shrink: float = 0.8
+    scale_norm: float = 2.0
+    # GPTAQ (asymmetric calibration, GPTQ only): each Linear also sees its inputs in the
+    # full-precision model and takes on, with strength gptaq_alpha, the error the compressed
+    # layers before it put into its inputs. Costs a second stream of activations and 3x the
+    # x^T x products.
+    gptaq: bool = False
+    gptaq_alpha: float = 0.25
 
 
 def packs_ends(quant: "QuantConfig") -> bool:
@@ -47,6 +61,7 @@ def packs_ends(quant: "QuantConfig") -> bool:
 
 
 METHODS = ("gptq", "rtn")
+SCALE_SEARCHES = ("mse", "hessian")
 EXPORT_DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -68,3 +83,31 @@ def check_quant_config(quant: QuantConfig) -> None:
         raise ShrinkError(f"quant.embed_group_size: {quant.embed_group_size} must be -1 or positive")
     if not 0 <= quant.damp < 1:
         raise ShrinkError(f"quant.damp: {quant.damp} must be in [0, 1)")
+    check_scale_search(quant)
+    if quant.gptaq and quant.method != "gptq":
+        raise ShrinkError(f"quant.gptaq: needs calibration (quant.method=gptq, not {quant.method})")
+    if not 0 < quant.gptaq_alpha <= 1:
+        raise ShrinkError(f"quant.gptaq_alpha: {quant.gptaq_alpha} must be in (0, 1]")
+
+
+def check_scale_search(quant: QuantConfig) -> None:
+    if quant.scale_search is not None and quant.scale_search not in SCALE_SEARCHES:
+        raise ShrinkError(f"quant.scale_search: {quant.scale_search!r} is not one of "
+                          f"{' | '.join(SCALE_SEARCHES)} | null")
+    if quant.scale_search == "hessian" and quant.method != "gptq":
+        raise ShrinkError("quant.scale_search: hessian weights by the GPTQ sweep's Hessian; with "
+                          f"quant.method={quant.method} use mse")
+    if quant.scale_steps < 1:
+        raise ShrinkError(f"quant.scale_steps: {quant.scale_steps} must be >= 1")
+    if not 0 < quant.scale_max_shrink < 1:
+        raise ShrinkError(f"quant.scale_max_shrink: {quant.scale_max_shrink} must be in (0, 1)")
+    if not quant.scale_norm > 0:
+        raise ShrinkError(f"quant.scale_norm: {quant.scale_norm} must be > 0")
+
+
+def scale_search(quant: "QuantConfig") -> Optional[ScaleSearch]:
+    """The grid search quant.scale_search asks for (None: min/max)."""
+    if quant.scale_search is None:
+        return None
+    return ScaleSearch(quant.scale_steps, quant.scale_max_shrink, quant.scale_norm,
+                       weighted=quant.scale_search == "hessian")

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from quant.config import QuantConfig, packs_ends
+from quant.config import QuantConfig, packs_ends, scale_search
 from quant.ends import check_ends, ends_config, quantize_ends
 from quant.export import export_float_dtype, install_quantized, quantization_config
 from quant.streaming import streamed_export
@@ -31,10 +32,12 @@ def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, quant: QuantConfig)
     """GPTQ with H, RTN without (quant.method=rtn, or an expert with too few tokens)."""
     mask = W == 0  # zeros of a pruned model stay zero (every grid holds 0 exactly)
     mask = mask if bool(mask.any()) else None
-    if quant.method == "rtn" or H is None:
-        return rtn_quantize(W, quant.bits, quant.group_size, quant.sym)
+    if quant.method == "rtn" or H is None:  # (a weighted search has no Hessian to weight by here)
+        search = scale_search(quant)
+        search = replace(search, weighted=False) if search is not None else None
+        return rtn_quantize(W, quant.bits, quant.group_size, quant.sym, search=search)
     return gptq_quantize(W, H, quant.bits, quant.group_size, quant.sym, quant.act_order, quant.static_groups,
-                         quant.damp, quant.block_size, mask=mask)
+                         quant.damp, quant.block_size, mask=mask, search=scale_search(quant))
 
 
 def quantize_stage(state: "RunState") -> dict[str, Any]:
@@ -56,7 +59,8 @@ def quantize_stage(state: "RunState") -> dict[str, Any]:
             Ws = [weight_matrix(j.module).float() for j in job.batch]
             results = gptq_quantize_batch(Ws, [j.hessian.H for j in job.batch], quant.bits, quant.group_size,
                                           quant.sym, quant.static_groups, quant.damp, quant.block_size,
-                                          [w == 0 if bool((w == 0).any()) else None for w in Ws])
+                                          [w == 0 if bool((w == 0).any()) else None for w in Ws],
+                                          search=scale_search(quant))
             solved.update({j.full_name: r for j, r in zip(job.batch, results)})
         result = solved.pop(job.full_name, None)
         if result is None:
