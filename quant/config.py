@@ -52,6 +52,14 @@ class QuantConfig:
     # x^T x products.
     gptaq: bool = False
     gptaq_alpha: float = 0.25
+    # Block-output refinement (quant/refine.py, GPTQ only, one process): after each decoder
+    # layer's GPTQ solve, refine_steps signed-gradient steps on every weight's rounding and every
+    # group's scale for the layer's output error against the full-precision model's, on
+    # refine_windows calibration windows a step, the step size decaying from refine_lr to 0.
+    # 0 steps: off. Same packing.
+    refine_steps: int = 0
+    refine_lr: float = 0.005
+    refine_windows: int = 2
 
 
 def packs_ends(quant: "QuantConfig") -> bool:
@@ -88,6 +96,14 @@ def check_quant_config(quant: QuantConfig) -> None:
         raise ShrinkError(f"quant.gptaq: needs calibration (quant.method=gptq, not {quant.method})")
     if not 0 < quant.gptaq_alpha <= 1:
         raise ShrinkError(f"quant.gptaq_alpha: {quant.gptaq_alpha} must be in (0, 1]")
+    if quant.refine_steps < 0:
+        raise ShrinkError(f"quant.refine_steps: {quant.refine_steps} must be >= 0 (0: no refinement)")
+    if quant.refine_steps and quant.method != "gptq":
+        raise ShrinkError(f"quant.refine_steps: needs calibration (quant.method=gptq, not {quant.method})")
+    if not 0 < quant.refine_lr <= 0.5:
+        raise ShrinkError(f"quant.refine_lr: {quant.refine_lr} must be in (0, 0.5]")
+    if quant.refine_windows < 1:
+        raise ShrinkError(f"quant.refine_windows: {quant.refine_windows} must be >= 1")
 
 
 def check_scale_search(quant: QuantConfig) -> None:
