@@ -244,6 +244,8 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "distill_moe": _rendered_by("benchmarks.distill_moe"),
     "scale_resume": _rendered_by("benchmarks.scale_resume"),
     "moe": _rendered_by("benchmarks.moe"),
+    "quant_frontier": _rendered_by("benchmarks.quant_frontier"),
+    "quant_frontier_dev": _rendered_by("benchmarks.quant_frontier"),
 }
 
 

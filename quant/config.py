@@ -92,14 +92,13 @@ def check_quant_config(quant: QuantConfig) -> None:
     if not 0 <= quant.damp < 1:
         raise ShrinkError(f"quant.damp: {quant.damp} must be in [0, 1)")
     check_scale_search(quant)
-    if quant.gptaq and quant.method != "gptq":
-        raise ShrinkError(f"quant.gptaq: needs calibration (quant.method=gptq, not {quant.method})")
     if not 0 < quant.gptaq_alpha <= 1:
         raise ShrinkError(f"quant.gptaq_alpha: {quant.gptaq_alpha} must be in (0, 1]")
     if quant.refine_steps < 0:
         raise ShrinkError(f"quant.refine_steps: {quant.refine_steps} must be >= 0 (0: no refinement)")
-    if quant.refine_steps and quant.method != "gptq":
-        raise ShrinkError(f"quant.refine_steps: needs calibration (quant.method=gptq, not {quant.method})")
+    for key in ("gptaq", "refine_steps"):  # both work on the calibration data GPTQ gets
+        if getattr(quant, key) and quant.method != "gptq":
+            raise ShrinkError(f"quant.{key}: needs calibration (quant.method=gptq, not {quant.method})")
     if not 0 < quant.refine_lr <= 0.5:
         raise ShrinkError(f"quant.refine_lr: {quant.refine_lr} must be in (0, 0.5]")
     if quant.refine_windows < 1:
@@ -113,12 +112,9 @@ def check_scale_search(quant: QuantConfig) -> None:
     if quant.scale_search == "hessian" and quant.method != "gptq":
         raise ShrinkError("quant.scale_search: hessian weights by the GPTQ sweep's Hessian; with "
                           f"quant.method={quant.method} use mse")
-    if quant.scale_steps < 1:
-        raise ShrinkError(f"quant.scale_steps: {quant.scale_steps} must be >= 1")
-    if not 0 < quant.scale_max_shrink < 1:
-        raise ShrinkError(f"quant.scale_max_shrink: {quant.scale_max_shrink} must be in (0, 1)")
-    if not quant.scale_norm > 0:
-        raise ShrinkError(f"quant.scale_norm: {quant.scale_norm} must be > 0")
+    problem = ScaleSearch(quant.scale_steps, quant.scale_max_shrink, quant.scale_norm).problem()
+    if problem is not None:
+        raise ShrinkError(f"quant.scale_{problem[0]}: {problem[1]}")
 
 
 def scale_search(quant: "QuantConfig") -> Optional[ScaleSearch]:

@@ -46,13 +46,20 @@ class ScaleSearch:
     # weight each column's error by the cost the caller gives it (GPTQ: the sweep's OBS cost)
     weighted: bool = False
 
-    def check(self) -> None:
+    def problem(self) -> Optional[tuple[str, str]]:
+        """(field, what is wrong with it), or None when the settings are valid."""
         if self.steps < 1:
-            raise ValueError(f"scale search steps must be >= 1, got {self.steps}")
+            return "steps", f"{self.steps} must be >= 1"
         if not 0 < self.max_shrink < 1:
-            raise ValueError(f"scale search max_shrink must be in (0, 1), got {self.max_shrink}")
+            return "max_shrink", f"{self.max_shrink} must be in (0, 1)"
         if not self.norm > 0:
-            raise ValueError(f"scale search norm must be > 0, got {self.norm}")
+            return "norm", f"{self.norm} must be > 0"
+        return None
+
+    def check(self) -> None:
+        problem = self.problem()
+        if problem is not None:
+            raise ValueError(f"scale search {problem[0]}: {problem[1]}")
 
 
 def min_max(W: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:

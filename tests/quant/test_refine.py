@@ -16,6 +16,7 @@ from quant.gptq import gptq_quantize
 from quant.refine import RefineSettings, fake_quantized, refine_layer, refined_result
 from tests.conftest import ROOT, correlated_layer, run_shrink, tiny_data_overrides
 from tests.engine.test_streaming import tensors
+from tests.quant.test_gptaq import lazy_equals_eager_and_reloads
 
 
 @pytest.mark.parametrize("act_order", [False, True])
@@ -102,16 +103,9 @@ def test_a_refined_export_reloads_and_lazy_equals_eager(tmp_path, tiny_model_dir
     folder = tiny_model_dir(family)
     common = ["pipeline=quantize", f"model.path={folder}", "quant.group_size=32", "quant.refine_steps=6",
               *tiny_data_overrides(), *extra]
-    eager = run_shrink(common + ["model.lazy=false"], tmp_path / "eager")
+    eager = lazy_equals_eager_and_reloads(tmp_path, common)
     profile = eager["stages"]["quantize"]["profile"]
     assert all(p["after_layer"]["refine_mse_first"] > 0 for p in profile)
-    lazy = run_shrink(common + ["model.lazy=true"], tmp_path / "lazy")
-    a, b = tensors(tmp_path / "eager" / "model"), tensors(tmp_path / "lazy" / "model")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert lazy["ppl"] == eager["ppl"]
-    reloaded = run_shrink(["pipeline=eval", f"model.path={tmp_path / 'eager' / 'model'}", *tiny_data_overrides()],
-                          tmp_path / "re")
-    assert reloaded["ppl"] == pytest.approx(eager["ppl"], rel=1e-5)
 
 
 def test_pruned_zeros_stay_zero(tmp_path, tiny_model_dir) -> None:
