@@ -58,17 +58,15 @@ ARMS: list[tuple[str, str, list[str]]] = [
 ]
 # --dev: the settings compared on docs-en valid to choose the defaults and the preset
 DEV_ARMS: list[tuple[str, str, list[str]]] = [
+    ("dense", "dense", []),
     ("shrink GPTQ", "shrink", []),
     ("shrink GPTQ + mse", "shrink", ["quant.scale_search=mse"]),
     ("shrink GPTQ + hessian", "shrink", ["quant.scale_search=hessian"]),
     ("shrink GPTQ + mse + GPTAQ", "shrink", ["quant.scale_search=mse", "quant.gptaq=true"]),
-    ("shrink GPTQ + mse + GPTAQ 0.5", "shrink", ["quant.scale_search=mse", "quant.gptaq=true", "quant.gptaq_alpha=0.5"]),
-    *[(f"shrink GPTQ + mse + GPTAQ + refine {s}x{w}, lr {lr}", "shrink",
-       ["quant.scale_search=mse", "quant.gptaq=true", f"quant.refine_steps={s}", f"quant.refine_windows={w}",
-        f"quant.refine_lr={lr}"]) for s, w, lr in ((25, 2, 0.005), (50, 2, 0.005), (50, 2, 0.01), (100, 2, 0.005),
-                                                   (50, 4, 0.005), (100, 1, 0.005))],
-    ("shrink GPTQ + mse + refine 50x2, lr 0.005", "shrink",
-     ["quant.scale_search=mse", "quant.refine_steps=50", "quant.refine_windows=2", "quant.refine_lr=0.005"]),
+    *[(f"shrink GPTQ + mse{' + GPTAQ' if gptaq else ''} + refine {s}x{w}, lr {lr}", "shrink",
+       ["quant.scale_search=mse", *(["quant.gptaq=true"] if gptaq else []), f"quant.refine_steps={s}",
+        f"quant.refine_windows={w}", f"quant.refine_lr={lr}"])
+      for gptaq, s, w, lr in ((False, 25, 2, 0.005), (True, 25, 2, 0.005), (True, 50, 2, 0.005), (True, 25, 2, 0.01))],
 ]
 ROW = "ROW "
 

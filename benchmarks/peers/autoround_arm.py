@@ -3,6 +3,9 @@ Signed-gradient rounding and min/max tuning per decoder block (`--iters 50 --lr 
 "light" setting), symmetric, batches of 8 windows, exported in the GPTQ format (auto_gptq)."""
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import common
 
 
@@ -16,7 +19,12 @@ def main() -> None:
     ar = AutoRound(model, tokenizer=tokenizer, bits=args.bits, group_size=args.group_size, sym=True,
                    iters=args.iters, lr=args.lr, nsamples=windows.shape[0], seqlen=windows.shape[1], batch_size=8,
                    dataset=[w[None] for w in windows], device_map="cpu", seed=0)
-    _, row = common.timed(lambda: ar.quantize_and_save(args.out, format="auto_gptq"))
+    staging = Path(args.out + ".autoround")
+    _, row = common.timed(lambda: ar.quantize_and_save(str(staging), format="auto_gptq"))
+    # it writes into a subfolder named after the model and scheme: that folder becomes --out
+    saved = next(p.parent for p in staging.rglob("config.json"))
+    shutil.move(str(saved), args.out)
+    shutil.rmtree(staging, ignore_errors=True)
     common.finish(args, {**row, "tool": f"auto-round {auto_round.__version__}"})
 
 

@@ -9,6 +9,11 @@ import common
 def main() -> None:
     args = common.arguments(lambda p: (p.add_argument("--mse", type=float, default=0.0),
                                        p.add_argument("--gptaq", type=float, default=None)))
+    import os
+
+    # gptqmodel sizes its CPU pool to half the cores and its model loader asks for 2 workers:
+    # on a 2-core machine that is refused unless the pool is given 2
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     import gptqmodel
     import torch
     from gptqmodel import GPTQModel, QuantizeConfig

@@ -119,3 +119,12 @@ def test_pruned_zeros_stay_zero(tmp_path, tiny_model_dir) -> None:
     W = dequantize_gptq(t[f"{base}.qweight"], t[f"{base}.qzeros"], t[f"{base}.scales"], t[f"{base}.g_idx"], 4)
     zeros = (W == 0).reshape(W.shape[0], -1, 4).sum(-1)
     assert bool((zeros >= 2).all())  # 2:4: at least two zeros in every four inputs
+
+
+def test_the_best_preset_composes_and_passes_the_checks() -> None:
+    from shrink.config import compose
+
+    quant = compose(["quant=best"]).quant
+    check_quant_config(quant)
+    assert quant.method == "gptq" and quant.scale_search is not None
+    assert compose(["quant=best", "quant.bits=3", "quant.sym=true"]).quant.bits == 3
