@@ -31,9 +31,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from benchmarks.common import ROOT, Results
+from benchmarks.families import SOURCES, family_model
 
 SHARED = os.environ.get("SHRINK_SHARED", str(ROOT.parent / "shared"))
-MODELS = {"llama-teacher": f"{SHARED}/models/llama-teacher", "moe-teacher": f"{SHARED}/models/moe-teacher"}
+# the shared teachers, and the same weights in two families the tests do not build (benchmarks/families.py)
+MODELS = {"llama-teacher": f"{SHARED}/models/llama-teacher", "moe-teacher": f"{SHARED}/models/moe-teacher",
+          **{name: None for name in SOURCES}}
 SPLITS = {"test": f"{SHARED}/data/docs-en/test.jsonl.gz", "valid": f"{SHARED}/data/docs-en/valid.jsonl.gz"}
 VENVS = {"shrink": sys.executable, "gptqmodel": sys.executable,
          "llmc": "/work/venvs/llmc/bin/python", "autoround": "/work/venvs/autoround/bin/python"}
@@ -67,6 +70,7 @@ DEV_ARMS: list[tuple[str, str, list[str]]] = [
        ["quant.scale_search=mse", *(["quant.gptaq=true"] if gptaq else []), f"quant.refine_steps={s}",
         f"quant.refine_windows={w}", f"quant.refine_lr={lr}"])
       for gptaq, s, w, lr in ((False, 25, 2, 0.005), (True, 25, 2, 0.005), (True, 50, 2, 0.005), (True, 25, 2, 0.01))],
+    ("shrink quant=best", "shrink", ["quant=best"]),
 ]
 ROW = "ROW "
 
@@ -84,6 +88,10 @@ def sample_windows(model: str, path: Path) -> None:
                           cfg.data.cache_dir, key="data.calib.path")
     windows = calibration_windows(stream, cfg.data.calib.num_samples, cfg.data.calib.seq_len, cfg.seed)
     save_file({"input_ids": windows.contiguous()}, str(path))
+
+
+def model_path(model: str) -> str:
+    return MODELS[model] or str(family_model(model))
 
 
 def shrink_cmd(*overrides: str) -> list[str]:
@@ -107,10 +115,10 @@ def run_arm(model: str, bits: int, tool: str, options: list[str], split: str, wi
     """One arm: quantize (its own process, its own venv), then the evaluator on what it saved."""
     folder = work / "model"
     if tool == "dense":
-        return {**evaluate(Path(MODELS[model]), split, work / "eval"), "seconds": 0.0}
+        return {**evaluate(Path(model_path(model)), split, work / "eval"), "seconds": 0.0}
     before = os.getloadavg()[0]
     if tool == "shrink":
-        overrides = ["pipeline=quantize", "model=local", f"model.path={MODELS[model]}", *CALIB,
+        overrides = ["pipeline=quantize", "model=local", f"model.path={model_path(model)}", *CALIB,
                      f"data.eval.path={SPLITS[split]}", "eval.batch_size=8", "eval.baseline=false",
                      "quant.sym=true", f"quant.bits={bits}", f"quant.group_size={GROUP}", *options, f"out={work}"]
         done = subprocess.run(shrink_cmd(*overrides), cwd=ROOT, capture_output=True, text=True)
@@ -123,7 +131,7 @@ def run_arm(model: str, bits: int, tool: str, options: list[str], split: str, wi
                "refine": [p.get("after_layer", {}) for p in stage.get("profile", []) if p.get("after_layer")] or None}
     else:
         script = ROOT / "benchmarks" / "peers" / f"{tool}_arm.py"
-        cmd = [VENVS[tool], str(script), "--model", MODELS[model], "--windows", str(windows), "--bits", str(bits),
+        cmd = [VENVS[tool], str(script), "--model", model_path(model), "--windows", str(windows), "--bits", str(bits),
                "--group-size", str(GROUP), "--out", str(folder), *options]
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         rows = [line[len(ROW):] for line in done.stdout.splitlines() if line.startswith(ROW)]
@@ -135,7 +143,8 @@ def run_arm(model: str, bits: int, tool: str, options: list[str], split: str, wi
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", action="append", choices=list(MODELS), help="(repeat) default: both")
+    parser.add_argument("--model", action="append", choices=list(MODELS),
+                        help="(repeat) default: the two shared teachers")
     parser.add_argument("--bits", action="append", type=int, choices=BITS, help="(repeat) default: 4, 3, 2")
     parser.add_argument("--arm", action="append", help="(repeat) an arm's label; default: every arm")
     parser.add_argument("--split", choices=list(SPLITS), default="test", help="the evaluation file")
@@ -150,10 +159,10 @@ def main() -> None:
                              "llmcompressor 0.14 (/work/venvs/llmc), auto-round 0.16.1 (/work/venvs/autoround)"},
                       key=("model", "bits", "arm"))
     chosen = [a for a in arms if not args.arm or a[0] in args.arm]
-    for model in args.model or list(MODELS):
+    for model in args.model or list(MODELS)[:2]:
         with tempfile.TemporaryDirectory(prefix="quant_frontier.") as tmp:
             windows = Path(tmp) / "windows.safetensors"
-            sample_windows(MODELS[model], windows)
+            sample_windows(model_path(model), windows)
             for bits in args.bits or BITS:
                 for label, tool, options in chosen:
                     row_bits = 16 if tool == "dense" else bits

@@ -13,7 +13,7 @@ from engine.calibration import LayerBatch, LayerOutputs
 from engine.errors import ShrinkError
 from quant.config import QuantConfig, check_quant_config
 from quant.gptq import gptq_quantize
-from quant.refine import RefineSettings, fake_quantized, refine_layer, refined_result
+from quant.refine import RefineSettings, Tunable, refine_layer
 from tests.conftest import ROOT, correlated_layer, run_shrink, tiny_data_overrides
 from tests.engine.test_streaming import tensors
 from tests.quant.test_gptaq import lazy_equals_eager_and_reloads
@@ -23,9 +23,20 @@ from tests.quant.test_gptaq import lazy_equals_eager_and_reloads
 def test_the_start_is_the_gptq_solution_exactly(act_order: bool) -> None:
     W, H, _ = correlated_layer(0, torch.float32, 32, 96, 400)
     r = gptq_quantize(W, H, 3, 32, True, act_order)
-    V, c = torch.zeros_like(r.W_pre), torch.ones_like(r.scale)
-    assert torch.equal(fake_quantized(r, V, c), r.Q)
-    same = refined_result(r, V, c)
+    t = Tunable(r, torch.device("cpu"))
+    assert torch.equal(t.weight(), r.Q)
+    # the written-out gradients are autograd's through round's straight-through estimator
+    G = torch.randn_like(r.Q)
+    V = torch.zeros_like(r.W_pre, requires_grad=True)
+    c = torch.ones_like(t.c, requires_grad=True)
+    ce = c @ t.E
+    x = t.X0 / ce + V
+    q = torch.clamp(x + (torch.round(x) - x).detach(), t.low, t.high)
+    (t.s0 * ce * q * G).sum().backward()
+    m = t.inside.float()
+    torch.testing.assert_close(torch.sign(G) * m, torch.sign(V.grad))
+    torch.testing.assert_close((G * t.s0 * (t.q - m * t.X0 / t.ce)) @ t.E.T, c.grad, rtol=1e-4, atol=1e-5)
+    same = t.result()
     assert torch.equal(same.codes, r.codes) and torch.equal(same.scale, r.scale) and torch.equal(same.Q, r.Q)
 
 
@@ -105,7 +116,7 @@ def test_a_refined_export_reloads_and_lazy_equals_eager(tmp_path, tiny_model_dir
               *tiny_data_overrides(), *extra]
     eager = lazy_equals_eager_and_reloads(tmp_path, common)
     profile = eager["stages"]["quantize"]["profile"]
-    assert all(p["after_layer"]["refine_mse_first"] > 0 for p in profile)
+    assert all(p["after_layer"]["refine_mse_first"] > 0 and p["after_layer"]["refine_mse_after"] > 0 for p in profile)
 
 
 def test_pruned_zeros_stay_zero(tmp_path, tiny_model_dir) -> None:
