@@ -247,6 +247,8 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "moe": _rendered_by("benchmarks.moe"),
     "reproducibility": _rendered_by("benchmarks.reproducibility"),
     "serve": _rendered_by("benchmarks.serve"),
+    "quant_frontier": _rendered_by("benchmarks.quant_frontier"),
+    "quant_frontier_dev": _rendered_by("benchmarks.quant_frontier"),
 }
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 import torch
@@ -46,6 +46,7 @@ from engine.hessian import HessianAccumulator, HessianError
 from engine.layer_checkpoint import LayerCheckpoint
 from engine.lockstep import Lockstep, available_memory
 from engine.modeling import find_decoder_layers, find_linears, weight_matrix
+from engine.reference import ReferenceInputs, reference_of
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,32 @@ class LinearJob:
     batch: Optional[list["LinearJob"]] = None
     stat_tokens: Optional[int] = None  # rows its Hessian was accumulated from
 
+    @property
+    def cross(self) -> Optional[torch.Tensor]:
+        """With the reference stream (compress_model(paired=True)): 2/n sum (x~ - x) x^T over the
+        tokens, x~ this Linear's input in the uncompressed model, x its input here; else None."""
+        return reference_of(self.hessian)
+
 
 Compressor = Callable[[LinearJob], dict[str, Any]]
+
+
+@dataclass
+class LayerOutputs:
+    """What an after-layer hook gets once every Linear of a decoder layer is compressed: the layer,
+    its calibration inputs (from the compressed layers before it) and the outputs the uncompressed
+    layer gave on the reference stream. The hook may change the layer's weights; the engine then
+    recomputes its outputs for the next layer."""
+    index: int
+    layer: nn.Module
+    inputs: list["LayerBatch"]
+    targets: list[torch.Tensor]
+    linears: dict[str, nn.Module]  # the compressed Linears, by name inside the layer
+    full_names: dict[str, str]  # name inside the layer -> full name
+    device: torch.device
+
+
+AfterLayer = Callable[[LayerOutputs], dict[str, Any]]
 
 
 @dataclass
@@ -89,12 +114,28 @@ class LayerBatch:
         return LayerBatch(tuple(_move(a, device) for a in self.args),
                           {k: _move(v, device) for k, v in self.kwargs.items()})
 
+    def select(self, rows: slice) -> "LayerBatch":
+        """The call for some of the batch's windows: every tensor whose first dimension is the
+        batch's (hidden states, per-window masks and position embeddings) sliced; tensors shared
+        by every window (a [1, ...] mask or rotary table) kept whole."""
+        n = self.hidden().shape[0]
+        return LayerBatch(tuple(_rows(a, n, rows) for a in self.args),
+                          {k: _rows(v, n, rows) for k, v in self.kwargs.items()})
+
 
 def _move(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, tuple):
         return tuple(_move(v, device) for v in value)
+    return value
+
+
+def _rows(value: Any, n: int, rows: slice) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value[rows] if value.ndim and value.shape[0] == n and n > 1 else value
+    if isinstance(value, tuple):
+        return tuple(_rows(v, n, rows) for v in value)
     return value
 
 
@@ -247,7 +288,7 @@ def accumulate(layer: nn.Module, groups: list[list[str]], batches: list[LayerBat
                linears: Optional[dict[str, nn.Module]] = None,
                clock: Optional["LayerProfile"] = None,
                chain: Optional[Callable[[HessianAccumulator, list[torch.Tensor]], None]] = None,
-               ) -> dict[str, HessianAccumulator]:
+               refs: Optional[ReferenceInputs] = None) -> dict[str, HessianAccumulator]:
     """One Hessian per input group, shared by the Linears of the group (only its
     diagonal unless `full`), from whole forwards of the layer over every batch (the
     reference path: nothing stops a forward half-way). With `chain` (torchrun), each
@@ -260,26 +301,28 @@ def accumulate(layer: nn.Module, groups: list[list[str]], batches: list[LayerBat
     clock = clock if clock is not None else LayerProfile(-1)
     start, hessian_before = time.perf_counter(), clock.hessian_seconds
 
-    def hook(acc: HessianAccumulator) -> Callable[..., None]:
+    current = [0]  # the batch being run
+
+    def hook(acc: HessianAccumulator, name: str) -> Callable[..., None]:
         def fn(_m: nn.Module, inp: tuple, _o: Any) -> None:
+            x = refs.pair(acc, name, current[0], inp[0]) if refs is not None else inp[0]
             if chain is not None:
-                kept[id(acc)].append(inp[0])
+                kept[id(acc)].append(x)
                 return
             with clock.timing("hessian_seconds", device):
-                acc.add(inp[0])
+                acc.add(x)
         return fn
 
-    accs: list[HessianAccumulator] = []
-    for group in groups:
-        first = linears[group[0]]
-        acc = new_accumulator(first, device, full)
-        accs.append(acc)
+    accs = _accumulators(linears, groups, device, full, refs)
+    for group, acc in zip(groups, accs):
         kept[id(acc)] = []
         for name in group:
             hessians[name] = acc
-        handles.append(first.register_forward_hook(hook(acc)))
+        handles.append(linears[group[0]].register_forward_hook(hook(acc, group[0])))
     try:
-        run_layer(layer, batches, device, None)
+        for b, batch in enumerate(batches):
+            current[0] = b
+            run_layer(layer, [batch], device, None)
     finally:
         for h in handles:
             h.remove()
@@ -291,15 +334,23 @@ def accumulate(layer: nn.Module, groups: list[list[str]], batches: list[LayerBat
     return hessians
 
 
+def accumulator_dtype(linear: nn.Module) -> torch.dtype:
+    """Hessians are summed in float64 when the layer computes in float64 (an fp64 calibration, see
+    `calibrating`), else in float32."""
+    return torch.float64 if weight_matrix(linear).dtype == torch.float64 else torch.float32
+
+
 def new_accumulator(linear: nn.Module, device: torch.device, full: bool) -> HessianAccumulator:
-    """The Hessian of a Linear's inputs: summed in float64 when the layer computes in float64 (an
-    fp64 calibration, see `calibrating`), else in float32."""
-    W = weight_matrix(linear)
-    return HessianAccumulator(W.shape[1], device, full, torch.float64 if W.dtype == torch.float64 else torch.float32)
+    """The Hessian of a Linear's inputs, in accumulator_dtype."""
+    return HessianAccumulator(weight_matrix(linear).shape[1], device, full, accumulator_dtype(linear))
 
 
 def _accumulators(linears: dict[str, nn.Module], groups: list[list[str]], device: torch.device,
-                  full: bool) -> list[HessianAccumulator]:
+                  full: bool, refs: Optional[ReferenceInputs] = None) -> list[HessianAccumulator]:
+    """One accumulator per input group (paired with the reference stream where `refs` pairs it)."""
+    if refs is not None:
+        return [refs.accumulator(g[0], weight_matrix(linears[g[0]]).shape[1], device, full,
+                                 accumulator_dtype(linears[g[0]])) for g in groups]
     return [new_accumulator(linears[g[0]], device, full) for g in groups]
 
 
@@ -310,6 +361,8 @@ class LayerProfile:
     forward_seconds: float = 0.0  # the layer's forwards over the calibration batches
     hessian_seconds: float = 0.0  # the x^T x products
     compress_seconds: float = 0.0  # the compressor (its own stats split it further)
+    after_layer_seconds: float = 0.0  # the compressor's after-layer hook (compress_model(after_layer=))
+    after_layer: dict[str, Any] = field(default_factory=dict)  # and the figures it returned
     forwards: float = 0.0  # forwards over all batches run, in units of one full pass
     forward_flops: float = 0.0  # FLOPs of ONE forward over all calibration windows
     hessian_flops: float = 0.0  # 2 n cols^2 per input group (the full product's count)
@@ -479,7 +532,8 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
                    min_coverage: float = 0.0, profile: Optional[list[dict[str, Any]]] = None,
                    comm: Optional[CalibComm] = None, lockstep_memory: Optional[int] = None,
                    checkpoint: Optional[LayerCheckpoint] = None, stream: Optional["LayerStream"] = None,
-                   dtype: Optional[torch.dtype] = None, _rerun: bool = False) -> list[dict[str, Any]]:
+                   dtype: Optional[torch.dtype] = None, paired: bool = False,
+                   after_layer: Optional[AfterLayer] = None, _rerun: bool = False) -> list[dict[str, Any]]:
     """Compress every Linear of every decoder layer (fused experts split first; names matching
     `skip` left alone); returns a per-Linear report. `full_hessian=False` hands the compressor
     accumulators holding only diag(H). Fails before touching a weight if the Linears reached
@@ -495,7 +549,14 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
     ranks would have to restore together, so the pipeline gives none). `stream` (a lazy model,
     engine/streaming.py) reads each layer in before its turn and takes it when done. `dtype`: the
     precision the calibration computes in (the captured inputs, each layer while it is calibrated,
-    the Hessians in float64 when it is float64; see `calibrating`); None: the model's own."""
+    the Hessians in float64 when it is float64; see `calibrating`); None: the model's own.
+    `paired` or `after_layer` keep the reference stream (engine/reference.py: the uncompressed
+    model's layer inputs, each layer run on them before it is compressed): with `paired` every
+    Linear's statistics pair its inputs with its reference inputs (LinearJob.cross); `after_layer`
+    is called with each compressed layer, its inputs and its reference outputs (LayerOutputs),
+    may change its weights, and its figures go into the layer's profile (one process only)."""
+    if comm is not None and after_layer is not None:
+        raise ValueError("compress_model: an after-layer hook sees one rank's windows only (not under torchrun)")
     moe = moe or MoeConfig()
     split_experts(model)
     parent_name, layers = find_decoder_layers(model)
@@ -506,11 +567,16 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
     store = activation_store(model, windows, device, offload_activations) if windows is not None else device
     calls = capture_layer_calls(model, windows, batch_size, device, store, dtype) if windows is not None else None
     hidden = [b.hidden() for b in calls[0]] if calls is not None else None
+    # the reference stream: the uncompressed model's inputs of each layer (layer 0's are the same)
+    reference = calls is not None and (paired or after_layer is not None)
+    ref_hidden = list(hidden) if reference else None
     report: list[dict[str, Any]] = []
     resumed = checkpoint.restore(layers) if checkpoint is not None else None
     first_layer = 0
     if resumed is not None:  # the layers a killed run finished, and the next one's inputs
         first_layer, hidden = resumed.start, [h.to(store) for h in resumed.hidden] if calls is not None else None
+        if reference:  # saved as one list: the compressed stream's batches, then the reference's
+            hidden, ref_hidden = hidden[:len(calls[0])], hidden[len(calls[0]):]
         report += resumed.report
         if profile is not None:
             profile.extend(resumed.profile)
@@ -533,7 +599,13 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
             else:
                 # layer i's own kwargs, fed the previous layer's (compressed) outputs
                 batches = [c.with_hidden(h) for c, h in zip(calls[i], hidden)]
-                hidden = _calibrate_layer(layer, batches, job, true_sequential, full_hessian, store, _rerun)
+                refs = None
+                if reference:  # the uncompressed layer on its own inputs, before it is compressed
+                    refs, ref_hidden = _reference_pass(layer, [c.with_hidden(h) for c, h in zip(calls[i], ref_hidden)],
+                                                       job, store, paired)
+                hidden = _calibrate_layer(layer, batches, job, true_sequential, full_hessian, store, _rerun, refs)
+                if after_layer is not None:
+                    hidden = _after_layer(after_layer, job, layer, batches, ref_hidden, store)
                 calls[i] = []  # this layer's kwargs are no longer needed
             if comm is not None:
                 comm.sum_routed(layer, routed_before, f"layer {i}'s routed-token counts")
@@ -546,7 +618,8 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
         if profile is not None:
             profile.append(job.clock.as_dict())
         if checkpoint is not None:
-            checkpoint.save(i, layer, hidden, report[first:], job.clock.as_dict())
+            checkpoint.save(i, layer, hidden + ref_hidden if reference else hidden, report[first:],
+                            job.clock.as_dict())
         errors = [r["rel_error"] for r in report[first:]] or [0.0]
         elapsed = time.time() - total
         log.info("%s layer %d/%d: %.1fs (forward %.1fs, Hessians %.1fs, compressor %.1fs), mean rel. error %.4g, "
@@ -619,8 +692,60 @@ class _LayerJob:
         return self.moe.min_tokens if name in self.roles else 0
 
 
+def _reference_pass(layer: nn.Module, batches: list[LayerBatch], job: "_LayerJob", store: torch.device,
+                    paired: bool) -> tuple[Optional[ReferenceInputs], list[torch.Tensor]]:
+    """The uncompressed layer over the reference stream: its Linears' inputs when `paired` (expert
+    Linears only when every token runs through every expert: routed tokens differ between the two
+    models, so they would not pair) and its outputs, the next layer's reference inputs."""
+    names = [n for n in job.linears if job.moe.all_experts or n not in job.roles] if paired else []
+    refs = ReferenceInputs(set(names)) if paired else None
+    current, kept = [0], {}  # the batch being run; id -> (input, stored copy) within it
+
+    def hook(name: str) -> Callable[..., None]:
+        def fn(_m: nn.Module, inp: tuple, _o: Any) -> None:
+            x = inp[0]
+            if id(x) not in kept:  # Linears reading one tensor (q/k/v, gate/up) keep one copy
+                kept[id(x)] = (x, x.detach().to(store))
+            refs.record(name, current[0], kept[id(x)][1])
+        return fn
+
+    handles = [job.linears[n].register_forward_hook(hook(n)) for n in names]
+    outputs = []
+    try:
+        with job.clock.timing("forward_seconds", job.device), \
+                expert_mode(layer, job.moe.all_experts and paired, count=False):
+            for b, batch in enumerate(batches):
+                current[0] = b
+                outputs.append(run_layer(layer, [batch], job.device, store)[0])
+                kept.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    job.clock.forwards += 1
+    return refs, outputs
+
+
+def _after_layer(hook: AfterLayer, job: "_LayerJob", layer: nn.Module, batches: list[LayerBatch],
+                 targets: list[torch.Tensor], store: torch.device) -> list[torch.Tensor]:
+    """The compressor's after-layer hook, then the layer's outputs again (its weights may have changed)."""
+    with job.clock.timing("after_layer_seconds", job.device):
+        job.clock.after_layer = hook(LayerOutputs(job.index, layer, batches, targets, job.linears,
+                                                  {n: f"{job.parent}.{job.index}.{n}" for n in job.linears},
+                                                  job.device))
+    if job.settle is not None:  # the hook's new weights as the model stores them, before the forwards
+        for linear in job.linears.values():
+            job.settle(linear)
+    with job.clock.timing("forward_seconds", job.device):
+        outputs = run_layer(layer, batches, job.device, store)
+    job.clock.forwards += 1
+    if not all(torch.isfinite(o).all() for o in outputs):
+        raise ShrinkError(f"layer {job.index}: NaN/inf activations after the after-layer step")
+    return outputs
+
+
 def _calibrate_layer(layer: nn.Module, batches: list[LayerBatch], job: _LayerJob, true_sequential: bool,
-                     full: bool, store: torch.device, rerun: bool) -> list[torch.Tensor]:
+                     full: bool, store: torch.device, rerun: bool,
+                     refs: Optional[ReferenceInputs] = None) -> list[torch.Tensor]:
     """Hessians, compression and the compressed layer's outputs (the next layer's inputs)."""
     device, clock, roles = job.device, job.clock, job.roles
     with clock.timing("forward_seconds", device), expert_mode(layer, job.moe.all_experts, count=False):
@@ -633,7 +758,7 @@ def _calibrate_layer(layer: nn.Module, batches: list[LayerBatch], job: _LayerJob
     # not where the activations themselves had to be offloaded for want of device memory.
     # Expert layers keep their own passes (all experts' gate/up in one, routed tokens counted).
     if true_sequential and not rerun and not irregular and not roles and store == device:
-        outputs = _lockstep_layer(layer, batches, groups, job, full, store)
+        outputs = _lockstep_layer(layer, batches, groups, job, full, store, refs)
     else:
         # torchrun: each Hessian summed along the ranks in window order (one process's sum, bit for bit)
         chain = job.add_in_order if job.comm is not None else None
@@ -645,9 +770,11 @@ def _calibrate_layer(layer: nn.Module, batches: list[LayerBatch], job: _LayerJob
             count = has_experts and not counted
             with expert_mode(layer, job.moe.all_experts and has_experts, count=count):
                 hessians = accumulate(layer, pass_groups, batches, device, full, job.linears, clock=clock,
-                                      chain=chain)
+                                      chain=chain, refs=refs)
             counted = counted or has_experts
             job.compress(pass_groups, hessians)
+            if refs is not None:
+                refs.drop([n for group in pass_groups for n in group])
         with clock.timing("forward_seconds", device):
             outputs = run_layer(layer, batches, device, store)
         clock.forwards += 1
@@ -657,17 +784,22 @@ def _calibrate_layer(layer: nn.Module, batches: list[LayerBatch], job: _LayerJob
 
 
 def _lockstep_layer(layer: nn.Module, batches: list[LayerBatch], groups: list[list[str]], job: _LayerJob,
-                    full: bool, store: torch.device) -> list[torch.Tensor]:
+                    full: bool, store: torch.device, refs: Optional[ReferenceInputs] = None) -> list[torch.Tensor]:
     """True-sequential in one forward per batch: each group is compressed when every batch
     has reached its first Linear (engine.lockstep); the forwards then end with the layer's
-    compressed outputs."""
-    accs = _accumulators(job.linears, groups, job.device, full)
+    compressed outputs. Each pause observes the batches in order, so with `refs` the b-th
+    input a group sees pairs with batch b's reference input."""
+    accs = _accumulators(job.linears, groups, job.device, full, refs)
     clock = job.clock
 
     seen: dict[int, list[torch.Tensor]] = {}  # torchrun: this rank's inputs, summed in order over the ranks
     observed = [0.0]  # seconds of x^T x inside the batches' forwards
+    arrived = [0] * len(groups)  # batches observed so far at each pause
 
     def observe(stage: int, x: torch.Tensor) -> None:
+        if refs is not None:
+            x = refs.pair(accs[stage], groups[stage][0], arrived[stage], x)
+            arrived[stage] += 1
         if job.comm is not None:
             seen.setdefault(stage, []).append(x)
             return
@@ -681,6 +813,8 @@ def _lockstep_layer(layer: nn.Module, batches: list[LayerBatch], groups: list[li
             with clock.timing("hessian_seconds", job.device):
                 job.add_in_order(accs[stage], seen.pop(stage, []))
         job.compress([groups[stage]], {name: accs[stage] for name in groups[stage]})
+        if refs is not None:
+            refs.drop(groups[stage])
 
     def forward(batch: LayerBatch) -> Callable[[], torch.Tensor]:
         return lambda: run_layer(layer, [batch], job.device, store)[0]

@@ -15,6 +15,12 @@ changes nothing mathematically; the tests compare against an unblocked loop.
 The callers decide what happens per column through two hooks: a mask rule (SparseGPT
 picks which weights to prune from the OBS saliency w^2 / d^2 of the weights as they
 stand) and a column quantizer (GPTQ grids, possibly fitted lazily per group).
+
+Asymmetric calibration (GPTAQ, Li et al. 2025): when the layer should reproduce W X~ (X~ its
+inputs in the full-precision model) from its inputs X in the compressed model, each column's
+weight w also owes w dX_i, which the later columns take on: with P = alpha triu(dXXT Hinv^T, 1)
+Hinv (dXXT = (X~ - X) X^T, quant.gptq.asymmetric_update), fixing column i adds w_i P[i, j] to
+every later column j, w_i its value when it is fixed. Lazily too: the block's w_i are kept.
 Imports only torch.
 """
 from __future__ import annotations
@@ -89,6 +95,7 @@ def obs_sweep(
     choose: MaskRule | None = None,
     choose_every: int = 0,
     quantizer: ColumnQuantizer | None = None,
+    P: torch.Tensor | None = None,
 ) -> SweepResult:
     """One OBS pass over the columns of W (already in sweep order; updated in place).
 
@@ -101,6 +108,8 @@ def obs_sweep(
     its mask is added (SparseGPT: choose_every = block_size for the per-block
     unstructured choice, M for N:M). choose_every must divide block_size so a decision
     never straddles a block. quantizer: rounds each non-pruned column onto its grid.
+    P: the asymmetric-calibration update ([cols, cols] or [B, cols, cols], sweep order, strictly
+    upper triangular; see the module docstring), None for the plain OBS sweep.
     """
     cols = W.shape[-1]
     if W.ndim not in (2, 3) or Hinv.shape[:-2] != W.shape[:-2]:
@@ -108,6 +117,8 @@ def obs_sweep(
                          f"or [B, rows, cols] + [B, cols, cols]")
     if choose is not None and W.ndim != 2:
         raise ValueError("a mask rule needs a single matrix (W 2-D)")
+    if P is not None and P.shape != Hinv.shape:
+        raise ValueError(f"P {tuple(P.shape)} must have the shape of Hinv {tuple(Hinv.shape)}")
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     if choose is not None and (choose_every <= 0 or block_size % choose_every):
@@ -121,6 +132,7 @@ def obs_sweep(
         i2 = min(i1 + block_size, cols)
         W1 = W[..., i1:i2].clone()  # fully up to date: earlier blocks' lazy updates applied
         Err1 = torch.zeros_like(W1)
+        Pre1 = torch.zeros_like(W1) if P is not None else None  # each column's value when fixed
         Hinv1 = Hinv[..., i1:i2, i1:i2]
         for i in range(i1, i2):
             j = i - i1
@@ -130,7 +142,7 @@ def obs_sweep(
                 mask[:, i:stop] |= choose(saliency, i)
             if refit and i % refit == 0:
                 stop = min(i + refit, cols)
-                current = _current(W, W1, Err1, Hinv, i1, i, stop)
+                current = _current(W, W1, Err1, Hinv, i1, i, stop, Pre1, P)
                 # Pruned weights will be 0, which every grid holds: leave them out of
                 # the min/max so they do not stretch it.
                 current = current.masked_fill(mask[..., i:stop], 0)
@@ -141,16 +153,21 @@ def obs_sweep(
                 q = quantizer(i, q.reshape(-1)).reshape(q.shape).masked_fill(mask[..., i], 0)
             err = (w - q) / Hinv1[..., j, j].unsqueeze(-1)
             losses += (err * err).sum(-1)
+            if P is not None:  # P[i, i] = 0: column i itself is left as it is
+                Pre1[..., j] = w
+                W1[..., j:] += Pre1[..., j].unsqueeze(-1) * P[..., i, i:i2].unsqueeze(-2)
             W1[..., j:] -= err.unsqueeze(-1) * Hinv1[..., j, j:].unsqueeze(-2)
             Q[..., i] = q
             Err1[..., j] = err
         W[..., i2:] -= Err1 @ Hinv[..., i1:i2, i2:]  # the deferred (lazy) update, one GEMM
+        if P is not None:
+            W[..., i2:] += Pre1 @ P[..., i1:i2, i2:]
     return SweepResult(Q, mask, float(losses.sum()) / 2, (losses.reshape(-1) / 2).tolist())
 
 
 def _current(
     W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, Hinv: torch.Tensor,
-    i1: int, i: int, stop: int,
+    i1: int, i: int, stop: int, Pre1: torch.Tensor | None = None, P: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Columns i..stop as they stand when the sweep reaches column i.
 
@@ -163,4 +180,6 @@ def _current(
     if stop <= i2:
         return inside.clone()
     later = W[..., i2:stop] - Err1[..., : i - i1] @ Hinv[..., i1:i, i2:stop]
+    if P is not None:
+        later = later + Pre1[..., : i - i1] @ P[..., i1:i, i2:stop]
     return torch.cat([inside, later], dim=-1)

@@ -4,9 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from engine.config import OPEN_FRACTION, POSITIVE, ROUTER_PATTERNS, Range, check_ranges
+from engine.config import NON_NEGATIVE, OPEN_FRACTION, POSITIVE, ROUTER_PATTERNS, Range, check_ranges
 from engine.errors import ShrinkError
-from quant.grid import SUPPORTED_BITS
+from quant.grid import SUPPORTED_BITS, ScaleSearch
 
 
 @dataclass
@@ -42,6 +42,28 @@ class QuantConfig:
     lm_head: bool = False
     embed_bits: Optional[int] = None
     embed_group_size: int = 32
+    # Each group's clipping range chosen by grid search (quant/grid.py): null (min/max) | mse (the
+    # shrunk range with the least sum |w - q|^scale_norm, as gptqmodel's mse) | hessian (GPTQ only:
+    # each column's error weighted by the sweep's OBS cost 1/[Hinv]_jj^2). Candidates: the min/max
+    # range times p = 1 - k/scale_steps, k < scale_max_shrink * scale_steps. Same packing.
+    scale_search: Optional[str] = None
+    scale_steps: int = 100
+    scale_max_shrink: float = 0.8
+    scale_norm: float = 2.0
+    # GPTAQ (asymmetric calibration, GPTQ only): each Linear also sees its inputs in the
+    # full-precision model and takes on, with strength gptaq_alpha, the error the compressed
+    # layers before it put into its inputs. Costs a second stream of activations and 3x the
+    # x^T x products.
+    gptaq: bool = False
+    gptaq_alpha: float = 0.25
+    # Block-output refinement (quant/refine.py, GPTQ only, one process): after each decoder
+    # layer's GPTQ solve, refine_steps signed-gradient steps on every weight's rounding and every
+    # group's scale for the layer's output error against the full-precision model's, on
+    # refine_windows calibration windows a step, the step size decaying from refine_lr to 0.
+    # 0 steps: off. Same packing.
+    refine_steps: int = 0
+    refine_lr: float = 0.005
+    refine_windows: int = 2
 
 
 def packs_ends(quant: "QuantConfig") -> bool:
@@ -51,9 +73,12 @@ def packs_ends(quant: "QuantConfig") -> bool:
 
 
 METHODS = ("gptq", "rtn")
+SCALE_SEARCHES = ("mse", "hessian")
 EXPORT_DTYPES = ("float16", "bfloat16", "float32")
 # transformers and gptqmodel refuse a checkpoint whose damp_percent is outside (0, 1)
-RANGES: dict[str, Range] = {"damp": OPEN_FRACTION, "block_size": POSITIVE}
+RANGES: dict[str, Range] = {"damp": OPEN_FRACTION, "block_size": POSITIVE, "gptaq_alpha": Range(0, 1, open_low=True),
+                             "refine_steps": NON_NEGATIVE, "refine_lr": Range(0, 0.5, open_low=True),
+                             "refine_windows": Range(1)}
 EXPORT_FORMATS = ("auto", "gptq", "awq")
 
 
@@ -75,6 +100,10 @@ def check_quant_config(quant: QuantConfig) -> None:
         raise ShrinkError(f"quant.embed_group_size: {quant.embed_group_size} must be -1 or positive")
     check_ranges(quant, "quant", RANGES)
     check_export_format(quant)
+    check_scale_search(quant)
+    for key in ("gptaq", "refine_steps"):  # both work on the calibration data GPTQ gets
+        if getattr(quant, key) and quant.method != "gptq":
+            raise ShrinkError(f"quant.{key}: needs calibration (quant.method=gptq, not {quant.method})")
 
 
 def check_export_format(quant: QuantConfig) -> None:
@@ -103,3 +132,23 @@ def export_format(quant: QuantConfig) -> str:
     awq = (quant.bits == 4 and not quant.sym and quant.group_size > 0 and not packs_ends(quant)
            and not (quant.act_order and quant.method == "gptq" and not quant.static_groups))
     return "awq" if awq else "gptq"
+
+
+def check_scale_search(quant: QuantConfig) -> None:
+    if quant.scale_search is not None and quant.scale_search not in SCALE_SEARCHES:
+        raise ShrinkError(f"quant.scale_search: {quant.scale_search!r} is not one of "
+                          f"{' | '.join(SCALE_SEARCHES)} | null")
+    if quant.scale_search == "hessian" and quant.method != "gptq":
+        raise ShrinkError("quant.scale_search: hessian weights by the GPTQ sweep's Hessian; with "
+                          f"quant.method={quant.method} use mse")
+    problem = ScaleSearch(quant.scale_steps, quant.scale_max_shrink, quant.scale_norm).problem()
+    if problem is not None:
+        raise ShrinkError(f"quant.scale_{problem[0]}: {problem[1]}")
+
+
+def scale_search(quant: "QuantConfig") -> Optional[ScaleSearch]:
+    """The grid search quant.scale_search asks for (None: min/max)."""
+    if quant.scale_search is None:
+        return None
+    return ScaleSearch(quant.scale_steps, quant.scale_max_shrink, quant.scale_norm,
+                       weighted=quant.scale_search == "hessian")

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from quant.config import QuantConfig, packs_ends
+from quant.config import QuantConfig, packs_ends, scale_search
 from quant.ends import check_ends, ends_config, quantize_ends
 from quant.export import export_float_dtype, install_quantized, quantization_config
 from quant.streaming import streamed_export
 from quant.gptq import QuantResult, gptq_quantize, gptq_quantize_batch, rtn_quantize
 from quant.pack import pack_result
-from engine.calibration import (LinearJob, add_compressor_seconds, calibration_dtype, calibration_facts, compress_model,
-                                record_coverage)
+from engine.calibration import (LayerOutputs, LinearJob, add_compressor_seconds, calibration_dtype, calibration_facts,
+                                compress_model, record_coverage)
+from quant.refine import RefineSettings, refine_layer
 from engine.modeling import set_weight_matrix, weight_matrix
 from engine.weights import MODEL_DTYPE_HINT, narrow
 
@@ -29,14 +31,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, quant: QuantConfig) -> QuantResult:
-    """GPTQ with H, RTN without (quant.method=rtn, or an expert with too few tokens)."""
+def quantize_linear(W: torch.Tensor, H: torch.Tensor | None, quant: QuantConfig,
+                    cross: torch.Tensor | None = None) -> QuantResult:
+    """GPTQ with H, RTN without (quant.method=rtn, or an expert with too few tokens); GPTAQ with
+    the cross term of the reference stream (quant.gptaq)."""
     mask = W == 0  # zeros of a pruned model stay zero (every grid holds 0 exactly)
     mask = mask if bool(mask.any()) else None
-    if quant.method == "rtn" or H is None:
-        return rtn_quantize(W, quant.bits, quant.group_size, quant.sym)
+    if quant.method == "rtn" or H is None:  # (a weighted search has no Hessian to weight by here)
+        search = scale_search(quant)
+        search = replace(search, weighted=False) if search is not None else None
+        return rtn_quantize(W, quant.bits, quant.group_size, quant.sym, search=search)
     return gptq_quantize(W, H, quant.bits, quant.group_size, quant.sym, quant.act_order, quant.static_groups,
-                         quant.damp, quant.block_size, mask=mask)
+                         quant.damp, quant.block_size, mask=mask, search=scale_search(quant),
+                         dXXT=cross if quant.gptaq else None, alpha=quant.gptaq_alpha)
 
 
 def quantize_stage(state: "RunState") -> dict[str, Any]:
@@ -49,6 +56,8 @@ def quantize_stage(state: "RunState") -> dict[str, Any]:
     packed: dict[str, dict[str, torch.Tensor]] = {}
 
     solved: dict[str, QuantResult] = {}  # batch members solved ahead of their own job
+    refine = RefineSettings(quant.refine_steps, quant.refine_lr, quant.refine_windows) if quant.refine_steps else None
+    kept: dict[str, QuantResult] = {}  # with refinement: the layer's results until it is refined
 
     def compressor(job: LinearJob) -> dict[str, Any]:
         W = weight_matrix(job.module)
@@ -56,18 +65,31 @@ def quantize_stage(state: "RunState") -> dict[str, Any]:
         if job.full_name not in solved and len(job.batch or []) > 1 and quant.method == "gptq" and not quant.act_order:
             # the experts of one block in one sweep; zeros of a pruned model stay zero
             Ws = [weight_matrix(j.module).float() for j in job.batch]
+            crosses = [j.cross for j in job.batch]
             results = gptq_quantize_batch(Ws, [j.hessian.H for j in job.batch], quant.bits, quant.group_size,
                                           quant.sym, quant.static_groups, quant.damp, quant.block_size,
-                                          [w == 0 if bool((w == 0).any()) else None for w in Ws])
+                                          [w == 0 if bool((w == 0).any()) else None for w in Ws],
+                                          search=scale_search(quant), alpha=quant.gptaq_alpha,
+                                          dXXTs=crosses if quant.gptaq and None not in crosses else None)
             solved.update({j.full_name: r for j, r in zip(job.batch, results)})
         result = solved.pop(job.full_name, None)
         if result is None:
-            result = quantize_linear(W.float(), job.hessian.H if job.hessian is not None else None, quant)
+            result = quantize_linear(W.float(), job.hessian.H if job.hessian is not None else None, quant, job.cross)
         swept = time.perf_counter()
         set_weight_matrix(job.module, narrow(result.Q, W.dtype, job.full_name, "model.dtype", MODEL_DTYPE_HINT))
         packed[job.full_name] = pack_result(result, job.module)
+        if refine is not None:
+            kept[job.full_name] = result
         return {"gptq_error": result.error, "damp": result.damp_fraction,
                 "sweep_seconds": swept - start, "pack_seconds": time.perf_counter() - swept}
+
+    def refine_after(out: LayerOutputs) -> dict[str, Any]:
+        """The layer's GPTQ results refined on its outputs (quant/refine.py) and packed again."""
+        stats = refine_layer(out, kept, refine)
+        for name, full in out.full_names.items():
+            if full in kept:
+                packed[full] = pack_result(kept.pop(full), out.linears[name])
+        return stats
 
     windows = state.calibration() if quant.method == "gptq" else None
     calib_dtype = calibration_dtype(state.cfg.data.calib.dtype, state.device)
@@ -81,8 +103,10 @@ def quantize_stage(state: "RunState") -> dict[str, Any]:
                                 offload_activations=quant.offload_activations,
                                 label=f"{quant.method} {quant.bits}-bit", skip=quant.skip, moe=state.cfg.moe,
                                 min_coverage=state.cfg.min_coverage, profile=profile, stream=stream,
-                                checkpoint=state.layer_checkpoint,
+                                checkpoint=state.layer_checkpoint, paired=bool(quant.gptaq),
+                                after_layer=refine_after if refine is not None else None,
                                 comm=state.comm.sharing(packed) if state.comm is not None else None, dtype=calib_dtype)
+    kept.clear()  # (the ends below are not refined)
     end_report = []
     if stream is None:
         state.quantization_config = install_quantized(state.model, packed, quant)

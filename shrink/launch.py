@@ -90,6 +90,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         together = compresses_together(cfg)
         if together and "quantize" in cfg.pipeline.stages and packs_ends(cfg.quant):
             raise ShrinkError("quant.lm_head / quant.embed_bits: not under torchrun yet; run in one process")
+        if together and "quantize" in cfg.pipeline.stages and cfg.quant.refine_steps:
+            raise ShrinkError("quant.refine_steps: the block refinement runs in one process, not under torchrun")
         if rank == 0:
             from shrink.pipeline import run_pipeline
 

@@ -26,8 +26,9 @@ def ref_hinv(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def ref_gptq(W, H, bits, group_size=-1, sym=False, act_order=False, static=False, damp=0.01,
-             mask=None):
-    """Textbook GPTQ: one column at a time, full row-of-Hinv updates, no lazy blocks."""
+             mask=None, search=None, weight=None):
+    """Textbook GPTQ: one column at a time, full row-of-Hinv updates, no lazy blocks (grids fitted
+    with `search`, its error weighted by `weight` [cols] in original column order)."""
     W, H = W.clone(), H.clone()
     rows, cols = W.shape
     dead = torch.diagonal(H) == 0
@@ -39,7 +40,8 @@ def ref_gptq(W, H, bits, group_size=-1, sym=False, act_order=False, static=False
     size = cols if group_size == -1 else group_size
     fixed = {}
     if group_size == -1 or static:
-        fixed = {g: fit_grid(W.masked_fill(mask, 0)[:, g * size:(g + 1) * size], bits, sym)
+        fixed = {g: fit_grid(W.masked_fill(mask, 0)[:, g * size:(g + 1) * size], bits, sym, search,
+                             None if weight is None else weight[g * size:(g + 1) * size])
                  for g in range(-(-cols // size))}  # ceil: a shorter last group
     W, H, mask = W[:, perm], H[perm][:, perm], mask[:, perm]
     U = ref_hinv(H, damp)
@@ -49,7 +51,8 @@ def ref_gptq(W, H, bits, group_size=-1, sym=False, act_order=False, static=False
     for i in range(cols):
         if not fixed and i % size == 0:
             sl = slice(i, i + size)
-            grids[i // size] = fit_grid(W[:, sl].masked_fill(mask[:, sl], 0), bits, sym)
+            grids[i // size] = fit_grid(W[:, sl].masked_fill(mask[:, sl], 0), bits, sym, search,
+                                        None if weight is None else weight[perm][sl])
         g = int(perm[i]) // size if fixed else i // size
         w = W[:, i].clone()
         c = quantize_codes(w.masked_fill(mask[:, i], 0)[:, None], grids[g])[:, 0]

@@ -32,6 +32,9 @@ CASES = {
     "prune_quantize_llama": ("llama", ["pipeline=prune_quantize", "prune=sparsegpt_2of4", "quant.group_size=32"],
                              (SAVE, "after:5", "KILL"), 2),
     "gptq_mixtral": ("mixtral", ["pipeline=quantize", "quant.group_size=32"], (SAVE, "after:1", "KILL"), 2),
+    # GPTAQ: the reference stream's hidden states are restored too
+    "gptaq_llama": ("llama", ["pipeline=quantize", "quant.group_size=32", "quant.gptaq=true"],
+                    (SAVE, "after:2", "KILL"), 3),
 }
 
 
