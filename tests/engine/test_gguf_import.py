@@ -40,7 +40,9 @@ def test_default_job_imports_once_then_quantizes_and_exports(tmp_path, monkeypat
     assert 5 < base < 200  # a real pretrained model, not random (~8000+)
     assert 0.9 * base < ppl < 1.5 * base and ppl != base  # 4-bit changes the model a little
     exported = json.loads((out / "model" / "config.json").read_text())["quantization_config"]
-    assert (exported["quant_method"], exported["bits"], exported["group_size"]) == ("gptq", 4, 128)
+    # the default asymmetric 4-bit grid is written in AWQ's layout (vLLM serves it); 576 inputs are not a
+    # multiple of 128, so its groups are written as groups of 64, each 128-group's scale and zero twice
+    assert (exported["quant_method"], exported["bits"], exported["group_size"]) == ("awq", 4, 64)
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     assert import_gguf(SPEC, folder) == folder  # cached: not imported again
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp

@@ -2,6 +2,7 @@
 lower the layer's output error, and the stage's exports reload, stream and resume like GPTQ's."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -123,11 +124,15 @@ def test_pruned_zeros_stay_zero(tmp_path, tiny_model_dir) -> None:
     folder = tiny_model_dir("llama")
     run_shrink(["pipeline=prune_quantize", f"model.path={folder}", "prune=sparsegpt_2of4", "quant.group_size=32",
                 "quant.refine_steps=6", *tiny_data_overrides()], tmp_path / "run")
+    from quant.layout import from_disk
     from quant.pack import dequantize_gptq
 
-    t = tensors(tmp_path / "run" / "model")
+    qcfg = json.loads((tmp_path / "run" / "model" / "config.json").read_text())["quantization_config"]
+    t = from_disk(tensors(tmp_path / "run" / "model"), qcfg)  # GPTQ tensors whatever the layout
     base = "model.layers.1.mlp.down_proj"
-    W = dequantize_gptq(t[f"{base}.qweight"], t[f"{base}.qzeros"], t[f"{base}.scales"], t[f"{base}.g_idx"], 4)
+    fmt = "gptq_v2" if qcfg["quant_method"] == "awq" else "gptq"  # from_disk gives v2 zero points
+    W = dequantize_gptq(t[f"{base}.qweight"], t[f"{base}.qzeros"], t[f"{base}.scales"], t[f"{base}.g_idx"], 4,
+                        checkpoint_format=fmt)
     zeros = (W == 0).reshape(W.shape[0], -1, 4).sum(-1)
     assert bool((zeros >= 2).all())  # 2:4: at least two zeros in every four inputs
 

@@ -324,7 +324,7 @@ ROWS = [
     Row("tied_but_different_head", model("untied_head"), "'lm_head.weight' differs from 'model.embed_tokens.weight'"),
     Row("config_without_a_size", model("no_hidden_size"), "has no 'hidden_size'", before_model=True),
     Row("no_tokenizer", model("no_tokenizer"), "has no tokenizer", before_model=True),
-    Row("quantize_a_gptq_folder", quantize("gptq"), "is already quantized (gptq, 4-bit"),
+    Row("quantize_a_gptq_folder", quantize("gptq"), "is already quantized (awq, 4-bit"),  # the default layout
     Row("quantize_a_gptq_folder_any_coverage", quantize("gptq", "min_coverage=0"), "is already quantized"),
     Row("prune_a_gptq_folder", stage("prune", "gptq"), "prune needs the floating-point model"),
     Row("prune_after_quantize", stage("quantize", "good", "pipeline.stages=[quantize,prune,eval]"),
