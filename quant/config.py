@@ -75,10 +75,10 @@ def packs_ends(quant: "QuantConfig") -> bool:
 METHODS = ("gptq", "rtn")
 SCALE_SEARCHES = ("mse", "hessian")
 EXPORT_DTYPES = ("float16", "bfloat16", "float32")
-# transformers and gptqmodel refuse a checkpoint whose damp_percent is outside (0, 1)
-RANGES: dict[str, Range] = {"damp": OPEN_FRACTION, "block_size": POSITIVE, "gptaq_alpha": Range(0, 1, open_low=True),
-                             "refine_steps": NON_NEGATIVE, "refine_lr": Range(0, 0.5, open_low=True),
-                             "refine_windows": Range(1)}
+RANGES: dict[str, Range] = {
+    "damp": OPEN_FRACTION,  # transformers and gptqmodel refuse a checkpoint whose damp_percent is outside (0, 1)
+    "block_size": POSITIVE, "gptaq_alpha": Range(0, 1, open_low=True), "refine_steps": NON_NEGATIVE,
+    "refine_lr": Range(0, 0.5, open_low=True), "refine_windows": Range(1)}
 EXPORT_FORMATS = ("auto", "gptq", "awq")
 
 
@@ -106,32 +106,34 @@ def check_quant_config(quant: QuantConfig) -> None:
             raise ShrinkError(f"quant.{key}: needs calibration (quant.method=gptq, not {quant.method})")
 
 
+def awq_refusal(quant: QuantConfig) -> Optional[str]:
+    """Why AWQ's GEMM layout cannot hold these settings' result exactly (None: it can)."""
+    if quant.bits != 4:
+        return f"awq holds 4-bit codes only (quant.bits={quant.bits}); use gptq"
+    if quant.group_size <= 0:
+        return "awq needs groups (quant.group_size > 0)"
+    if quant.act_order and quant.method == "gptq" and not quant.static_groups:
+        return "awq has no g_idx for act-order groups; set quant.static_groups=true or use gptq"
+    if packs_ends(quant):
+        return "awq cannot hold packed ends (quant.lm_head / quant.embed_bits); use gptq"
+    return None
+
+
 def check_export_format(quant: QuantConfig) -> None:
     """quant.export_format=awq only where AWQ's GEMM layout holds the result exactly."""
     fmt = quant.export_format
     if fmt not in EXPORT_FORMATS:
         raise ShrinkError(f"quant.export_format: {fmt!r} is not one of {' | '.join(EXPORT_FORMATS)}")
-    if fmt != "awq":
-        return
-    if quant.bits != 4:
-        raise ShrinkError(f"quant.export_format: awq holds 4-bit codes only (quant.bits={quant.bits}); use gptq")
-    if quant.group_size <= 0:
-        raise ShrinkError("quant.export_format: awq needs groups (quant.group_size > 0)")
-    if quant.act_order and quant.method == "gptq" and not quant.static_groups:
-        raise ShrinkError("quant.export_format: awq has no g_idx for act-order groups; "
-                          "set quant.static_groups=true or use gptq")
-    if packs_ends(quant):
-        raise ShrinkError("quant.export_format: awq cannot hold packed ends (quant.lm_head / quant.embed_bits); "
-                          "use gptq")
+    refusal = awq_refusal(quant) if fmt == "awq" else None
+    if refusal is not None:
+        raise ShrinkError(f"quant.export_format: {refusal}")
 
 
 def export_format(quant: QuantConfig) -> str:
     """gptq or awq: quant.export_format with auto resolved (see the field's comment)."""
     if quant.export_format != "auto":
         return quant.export_format
-    awq = (quant.bits == 4 and not quant.sym and quant.group_size > 0 and not packs_ends(quant)
-           and not (quant.act_order and quant.method == "gptq" and not quant.static_groups))
-    return "awq" if awq else "gptq"
+    return "awq" if not quant.sym and awq_refusal(quant) is None else "gptq"
 
 
 def check_scale_search(quant: QuantConfig) -> None:
