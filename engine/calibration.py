@@ -46,6 +46,7 @@ from engine.hessian import HessianAccumulator, HessianError
 from engine.layer_checkpoint import LayerCheckpoint
 from engine.lockstep import Lockstep, available_memory
 from engine.modeling import find_decoder_layers, find_linears, weight_matrix
+from engine.weights import MODEL_DTYPE_HINT, narrow
 from engine.reference import ReferenceInputs, reference_of
 
 log = logging.getLogger(__name__)
@@ -493,10 +494,11 @@ def calibration_facts(dtype: Optional[torch.dtype], device: torch.device) -> dic
 
 @contextmanager
 def calibrating(layer: nn.Module, device: torch.device,
-                dtype: Optional[torch.dtype]) -> Iterator[Callable[[nn.Module], None]]:
+                dtype: Optional[torch.dtype]) -> Iterator[Callable[[nn.Module, str], None]]:
     """The layer on `device` while it is calibrated, its floating parameters and buffers in `dtype`
-    (None: as they are); after, on the CPU, each in its own dtype again. Yields settle(module),
-    which rounds a module's parameters to the dtypes they are stored in: a compressed Linear's
+    (None: as they are); after, on the CPU, each in its own dtype again. Yields settle(module, name),
+    which rounds a module's parameters to the dtypes they are stored in (refusing, in one line
+    naming the tensor, a value beyond that dtype's range): a compressed Linear's
     new weights, before the forwards go on through it, are then exactly those the model keeps.
 
     Why float64 (the default on the CPU): the BLAS and ATen kernels a machine picks (AVX-512 or
@@ -512,10 +514,11 @@ def calibrating(layer: nn.Module, device: torch.device,
         for t in tensors:
             t.data = t.data.to(dtype)
 
-    def settle(module: nn.Module) -> None:
-        for p in module.parameters():
-            if own.get(id(p), p.dtype) != p.dtype:
-                p.data.copy_(p.data.to(own[id(p)]))
+    def settle(module: nn.Module, name: str) -> None:
+        for leaf, p in module.named_parameters():
+            stored = own.get(id(p), p.dtype)
+            if stored != p.dtype:
+                p.data.copy_(narrow(p.data, stored, f"{name}.{leaf}", "model.dtype", MODEL_DTYPE_HINT))
 
     try:
         yield settle
@@ -652,7 +655,7 @@ class _LayerJob:
     report: list[dict[str, Any]]
     comm: Optional[CalibComm] = None  # torchrun: Hessians summed onto owners, results shared
     lockstep_memory: Optional[int] = None  # bytes paused forwards may keep (None: automatic)
-    settle: Optional[Callable[[nn.Module], None]] = None  # rounds a compressed Linear to its stored dtype
+    settle: Optional[Callable[[nn.Module, str], None]] = None  # rounds a compressed Linear to its stored dtype
 
     def __post_init__(self) -> None:
         self.clock = LayerProfile(self.index)
@@ -733,8 +736,8 @@ def _after_layer(hook: AfterLayer, job: "_LayerJob", layer: nn.Module, batches: 
                                                   {n: f"{job.parent}.{job.index}.{n}" for n in job.linears},
                                                   job.device))
     if job.settle is not None:  # the hook's new weights as the model stores them, before the forwards
-        for linear in job.linears.values():
-            job.settle(linear)
+        for name, linear in job.linears.items():
+            job.settle(linear, f"{job.parent}.{job.index}.{name}")
     with job.clock.timing("forward_seconds", job.device):
         outputs = run_layer(layer, batches, job.device, store)
     job.clock.forwards += 1
@@ -895,10 +898,10 @@ def _make_job(i: int, n: int, parent: str, name: str, module: nn.Module, acc: Op
 
 
 def compress_one(job: LinearJob, compressor: Compressor, min_tokens: int = 0,
-                 settle: Optional[Callable[[nn.Module], None]] = None) -> dict[str, Any]:
+                 settle: Optional[Callable[[nn.Module, str], None]] = None) -> dict[str, Any]:
     """Run the compressor on one job; its report entry (error relative to the data, seconds, the
     compressor's figures). A non-positive-definite Hessian or a kernel's refusal is one ShrinkError.
-    `settle(module)` then rounds the new weights to the dtype they are stored in (see `calibrating`)."""
+    `settle(module, name)` then rounds the new weights to the dtype they are stored in (see `calibrating`)."""
     i, name, full, module, acc = job.layer_index, job.name, job.full_name, job.module, job.hessian
     seen, fallback = job.stat_tokens, job.fallback
     W0 = weight_matrix(module).clone()
@@ -910,7 +913,7 @@ def compress_one(job: LinearJob, compressor: Compressor, min_tokens: int = 0,
     except ValueError as exc:  # kernels validate shapes/options with ValueError
         raise ShrinkError(f"{full}: {exc}") from exc
     if settle is not None:
-        settle(module)
+        settle(module, full)
     rel = relative_error(W0, weight_matrix(module), acc)
     entry = {"layer": i, "name": name, "full_name": full, "seconds": time.time() - start, "rel_error": rel, **stats,
              "fingerprint": linear_fingerprint(module, acc)}
