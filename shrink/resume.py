@@ -154,8 +154,7 @@ class RunFolder:
             self.out.mkdir(parents=True, exist_ok=True)
             self.lock.acquire()
             (self.out / FAILED).unlink(missing_ok=True)  # this run replaces the failed one
-        except FolderBusy as exc:
-            self._restore()
+        except FolderBusy as exc:  # out is the other run's: nothing of it is ours to put back
             raise ShrinkError(f"out: {exc}; a second run must not write the same out (wait for it, "
                               f"or choose another out)") from None
         except OSError as exc:
@@ -176,10 +175,16 @@ class RunFolder:
         return False
 
     def _restore(self) -> None:
-        """Put out back as it was: remove what this run added (all of it if it made out)."""
+        """Put out back as it was: remove what this run added (all of out if it made it, and the
+        folders it made above out that nothing else has entered since)."""
         try:
             if self.made is not None:
-                shutil.rmtree(self.made, ignore_errors=True)
+                shutil.rmtree(self.out, ignore_errors=True)
+                # the folders made above out, while empty: a run started beside this one keeps its own
+                for parent in self.out.absolute().parents:
+                    if not parent.is_relative_to(self.made.absolute()) or any(parent.iterdir()):
+                        break
+                    parent.rmdir()
             elif self.out.is_dir():
                 for name in set(os.listdir(self.out)) - self.before - {LOCK_NAME}:
                     path = self.out / name

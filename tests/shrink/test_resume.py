@@ -78,3 +78,29 @@ def test_resume_skips_finished_stages_and_ends_where_an_uninterrupted_run_ends(t
     assert not (out / "checkpoints").exists()
     with pytest.raises(ShrinkError, match="finished run"):
         run_shrink(prune_quantize(folder), out)
+
+
+def test_a_failed_run_removes_only_the_folders_it_made(tmp_path) -> None:
+    """out=new/x/a fails while a run beside it writes new/x/b: a's folder goes, b's and the
+    folders b still needs stay; a busy out (another run's lock) is left as that run has it."""
+    from shrink.resume import RunFolder
+
+    a, b = tmp_path / "new" / "x" / "a", tmp_path / "new" / "x" / "b"
+    with pytest.raises(RuntimeError):
+        with RunFolder(a):
+            b.mkdir()
+            (b / "progress.json").write_text("{}")  # the other run's work
+            (a / "partial").write_text("x")
+            raise RuntimeError("stage failed")
+    assert not a.exists() and (b / "progress.json").is_file()
+
+    with RunFolder(b):
+        with pytest.raises(ShrinkError, match="a second run must not write the same out"):
+            with RunFolder(b):
+                pass
+        assert (b / "progress.json").is_file()
+    lone = tmp_path / "lone" / "deep"
+    with pytest.raises(RuntimeError):
+        with RunFolder(lone):
+            raise RuntimeError("stage failed")
+    assert not (tmp_path / "lone").exists()
