@@ -17,7 +17,8 @@ from distill.architecture import depth_config, student_config
 from distill.capture import attention_shape
 from distill.plan import parse_loss
 from distill.student import kept_layers
-from engine.errors import ShrinkError
+from engine.errors import ShrinkError, first_line
+from engine.modeling import read_config
 
 
 def check_shapes(distill: Any, configs: dict[str, PretrainedConfig]) -> None:
@@ -44,7 +45,7 @@ def student_shape(distill: Any, teacher: PretrainedConfig, trust_remote_code: bo
         folder = Path(student.path or "").expanduser()
         if not (folder / "config.json").is_file():
             return None
-        return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        return folder_config(folder, "distill.student.path", trust_remote_code)
     n_teacher = teacher.num_hidden_layers
     if student.init == "scratch":
         return student_config(teacher, student, list(range(student.num_layers or n_teacher)))
@@ -58,6 +59,16 @@ def check_distill_models(distill: Any, model_path: str, trust_remote_code: bool 
     folder = Path(model_path).expanduser()
     if not (folder / "config.json").is_file():
         return
-    teacher = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    teacher = folder_config(folder, "model.path", trust_remote_code)
     student = student_shape(distill, teacher, trust_remote_code)
     check_shapes(distill, {"teacher": teacher, **({"student": student} if student is not None else {})})
+
+
+def folder_config(folder: Path, key: str, trust_remote_code: bool) -> PretrainedConfig:
+    """A model folder's config, or one line naming `key` where config.json is not one
+    (read_config's checks first: transformers' own errors name no setting)."""
+    read_config(folder, key)
+    try:
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ShrinkError(f"{key}: {folder}: {first_line(exc)}") from None

@@ -31,7 +31,7 @@ from torch import nn
 
 from engine.errors import ShrinkError
 from engine.files import atomic_path
-from engine.modeling import is_quantized_folder, read_config
+from engine.modeling import is_quantized_folder, load_tokenizer, read_config
 from quant.pack import uniform_groups, unpack_gptq
 from quant.qlinear import QuantEmbedding, QuantLinear
 
@@ -194,7 +194,9 @@ def write_gguf(folder: Path, out: Path, tokenizer_pre: Optional[str] = None) -> 
     check_routing(config, arch)
     renames = disk_names(model)[1] if split_modules(model) else []
     tensors = list(gguf_tensors(model, config, arch, lambda key: to_disk_key(key, renames)))
-    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.gguf)
+    arch_id = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.gguf), None)
+    if arch_id is None:
+        raise ShrinkError(f"export-gguf: the installed gguf package has no {arch.gguf!r} architecture; upgrade gguf")
     names = gguf.get_tensor_name_map(arch_id, config.num_hidden_layers)
     with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch.gguf)
@@ -269,14 +271,12 @@ def pre_tokenizer_name(spec: Any) -> Optional[str]:
 
 def write_tokenizer(writer: Any, gguf: Any, folder: Path, vocab_size: int, pre: Optional[str]) -> None:
     """A byte-level BPE tokenizer (tokenizer.json) as llama.cpp's "gpt2" tokenizer model."""
-    from transformers import AutoTokenizer
-
     spec_file = folder / "tokenizer.json"
     spec = json.loads(spec_file.read_text()) if spec_file.is_file() else {}
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
         raise ShrinkError(f"export-gguf: {spec_file}: only byte-level BPE tokenizers are written to GGUF here")
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = load_tokenizer(folder)  # one line, not a traceback, for a tokenizer that does not load
     added = {t.content: t.special for t in tokenizer.added_tokens_decoder.values()}
     tokens, types = [], []
     for i in range(vocab_size):

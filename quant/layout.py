@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from engine.errors import ShrinkError
 from engine.modeling import find_decoder_layers, find_linears, linear_dims
 from engine.streaming import ShardReader
 from engine.weights import TensorHeader
@@ -162,6 +163,9 @@ class AwqReader(ShardReader):
         self.group_size = group_size
         self.raw = self.headers
         self.awq = {k[: -len(".qweight")] for k in self.raw if k.endswith(".qweight")}
+        absent = sorted(f"{n}.{s}" for n in self.awq for s in PACKED[1:3] if f"{n}.{s}" not in self.raw)
+        if absent:
+            raise ShrinkError(f"{key}: {folder}: {absent[0]} is missing (an AWQ qweight needs its qzeros and scales)")
         virtual = {k: h for k, h in self.raw.items()
                    if not (k.rpartition(".")[0] in self.awq and k.rpartition(".")[2] in PACKED)}
         for name in self.awq:

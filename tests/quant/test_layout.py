@@ -107,3 +107,16 @@ def test_what_vllm_serves() -> None:
     assert not vllm_serves({"quant_method": "gptq", "bits": 4, "sym": False})
     assert not vllm_serves({"quant_method": "gptq", "bits": 3, "sym": True})
     assert not vllm_serves({"quant_method": "gptq", "bits": 8, "sym": True, "dynamic": {"embed": {}}})
+
+
+def test_a_streamed_awq_folder_without_scales_is_one_line(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from engine.errors import ShrinkError
+    from quant.layout import AwqReader
+
+    save_file({"model.layers.0.mlp.up_proj.qweight": torch.zeros(64, 8, dtype=torch.int32),
+               "model.layers.0.mlp.up_proj.qzeros": torch.zeros(1, 8, dtype=torch.int32)},
+              str(tmp_path / "model.safetensors"))
+    with pytest.raises(ShrinkError, match=r"model.path: .*up_proj.scales is missing"):
+        AwqReader(tmp_path, "model.path", 64)
