@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -179,7 +179,8 @@ class Trainer:
         """The LM and logit KD terms through the heads, distill.logit_chunk tokens at a time
         (distill/chunked.py): no [B, T, V] logits, of either model."""
         head = self.student.get_output_embeddings()
-        teacher, top = None, None
+        teacher: Optional[Callable[[int, int], torch.Tensor]] = None  # the live teacher's logits of rows r0:r1
+        top = None
         if objective.logit and self.topk is not None:
             top = TopK(*(t.to(self.device) for t in self.topk.get(start, ids.shape[0])))
         elif objective.logit:
@@ -187,9 +188,10 @@ class Trainer:
             t_hidden = t_cap.pop_final()
             t_flat = t_hidden.reshape(-1, t_hidden.shape[-1])
 
-            def teacher(r0: int, r1: int) -> torch.Tensor:
+            def teacher_rows(r0: int, r1: int) -> torch.Tensor:
                 with torch.no_grad():
                     return t_head(t_flat[r0:r1]).to(self.device)
+            teacher = teacher_rows
 
         return chunked_head_losses(s_cap.pop_final(), head.weight, head.bias, ids, objective.lm, objective.logit,
                                    teacher, top, self.distill.temperature, self.vocab, self.distill.logit_chunk)
