@@ -14,7 +14,6 @@ evaluate) is its own; run it on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import ROOT, Results, run
+from benchmarks.common import ROOT, Results, print_row, row_of, run
 from benchmarks.markdown import footer, md
 from engine.metrics import peak_memory_bytes
 from shrink.config import compose
@@ -34,7 +33,6 @@ BASE = ["model=llama_teacher", "data=docs_en", "pipeline=quantize", "eval.baseli
         "quant.sym=true", "quant.damp=0.01", "quant.act_order=false", "quant.true_sequential=true"]
 QUICK = ["data.calib.num_samples=16", "data.calib.seq_len=128", "data.eval.max_windows=8"]  # --quick: a smoke run
 BATCH = 8  # calibration windows per forward, both tools
-ROW = "ROW "  # prefix of the one stdout line an arm reports on
 
 
 def quant_overrides(bits: int, group_size: int, quick: bool = False) -> list[str]:
@@ -75,7 +73,7 @@ def arm(tool: str, bits: int, group_size: int, quick: bool) -> None:
     row = {"tool": tool, "bits": bits, "group_size": group_size,
            **(arm_shrink if tool == "shrink" else arm_gptqmodel)(bits, group_size, quick)}
     row["peak_rss_bytes"] = peak_memory_bytes()["cpu"]
-    print(ROW + json.dumps(row), flush=True)
+    print_row(row)
 
 
 def run_arm(tool: str, bits: int, group_size: int, quick: bool) -> dict[str, Any]:
@@ -83,10 +81,7 @@ def run_arm(tool: str, bits: int, group_size: int, quick: bool) -> dict[str, Any
     cmd = [sys.executable, "-m", "benchmarks.calib_speed", "--arm", tool, "--bits", str(bits),
            "--group-size", str(group_size)] + (["--quick"] if quick else [])
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    rows = [line[len(ROW):] for line in done.stdout.splitlines() if line.startswith(ROW)]
-    if done.returncode or not rows:
-        raise SystemExit(f"arm {tool} {bits}-bit failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(rows[-1])
+    return row_of(done, f"arm {tool} {bits}-bit")
 
 
 def main() -> None:

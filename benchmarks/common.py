@@ -19,6 +19,23 @@ from shrink.pipeline import run_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+# the real models and corpus (../shared/README.md), beside the checkout unless SHRINK_SHARED says where
+SHARED = Path(os.environ.get("SHRINK_SHARED", ROOT.parent / "shared"))
+ROW = "ROW "  # prefix of the one stdout line an arm run in its own process reports on
+
+
+def print_row(row: dict[str, Any]) -> None:
+    """An arm's result, for the parent process (`row_of`)."""
+    print(ROW + json.dumps(row), flush=True)
+
+
+def row_of(done: subprocess.CompletedProcess, what: str) -> dict[str, Any]:
+    """The last row an arm's process printed (`print_row`); RuntimeError naming `what`, the exit
+    status and the end of stderr when it failed or printed none."""
+    rows = [line[len(ROW):] for line in done.stdout.splitlines() if line.startswith(ROW)]
+    if done.returncode or not rows:
+        raise RuntimeError(f"{what} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(rows[-1])
 
 
 def run(overrides: list[str], keep_export: bool = False,

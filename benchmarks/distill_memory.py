@@ -30,10 +30,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from benchmarks.common import RESULTS, ROOT, Results
+from benchmarks.common import RESULTS, ROOT, SHARED, Results
 from benchmarks.markdown import footer, md
 
-SHARED = Path(os.environ.get("SHRINK_SHARED", ROOT.parent / "shared"))
 TOKENIZER = SHARED / "models" / "tokenizer-docs-en"
 TEACHER = dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
                intermediate_size=3584, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=True,

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import ROOT
+from benchmarks.common import SHARED
 
-SHARED = Path(os.environ.get("SHRINK_SHARED", str(ROOT.parent / "shared")))
 CACHE = Path(os.environ.get("SHRINK_FAMILIES", Path.home() / ".cache" / "shrink" / "families"))
 SOURCES = {"phi3-teacher": "llama-teacher", "qwen2moe-teacher": "moe-teacher"}
 log = logging.getLogger(__name__)

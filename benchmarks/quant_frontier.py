@@ -1,8 +1,8 @@
 """Quality per bit against the open quantizers (issue 31): shrink's GPTQ arms (min/max, scale
 search, GPTAQ, the `quant=best` preset) and round-to-nearest next to gptqmodel (GPTQ, + mse, +
-mse + GPTAQ; the project's venv), llm-compressor's GPTQModifier (/work/venvs/llmc) and AutoRound
-light (/work/venvs/autoround), on the shared teacher and the MoE teacher at 4, 3 and 2 bits,
-group 128, symmetric. Every arm calibrates on the very same 128 x 512 docs-en train windows
+mse + GPTAQ; the project's venv), llm-compressor's GPTQModifier and AutoRound light (each in its
+own venv: $SHRINK_PEER_VENVS/llmc and /autoround, default /work/venvs), on the shared teacher and
+the MoE teacher at 4, 3 and 2 bits, group 128, symmetric. Every arm calibrates on the very same 128 x 512 docs-en train windows
 (sampled once here, handed to the peers as a file), saves its model, and every saved model is
 evaluated by ONE evaluator (`shrink pipeline=eval`: the perplexity protocol of docs/results.md)
 on the same windows. Seconds are the quantization alone as each tool reports it (shrink: the
@@ -30,16 +30,17 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from benchmarks.common import ROOT, Results
+from benchmarks.common import ROOT, SHARED, Results, row_of
 from benchmarks.families import SOURCES, family_model
 
-SHARED = os.environ.get("SHRINK_SHARED", str(ROOT.parent / "shared"))
 # the shared teachers, and the same weights in two families the tests do not build (benchmarks/families.py)
 MODELS = {"llama-teacher": f"{SHARED}/models/llama-teacher", "moe-teacher": f"{SHARED}/models/moe-teacher",
           **{name: None for name in SOURCES}}
 SPLITS = {"test": f"{SHARED}/data/docs-en/test.jsonl.gz", "valid": f"{SHARED}/data/docs-en/valid.jsonl.gz"}
+# the peers that cannot share the project's venv each have their own, under SHRINK_PEER_VENVS
+PEERS = Path(os.environ.get("SHRINK_PEER_VENVS", "/work/venvs"))
 VENVS = {"shrink": sys.executable, "gptqmodel": sys.executable,
-         "llmc": "/work/venvs/llmc/bin/python", "autoround": "/work/venvs/autoround/bin/python"}
+         "llmc": str(PEERS / "llmc" / "bin" / "python"), "autoround": str(PEERS / "autoround" / "bin" / "python")}
 BITS = (4, 3, 2)
 GROUP = 128
 CALIB = ["data=docs_en", "data.calib.num_samples=128", "data.calib.seq_len=512", "seed=0"]
@@ -58,6 +59,8 @@ ARMS: list[tuple[str, str, list[str]]] = [
     ("llm-compressor GPTQ", "llmc", []),
     ("shrink GPTQ + GPTAQ", "shrink", ["quant.gptaq=true"]),
     ("shrink GPTQ + hessian", "shrink", ["quant.scale_search=hessian"]),
+    # the CPU's default float64 calibration (issue 30) costs ~1.5x; AutoRound computes in float32
+    ("shrink quant=best, float32", "shrink", ["quant=best", "data.calib.dtype=float32"]),
 ]
 # --dev: the settings compared on docs-en valid to choose the defaults and the preset
 DEV_ARMS: list[tuple[str, str, list[str]]] = [
@@ -72,7 +75,6 @@ DEV_ARMS: list[tuple[str, str, list[str]]] = [
       for gptaq, s, w, lr in ((False, 25, 2, 0.005), (True, 25, 2, 0.005), (True, 50, 2, 0.005), (True, 25, 2, 0.01))],
     ("shrink quant=best", "shrink", ["quant=best"]),
 ]
-ROW = "ROW "
 
 
 def sample_windows(model: str, path: Path) -> None:
@@ -134,10 +136,7 @@ def run_arm(model: str, bits: int, tool: str, options: list[str], split: str, wi
         cmd = [VENVS[tool], str(script), "--model", model_path(model), "--windows", str(windows), "--bits", str(bits),
                "--group-size", str(GROUP), "--out", str(folder), *options]
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        rows = [line[len(ROW):] for line in done.stdout.splitlines() if line.startswith(ROW)]
-        if done.returncode or not rows:
-            raise RuntimeError(f"{tool} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-        row = json.loads(rows[-1])
+        row = row_of(done, tool)
     return {**row, **evaluate(folder, split, work / "eval")}
 
 
@@ -156,7 +155,7 @@ def main() -> None:
     results = Results(name, {"calibration": "128 x 512 docs-en train, seed 0 (the same windows for every arm)",
                              "eval": f"docs-en {args.split}, every 512-token window, by `shrink pipeline=eval`",
                              "group_size": GROUP, "sym": True, "peers": "gptqmodel 7.6.0 (project venv), "
-                             "llmcompressor 0.14 (/work/venvs/llmc), auto-round 0.16.1 (/work/venvs/autoround)"},
+                             "llmcompressor 0.14 and auto-round 0.16.1 (own venvs)"},
                       key=("model", "bits", "arm"))
     chosen = [a for a in arms if not args.arm or a[0] in args.arm]
     for model in args.model or list(MODELS)[:2]:

@@ -30,7 +30,6 @@ against the non-streamed path (the whole quantized model loaded) on a 2-layer cu
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -42,7 +41,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import ROOT, Results
+from benchmarks.common import ROOT, Results, print_row, row_of
 from benchmarks.markdown import footer, md
 
 log = logging.getLogger(__name__)
@@ -55,7 +54,6 @@ DEPTHS = (2, 4, 8)
 SHARD = 4 * 10**9
 POOL = 2**24
 WINDOW = 64  # tokens of the reload check's window (64 layers of 8B shapes on a shared 2-core CPU)
-ROW = "ROW "
 
 
 def write_checkpoint(folder: Path, layers: int, seed: int = 0) -> int:
@@ -174,10 +172,7 @@ def run_arm(folder: Path, method: str, lazy: bool, out: Path, stages: str = "[qu
     cmd = [sys.executable, "-m", "benchmarks.scale", "--arm", str(folder), "--method", method, "--out", str(out),
            "--stages", stages] + (["--lazy"] if lazy else [])
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    rows = [line[len(ROW):] for line in proc.stdout.splitlines() if line.startswith(ROW)]
-    if proc.returncode or not rows:
-        raise SystemExit(f"arm failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return {**json.loads(rows[-1]), "load_average_before": load_before, "load_average_after": os.getloadavg()[0]}
+    return {**row_of(proc, f"arm {method} on {folder.name}"), "load_average_before": load_before, "load_average_after": os.getloadavg()[0]}
 
 
 def depth(results: Results, scratch: Path, depths: tuple[int, ...], method: str) -> None:
@@ -340,7 +335,7 @@ def main() -> None:
     if args.arm:
         row = arm_gptqmodel(args.arm, args.out) if args.method == "gptqmodel" else \
             arm(args.arm, args.method, args.lazy, args.out, args.stages)
-        print(ROW + json.dumps(row), flush=True)
+        print_row(row)
         return
     config = {"shapes": SHAPES, "calibration": "8 x 512 shakespeare", "bits": 4, "group_size": 128,
               "dtype": "bfloat16", "shard_bytes": SHARD}

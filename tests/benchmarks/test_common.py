@@ -72,3 +72,20 @@ def test_a_seed_other_than_0_names_its_own_file() -> None:
     args = argparse.Namespace(akt_weight=1.0, layer_map="uniform", relation_heads=8, train="valid", lr=[], seed=2,
                               relations="qkv", dev=False)
     assert default_name("cpu8x", args) == "distill_akt_cpu8x_seed2"
+
+
+def test_an_arm_process_reports_its_last_row_and_a_failed_one_names_itself() -> None:
+    """The ROW protocol between a benchmark and the arm it runs in a process of its own."""
+    import subprocess
+    import sys
+
+    emit = "from benchmarks.common import print_row; print('log line'); print_row({'a': 1}); print_row({'a': 2})"
+    done = subprocess.run([sys.executable, "-c", emit], cwd=common.ROOT, capture_output=True, text=True)
+    assert common.row_of(done, "arm x") == {"a": 2}
+    died = subprocess.run([sys.executable, "-c", emit + "; raise SystemExit('out of memory')"], cwd=common.ROOT,
+                          capture_output=True, text=True)
+    with pytest.raises(RuntimeError, match=r"(?s)arm x failed \(1\):\n.*out of memory"):
+        common.row_of(died, "arm x")
+    silent = subprocess.run([sys.executable, "-c", "print('no row')"], capture_output=True, text=True)
+    with pytest.raises(RuntimeError, match=r"arm y failed \(0\)"):
+        common.row_of(silent, "arm y")
