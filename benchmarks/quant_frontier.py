@@ -155,7 +155,7 @@ def main() -> None:
     results = Results(name, {"calibration": "128 x 512 docs-en train, seed 0 (the same windows for every arm)",
                              "eval": f"docs-en {args.split}, every 512-token window, by `shrink pipeline=eval`",
                              "group_size": GROUP, "sym": True, "peers": "gptqmodel 7.6.0 (project venv), "
-                             "llmcompressor 0.14 and auto-round 0.16.1 (own venvs)"},
+                             f"llmcompressor 0.14 ({PEERS / 'llmc'}), auto-round 0.16.1 ({PEERS / 'autoround'})"},
                       key=("model", "bits", "arm"))
     chosen = [a for a in arms if not args.arm or a[0] in args.arm]
     for model in args.model or list(MODELS)[:2]:

@@ -609,6 +609,7 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
                 hidden = _calibrate_layer(layer, batches, job, true_sequential, full_hessian, store, _rerun, refs)
                 if after_layer is not None:
                     hidden = _after_layer(after_layer, job, layer, batches, ref_hidden, store)
+                    _refingerprint(report[first:], job.linears)
                 calls[i] = []  # this layer's kwargs are no longer needed
             if comm is not None:
                 comm.sum_routed(layer, routed_before, f"layer {i}'s routed-token counts")
@@ -744,6 +745,17 @@ def _after_layer(hook: AfterLayer, job: "_LayerJob", layer: nn.Module, batches: 
     if not all(torch.isfinite(o).all() for o in outputs):
         raise ShrinkError(f"layer {job.index}: NaN/inf activations after the after-layer step")
     return outputs
+
+
+def _refingerprint(entries: list[dict[str, Any]], linears: dict[str, nn.Module]) -> None:
+    """The weights an after-layer hook left, in its Linears' report entries: the fingerprint names
+    the weights the model keeps (so `shrink report` can point at a part only the hook made), and
+    `weights_before_hook` the compressor's, which rel_error still measures."""
+    for entry in entries:
+        after = fingerprint(weight_matrix(linears[entry["name"]]))
+        if entry["fingerprint"]["weights"] != after:
+            entry["fingerprint"] = {**entry["fingerprint"], "weights": after,
+                                    "weights_before_hook": entry["fingerprint"]["weights"]}
 
 
 def _calibrate_layer(layer: nn.Module, batches: list[LayerBatch], job: _LayerJob, true_sequential: bool,

@@ -43,7 +43,8 @@ class QuantResult:
     sym: bool
     error: float  # GPTQ: OBS loss sum (w-q)^2/d^2 / 2; RTN: sum (w-q)^2 / 2
     damp_fraction: float  # damping actually used (0.0 for RTN)
-    # fp32 [out, in], original column order: the values each weight had when it was rounded
+    # [out, in] in the sweep's precision (float32, or float64 under float64 calibration), original
+    # column order: the values each weight had when it was rounded
     # (GPTQ: W as updated by the sweep so far; RTN: W), so codes == round(W_pre / scale) + zero
     # clamped; the starting point of a refinement of the rounding (quant/refine.py)
     W_pre: torch.Tensor | None = None
@@ -92,7 +93,7 @@ class GroupQuantizer:
                 cols_g = slice(g * size, (g + 1) * size)
                 self.grids[g] = fit_grid(W_fit[:, cols_g], bits, sym, search, self._weight(cols_g))
         self.codes = torch.zeros(rows, cols, dtype=torch.int32, device=W_fit.device)  # sweep order
-        self.pre = torch.zeros(rows, cols, dtype=torch.float32, device=W_fit.device)  # sweep order
+        self.pre = torch.zeros(rows, cols, dtype=W_fit.dtype, device=W_fit.device)  # sweep order, W's precision
 
     def _weight(self, cols: slice) -> torch.Tensor | None:
         return None if self.weight is None else self.weight[..., cols]

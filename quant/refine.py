@@ -58,13 +58,13 @@ class Tunable:
     def __init__(self, r: QuantResult, device: torch.device) -> None:
         self.r = r = replace(r, W_pre=r.W_pre.to(device), scale=r.scale.to(device), zero=r.zero.to(device),
                              g_idx=r.g_idx.to(device), codes=r.codes.to(device), Q=r.Q.to(device))
-        g = r.g_idx.long()
-        self.s0, z = r.scale[g].T.contiguous(), r.zero[g].T.contiguous()
+        g, dtype = r.g_idx.long(), r.W_pre.dtype  # the sweep's precision (float64 under float64 calibration)
+        self.s0, z = r.scale[g].T.to(dtype).contiguous(), r.zero[g].T.to(dtype).contiguous()
         self.X0 = r.W_pre / self.s0
         self.low, self.high = -z, (2**r.bits - 1) - z
-        self.E = F.one_hot(g, num_classes=r.scale.shape[0]).T.to(r.scale.dtype)
+        self.E = F.one_hot(g, num_classes=r.scale.shape[0]).T.to(dtype)
         self.V = torch.zeros_like(r.W_pre)
-        self.c = torch.ones(r.scale.shape[1], r.scale.shape[0], dtype=r.scale.dtype, device=device)
+        self.c = torch.ones(r.scale.shape[1], r.scale.shape[0], dtype=dtype, device=device)
 
     def weight(self) -> torch.Tensor:
         """Q for the current V and c (GPTQ's Q exactly at the start); keeps what step() needs."""
@@ -85,10 +85,10 @@ class Tunable:
         """The QuantResult of the tuned V and c (exact invariant Q == (codes - z[g]) * scale[g])."""
         g = self.r.g_idx.long()
         self.weight()
-        codes = self.q + self.r.zero[g].T
-        scale = self.r.scale * self.c.T
-        Q = (codes - self.r.zero[g].T) * scale[g].T
-        return replace(self.r, Q=Q, codes=codes.to(torch.int32), scale=scale)
+        codes = (self.q + self.r.zero[g].T.to(self.q.dtype)).to(torch.int32)
+        scale = (self.r.scale * self.c.T).to(self.r.scale.dtype)  # stored as GPTQ's scales are
+        Q = (codes.to(scale.dtype) - self.r.zero[g].T) * scale[g].T
+        return replace(self.r, Q=Q, codes=codes, scale=scale)
 
 
 def refine_layer(out: LayerOutputs, results: dict[str, QuantResult], settings: RefineSettings) -> dict[str, Any]:

@@ -21,11 +21,13 @@ from tests.quant.test_gptaq import lazy_equals_eager_and_reloads
 
 
 @pytest.mark.parametrize("act_order", [False, True])
-def test_the_start_is_the_gptq_solution_exactly(act_order: bool) -> None:
-    W, H, _ = correlated_layer(0, torch.float32, 32, 96, 400)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # float64: the CPU's calibration default
+def test_the_start_is_the_gptq_solution_exactly(act_order: bool, dtype: torch.dtype) -> None:
+    W, H, _ = correlated_layer(0, dtype, 32, 96, 400)
     r = gptq_quantize(W, H, 3, 32, True, act_order)
+    assert r.W_pre.dtype == dtype  # the values GPTQ rounded, in the precision it rounded them in
     t = Tunable(r, torch.device("cpu"))
-    assert torch.equal(t.weight(), r.Q)
+    assert torch.equal(t.weight().to(r.Q.dtype), r.Q)
     # the written-out gradients are autograd's through round's straight-through estimator
     G = torch.randn_like(r.Q)
     V = torch.zeros_like(r.W_pre, requires_grad=True)
@@ -34,7 +36,7 @@ def test_the_start_is_the_gptq_solution_exactly(act_order: bool) -> None:
     x = t.X0 / ce + V
     q = torch.clamp(x + (torch.round(x) - x).detach(), t.low, t.high)
     (t.s0 * ce * q * G).sum().backward()
-    m = t.inside.float()
+    m = t.inside.to(dtype)
     torch.testing.assert_close(torch.sign(G) * m, torch.sign(V.grad))
     torch.testing.assert_close((G * t.s0 * (t.q - m * t.X0 / t.ce)) @ t.E.T, c.grad, rtol=1e-4, atol=1e-5)
     same = t.result()
@@ -118,6 +120,15 @@ def test_a_refined_export_reloads_and_lazy_equals_eager(tmp_path, tiny_model_dir
     eager = lazy_equals_eager_and_reloads(tmp_path, common)
     profile = eager["stages"]["quantize"]["profile"]
     assert all(p["after_layer"]["refine_mse_first"] > 0 and p["after_layer"]["refine_mse_after"] > 0 for p in profile)
+    # the report's fingerprints name the refined weights, and GPTQ's beside them: layer 0 (the same
+    # inputs with or without refinement) was solved to exactly the weights of a run without it
+    refined = eager["stages"]["quantize"]["layers"]
+    plain = run_shrink([*common, "quant.refine_steps=0"], tmp_path / "plain")["stages"]["quantize"]["layers"]
+    moved = [e for e in refined if "weights_before_hook" in e["fingerprint"]]
+    assert moved and all(e["fingerprint"]["weights"] != e["fingerprint"]["weights_before_hook"] for e in moved)
+    gptq = {e["full_name"]: e["fingerprint"]["weights"] for e in plain if e["layer"] == 0}
+    assert {e["full_name"]: e["fingerprint"].get("weights_before_hook", e["fingerprint"]["weights"])
+            for e in refined if e["layer"] == 0} == gptq
 
 
 def test_pruned_zeros_stay_zero(tmp_path, tiny_model_dir) -> None:

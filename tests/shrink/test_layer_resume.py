@@ -35,6 +35,9 @@ CASES = {
     # GPTAQ: the reference stream's hidden states are restored too
     "gptaq_llama": ("llama", ["pipeline=quantize", "quant.group_size=32", "quant.gptaq=true"],
                     (SAVE, "after:2", "KILL"), 3),
+    # block refinement: the refined layers restored, the next one refined from the restored streams
+    "refine_llama": ("llama", ["pipeline=quantize", "quant.group_size=32", "quant.scale_search=mse",
+                               "quant.refine_steps=4"], (SAVE, "after:1", "KILL"), 2),
 }
 
 
