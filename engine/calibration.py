@@ -417,15 +417,16 @@ def relative_error(W0: torch.Tensor, W1: torch.Tensor, acc: Optional[HessianAccu
     return float(num / den)
 
 
-def activation_store(model: nn.Module, windows: torch.Tensor, device: torch.device,
-                     offload: Optional[bool]) -> torch.device:
+def activation_store(model: nn.Module, windows: torch.Tensor, device: torch.device, offload: Optional[bool],
+                     dtype: Optional[torch.dtype] = None, streams: int = 1) -> torch.device:
     """Where calibration activations live: on the device unless asked otherwise or they
-    would take more than half of its free memory (inputs + outputs of one layer)."""
+    would take more than half of its free memory (inputs + outputs of one layer, in the
+    calibration's dtype (None: the model's), for each of `streams`: 2 with the reference stream)."""
     if offload is not None or device.type != "cuda":
         return torch.device("cpu") if offload else device
     hidden = model.config.get_text_config().hidden_size
-    dtype_bytes = next(model.parameters()).element_size()
-    needed = 2 * windows.numel() * hidden * dtype_bytes
+    dtype_bytes = (torch.empty((), dtype=dtype) if dtype is not None else next(model.parameters())).element_size()
+    needed = 2 * streams * windows.numel() * hidden * dtype_bytes
     free, _ = torch.cuda.mem_get_info(device)
     if needed > free / 2:
         log.info("calibration activations (%.1f GiB) offloaded to the CPU", needed / 2**30)
@@ -567,11 +568,12 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
     if comm is not None:  # distributed: this rank's share of the windows
         comm.check_layers(targets)
         windows = comm.shard(windows, "data.calib.num_samples") if windows is not None else None
-    store = activation_store(model, windows, device, offload_activations) if windows is not None else device
+    # the reference stream: the uncompressed model's inputs of each layer (layer 0's are the same)
+    reference = windows is not None and (paired or after_layer is not None)
+    store = activation_store(model, windows, device, offload_activations, dtype, 2 if reference else 1) \
+        if windows is not None else device
     calls = capture_layer_calls(model, windows, batch_size, device, store, dtype) if windows is not None else None
     hidden = [b.hidden() for b in calls[0]] if calls is not None else None
-    # the reference stream: the uncompressed model's inputs of each layer (layer 0's are the same)
-    reference = calls is not None and (paired or after_layer is not None)
     ref_hidden = list(hidden) if reference else None
     report: list[dict[str, Any]] = []
     resumed = checkpoint.restore(layers) if checkpoint is not None else None
@@ -606,7 +608,8 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
                 if reference:  # the uncompressed layer on its own inputs, before it is compressed
                     refs, ref_hidden = _reference_pass(layer, [c.with_hidden(h) for c, h in zip(calls[i], ref_hidden)],
                                                        job, store, paired)
-                hidden = _calibrate_layer(layer, batches, job, true_sequential, full_hessian, store, _rerun, refs)
+                hidden = _calibrate_layer(layer, batches, job, true_sequential, full_hessian, store, _rerun, refs,
+                                          want_outputs=after_layer is None)
                 if after_layer is not None:
                     hidden = _after_layer(after_layer, job, layer, batches, ref_hidden, store)
                     _refingerprint(report[first:], job.linears)
@@ -759,16 +762,19 @@ def _refingerprint(entries: list[dict[str, Any]], linears: dict[str, nn.Module])
 
 
 def _calibrate_layer(layer: nn.Module, batches: list[LayerBatch], job: _LayerJob, true_sequential: bool,
-                     full: bool, store: torch.device, rerun: bool,
-                     refs: Optional[ReferenceInputs] = None) -> list[torch.Tensor]:
-    """Hessians, compression and the compressed layer's outputs (the next layer's inputs)."""
+                     full: bool, store: torch.device, rerun: bool, refs: Optional[ReferenceInputs] = None,
+                     want_outputs: bool = True) -> list[torch.Tensor]:
+    """Hessians, compression and the compressed layer's outputs (the next layer's inputs); without
+    `want_outputs` (an after-layer hook changes the weights again) the rerun path spares its last
+    forward and returns none (the lockstep forward has them anyway)."""
     device, clock, roles = job.device, job.clock, job.roles
     with clock.timing("forward_seconds", device), expert_mode(layer, job.moe.all_experts, count=False):
         groups, irregular, flops = discover(layer, batches[0], device, job.linears)
     if job.comm is not None:  # every rank takes rank 0's view (an expert may see no token of a share)
         groups, irregular = job.comm.agree((groups, irregular), f"layer {job.index}'s input groups")
     share = batches[0].hidden().shape[0] / sum(b.hidden().shape[0] for b in batches)
-    clock.forward_flops, clock.forwards = flops / share, share
+    clock.forward_flops = flops / share
+    clock.forwards += share  # (+=: the reference stream's forward may have run already)
     # The lockstep forwards keep every batch's intermediate activations on the device at once:
     # not where the activations themselves had to be offloaded for want of device memory.
     # Expert layers keep their own passes (all experts' gate/up in one, routed tokens counted).
@@ -790,6 +796,8 @@ def _calibrate_layer(layer: nn.Module, batches: list[LayerBatch], job: _LayerJob
             job.compress(pass_groups, hessians)
             if refs is not None:
                 refs.drop([n for group in pass_groups for n in group])
+        if not want_outputs:
+            return []
         with clock.timing("forward_seconds", device):
             outputs = run_layer(layer, batches, device, store)
         clock.forwards += 1

@@ -262,3 +262,18 @@ def test_lockstep_threads_compute_with_the_thread_count_the_caller_set() -> None
             assert seen == {(str(threads), str(threads))}
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype,streams,offloaded", [(None, 1, False), (torch.float64, 1, True), (None, 2, True)])
+def test_activations_are_offloaded_by_what_the_calibration_keeps(dtype, streams, offloaded, monkeypatch) -> None:
+    """A GPU whose free memory holds the float32 stream twice over, not a float64 one or a second stream."""
+    from engine.calibration import activation_store
+
+    model = tiny_model("llama")  # float32
+    windows = torch.zeros(8, 32, dtype=torch.long)
+    one_stream = 2 * windows.numel() * model.config.hidden_size * 4  # inputs + outputs of a layer, float32
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (int(2.5 * one_stream), 10 * one_stream))
+    cuda = torch.device("cuda")
+    store = activation_store(model, windows, cuda, None, dtype, streams)
+    assert store == (torch.device("cpu") if offloaded else cuda)
+    assert activation_store(model, windows, cuda, True) == torch.device("cpu")  # asked: always
