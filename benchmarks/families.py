@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import SHARED
+from engine.files import atomic_folder
 
 CACHE = Path(os.environ.get("SHRINK_FAMILIES", Path.home() / ".cache" / "shrink" / "families"))
 SOURCES = {"phi3-teacher": "llama-teacher", "qwen2moe-teacher": "moe-teacher"}
@@ -40,10 +41,9 @@ def build(name: str, folder: Path) -> None:
     source = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
     target = (phi3 if name == "phi3-teacher" else qwen2_moe)(source)
     check_same_function(source, target, name)
-    tmp = folder.with_name(folder.name + ".tmp")
-    target.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(source_dir).save_pretrained(tmp)
-    tmp.rename(folder)
+    with atomic_folder(folder, replace=True) as tmp:  # a killed build leaves no folder to take for built
+        target.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(source_dir).save_pretrained(tmp)
     log.info("built %s from %s in %s", name, SOURCES[name], folder)
 
 
@@ -77,13 +77,15 @@ def phi3(source):
     return target
 
 
-def qwen2_moe(source):
+def qwen2_moe(source, renormalize: bool = True):
+    """`renormalize=False`: Qwen2-MoE's own routing (top-k weights not renormalized, as llama.cpp's
+    qwen2moe graph computes it): a close but not the same function as the Mixtral source."""
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     c = source.config
     config = Qwen2MoeConfig(**_common(c), intermediate_size=c.intermediate_size, moe_intermediate_size=
                             c.intermediate_size, num_experts=c.num_local_experts,
-                            num_experts_per_tok=c.num_experts_per_tok, norm_topk_prob=True,
+                            num_experts_per_tok=c.num_experts_per_tok, norm_topk_prob=renormalize,
                             shared_expert_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[],
                             qkv_bias=True, use_sliding_window=False, attention_dropout=0.0)
     target = Qwen2MoeForCausalLM(config).eval()

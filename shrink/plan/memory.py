@@ -6,8 +6,9 @@ device), its contiguous units, and the bytes of every unit as each recipe stage 
   semi-structured (half the values + 2 bits of metadata per kept value: 9/16 of fp16);
 - GPTQ b-bit, group g (the layout quant.export writes): qweight b/8 bytes per weight,
   qzeros b bits and scales fp16 per group and output column, g_idx int32 per input; in AWQ's
-  layout (quant.export_format, asymmetric 4-bit by default) the same without g_idx, in groups of
-  gcd(g, in) (quant/layout.py).
+  layout (quant.export_format, asymmetric 4-bit by default) the same without g_idx, in one group
+  size for the whole model: the largest divisor of g that divides every decoder-layer input size
+  (quant/layout.py's fit_layout; SmolLM2's 576 makes g128 groups of 64 everywhere).
   Everything outside the decoder-layer Linears (embeddings, norms, lm_head) stays in floating
   point: quant.export_dtype where the config has it, else dtype.
 - fused mixture-of-experts tensors ([E, out, in], or transposed as their class declares) are
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
 import torch
@@ -220,11 +221,23 @@ def recipe_storages(stages: list[str], quant: Any, prune: Any, dtype: str) -> li
     return result
 
 
+def awq_group(model: nn.Module, group_size: int, linears: set[str], experts: dict[str, ExpertLayout]) -> int:
+    """The one group size AWQ's layout is written with (quant.layout.fit_layout): the largest
+    divisor of group_size that divides the input size of every decoder-layer matrix it can hold
+    (a multiple of 32 inputs), experts' included."""
+    sizes = {linear_dims(model.get_submodule(n))[0] for n in linears}
+    sizes |= {d for layout in experts.values() for d in (layout.hidden, layout.intermediate)}
+    sizes = {s for s in sizes if s % 32 == 0}
+    return math.gcd(group_size, *sizes) if sizes and group_size != -1 else group_size
+
+
 def price_units(model: nn.Module, units: list[Unit], storage: Storage, dtype_bytes: int,
                 linears: set[str], experts: dict[str, ExpertLayout]) -> list[Unit]:
     seen: set[int] = set()
     priced = []
     dtype_bytes = storage.float_bytes or dtype_bytes
+    if storage.awq:  # one group for the whole model, as the export writes it
+        storage = replace(storage, group_size=awq_group(model, storage.group_size, linears, experts))
     for unit in units:
         expert_bytes: dict[str, int] = {}
         weight = sum(price_module(model.get_submodule(m), m, storage, dtype_bytes, linears, experts, seen,

@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from benchmarks.serve import derive_phi3, serve, vllm_python
+from benchmarks.serve import derive, serve, vllm_python
 from tests.conftest import VOCAB, compose_config, run_shrink, save_with_tokenizer, tiny_data_overrides
 
 PYTHON = vllm_python(None)
@@ -69,7 +69,7 @@ def test_phi3_made_from_a_llama_computes_the_same(tmp_path, shipped_tokenizer) -
                                    num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
     torch.manual_seed(0)
     llama = save_with_tokenizer(transformers.LlamaForCausalLM(cfg).eval(), tmp_path / "llama", shipped_tokenizer)
-    phi3 = derive_phi3(llama, tmp_path / "phi3")
+    phi3 = derive("phi3", llama, tmp_path / "phi3")
     ids = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = (transformers.AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32)(input_ids=ids).logits

@@ -20,7 +20,7 @@ from shrink.plan.args import load_config, parse_plan_args, parse_target
 from shrink.plan.compute import compute_plan
 from shrink.plan.memory import build_meta_model, gptq_bytes, kv_geometry
 from shrink.plan.placement import balance
-from tests.conftest import ROOT, run_shrink, tiny_config, tiny_data_overrides
+from tests.conftest import ROOT, run_shrink, save_with_tokenizer, tiny_config, tiny_data_overrides
 
 CONFIGS = ROOT / "tests" / "fixtures" / "configs"
 LLAMA70 = CONFIGS / "llama-2-70b.json"
@@ -116,14 +116,24 @@ def test_device_map_of_every_family_loads_in_transformers(tmp_path: Path, family
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
 
 
-@pytest.mark.parametrize("family", ["llama", "mixtral"])
-def test_quantized_bytes_match_a_real_gptq_export(tmp_path: Path, tiny_model_dir, family: str) -> None:
-    """Per-expert GPTQ matrices and full-precision routers are priced as the export stores them."""
-    folder = tiny_model_dir(family)
+@pytest.mark.parametrize("family,group", [("llama", 32), ("mixtral", 32), ("llama-96", 128)])
+def test_quantized_bytes_match_a_real_gptq_export(tmp_path: Path, tiny_model_dir, shipped_tokenizer, family: str,
+                                                  group: int) -> None:
+    """Per-expert GPTQ matrices and full-precision routers are priced as the export stores them;
+    llama-96 (inputs of 96 and 256): AWQ's one group for the whole model is 32, down_proj's too."""
+    if family == "llama-96":
+        config = tiny_config("llama")
+        config.hidden_size, config.intermediate_size = 96, 256
+        config.num_attention_heads, config.num_key_value_heads, config.head_dim = 3, 1, 32
+        torch.manual_seed(0)
+        folder = save_with_tokenizer(transformers.AutoModelForCausalLM.from_config(config).eval(), tmp_path / "m",
+                                     shipped_tokenizer)
+    else:
+        folder = tiny_model_dir(family)
     run_shrink(["pipeline=quantize", f"model.path={folder}", *tiny_data_overrides(), "quant.method=rtn",
-                "quant.bits=4", "quant.group_size=32"], tmp_path / "run")
+                "quant.bits=4", f"quant.group_size={group}"], tmp_path / "run")
     plan, _ = plan_for(f"model.path={folder}", "target=1xT4-16GB", "dtype=float32", "pipeline=quantize",
-                       "quant.bits=4", "quant.group_size=32")
+                       "quant.bits=4", f"quant.group_size={group}")
     with safe_open(str(tmp_path / "run" / "model" / "model.safetensors"), framework="pt") as f:
         stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
     assert plan["stages"][-1]["weights_bytes"] == stored
