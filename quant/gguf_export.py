@@ -71,15 +71,44 @@ def check_gguf_quant(quant: Any, key: str = "export.gguf") -> None:
         raise ShrinkError(f"{key}: a packed input embedding (quant.embed_bits) has no GGUF form")
 
 
-def check_routing(config: Any, arch: Arch) -> None:
+def check_gguf_model(config: dict[str, Any], folder: Path, key: str) -> Arch:
+    """What of a model (its config.json, its folder's tokenizer) decides whether it has a GGUF form
+    here: the architecture, plain rope, MoE routing as llama.cpp computes it, a byte-level BPE
+    tokenizer; checked by `shrink export-gguf` and, with export.gguf=true, before any model loads."""
+    arch = check_gguf_arch(str(config.get("model_type")), key)
+    check_rope(config, key)
+    check_routing(config, arch, key)
+    check_tokenizer(folder / "tokenizer.json", key)
+    return arch
+
+
+def check_rope(config: dict[str, Any], key: str) -> None:
+    """Plain rope only: scaled kinds (linear, yarn, llama3, ...) are not written to GGUF here."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        raise ShrinkError(f"{key}: rope_type {kind!r} is not written to GGUF here")
+
+
+def check_routing(config: dict[str, Any], arch: Arch, key: str = "export-gguf") -> None:
     """An MoE model's top-k weights normalized as llama.cpp's graph for the architecture does."""
-    if not (getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)):
+    if not (config.get("num_local_experts") or config.get("num_experts")):
         return
-    norm = bool(getattr(config, "norm_topk_prob", True))  # Mixtral has no such field: it renormalizes
+    norm = bool(config.get("norm_topk_prob", True))  # Mixtral has no such field: it renormalizes
     if norm != arch.topk_norm:
         how = "renormalizes" if arch.topk_norm else "does not renormalize"
-        raise ShrinkError(f"export-gguf: norm_topk_prob={str(norm).lower()}: llama.cpp's {arch.gguf} graph {how} "
+        raise ShrinkError(f"{key}: norm_topk_prob={str(norm).lower()}: llama.cpp's {arch.gguf} graph {how} "
                           "the top-k routing weights, so the GGUF would run as another model")
+
+
+def check_tokenizer(spec_file: Path, key: str) -> None:
+    """A byte-level BPE tokenizer.json, which GGUF holds as llama.cpp's "gpt2" tokenizer model."""
+    try:
+        spec = json.loads(spec_file.read_text()) if spec_file.is_file() else {}
+    except ValueError as exc:
+        raise ShrinkError(f"{key}: {spec_file} is not valid JSON ({exc})") from None
+    if (spec.get("model") or {}).get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        raise ShrinkError(f"{key}: {spec_file}: only byte-level BPE tokenizers are written to GGUF here")
 
 
 def check_gguf_arch(model_type: str, key: str) -> Arch:
@@ -182,7 +211,7 @@ def write_gguf(folder: Path, out: Path, tokenizer_pre: Optional[str] = None) -> 
     if out.exists():
         raise ShrinkError(f"export-gguf: {out} already exists; choose another output path")
     raw = read_config(folder, "export-gguf")
-    arch = check_gguf_arch(str(raw.get("model_type")), "export-gguf")
+    arch = check_gguf_model(raw, folder, "export-gguf")
     if not is_quantized_folder(folder):
         raise ShrinkError(f"export-gguf: {folder} is not a quantized export (no gptq/awq quantization_config)")
     qcfg = raw["quantization_config"]
@@ -191,7 +220,6 @@ def write_gguf(folder: Path, out: Path, tokenizer_pre: Optional[str] = None) -> 
         raise ShrinkError(f"export-gguf: {folder}: group_size {size} is not a multiple of {BLOCK} (GGUF blocks)")
     model = load_quantized_model(folder, dtype=torch.float32)
     config = model.config
-    check_routing(config, arch)
     renames = disk_names(model)[1] if split_modules(model) else []
     tensors = list(gguf_tensors(model, config, arch, lambda key: to_disk_key(key, renames)))
     arch_id = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.gguf), None)
@@ -237,8 +265,6 @@ def write_metadata(writer: Any, gguf: Any, config: Any, arch: Arch, folder: Path
     theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
     if theta is not None:
         writer.add_rope_freq_base(float(theta))
-    if rope.get("rope_type", "default") != "default":
-        raise ShrinkError(f"export-gguf: rope_type {rope['rope_type']!r} is not written to GGUF here")
     writer.add_rope_dimension_count(head_dim)
     if head_dim != config.hidden_size // config.num_attention_heads or arch.gguf.startswith("qwen3"):
         writer.add_key_length(head_dim)
@@ -271,11 +297,7 @@ def pre_tokenizer_name(spec: Any) -> Optional[str]:
 
 def write_tokenizer(writer: Any, gguf: Any, folder: Path, vocab_size: int, pre: Optional[str]) -> None:
     """A byte-level BPE tokenizer (tokenizer.json) as llama.cpp's "gpt2" tokenizer model."""
-    spec_file = folder / "tokenizer.json"
-    spec = json.loads(spec_file.read_text()) if spec_file.is_file() else {}
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
-        raise ShrinkError(f"export-gguf: {spec_file}: only byte-level BPE tokenizers are written to GGUF here")
+    spec = json.loads((folder / "tokenizer.json").read_text())  # checked by check_gguf_model
     tokenizer = load_tokenizer(folder)  # one line, not a traceback, for a tokenizer that does not load
     added = {t.content: t.special for t in tokenizer.added_tokens_decoder.values()}
     tokens, types = [], []

@@ -134,25 +134,25 @@ def export_stage(state: RunState) -> dict[str, Any]:
 
 
 def check_export(cfg: DictConfig) -> None:
-    """export.gguf: a quantized model whose grids GGUF blocks hold, of an architecture mapped to
-    llama.cpp's (when the input's config.json is there to say)."""
+    """export.gguf: a quantized model whose grids GGUF blocks hold, and (when the input's
+    config.json is there to say) whose architecture, rope, routing and tokenizer GGUF holds."""
     if not cfg.export.gguf:
         return
-    from quant.gguf_export import check_gguf_arch, check_gguf_quant
+    from quant.gguf_export import check_gguf_model, check_gguf_quant
 
     stages = list(cfg.pipeline.stages)
     if "quantize" not in stages and not ("prune" in stages and cfg.prune.joint_quant):
         raise ShrinkError("export.gguf: needs a quantized model (a pipeline with the quantize stage)")
     check_gguf_quant(cfg.quant)
-    config = Path(str(cfg.model.path)).expanduser() / "config.json"
-    if config.is_file() and "distill" not in stages and "pretrain" not in stages:
+    folder = Path(str(cfg.model.path)).expanduser()
+    if (folder / "config.json").is_file() and "distill" not in stages and "pretrain" not in stages:
         import json
 
         try:
-            model_type = json.loads(config.read_text()).get("model_type")
+            config = json.loads((folder / "config.json").read_text())
         except ValueError:
             return  # the model folder check names the broken file
-        check_gguf_arch(str(model_type), "export.gguf")
+        check_gguf_model(config, folder, "export.gguf")
 
 
 @dataclass(frozen=True)

@@ -163,12 +163,12 @@ def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, runs, tiny_model_di
 def test_moe_routing_llama_cpp_would_compute_otherwise_is_refused() -> None:
     from quant.gguf_export import ARCHS, check_routing
 
-    check_routing(transformers.Qwen2MoeConfig(norm_topk_prob=False), ARCHS["qwen2_moe"])
-    check_routing(transformers.MixtralConfig(), ARCHS["mixtral"])  # Mixtral renormalizes, as llama.cpp's llama
+    check_routing(transformers.Qwen2MoeConfig(norm_topk_prob=False).to_dict(), ARCHS["qwen2_moe"])
+    check_routing(transformers.MixtralConfig().to_dict(), ARCHS["mixtral"])  # Mixtral renormalizes, as llama.cpp's llama
     with pytest.raises(ShrinkError, match="norm_topk_prob=true: llama.cpp's qwen2moe graph does not renormalize"):
-        check_routing(transformers.Qwen2MoeConfig(norm_topk_prob=True), ARCHS["qwen2_moe"])
+        check_routing(transformers.Qwen2MoeConfig(norm_topk_prob=True).to_dict(), ARCHS["qwen2_moe"])
     with pytest.raises(ShrinkError, match="norm_topk_prob=false"):
-        check_routing(transformers.Qwen3MoeConfig(norm_topk_prob=False), ARCHS["qwen3_moe"])
+        check_routing(transformers.Qwen3MoeConfig(norm_topk_prob=False).to_dict(), ARCHS["qwen3_moe"])
 
 
 @pytest.mark.parametrize("override,message", [
@@ -180,3 +180,27 @@ def test_a_run_with_export_gguf_refuses_grids_gguf_cannot_hold(tmp_path, tiny_mo
         run_shrink(["pipeline=quantize", f"model.path={tiny_model_dir('llama')}", *tiny_data_overrides(),
                     "export.gguf=true", override], tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("case,message", [
+    ("rope", "rope_type 'linear' is not written to GGUF"), ("routing", "norm_topk_prob=false: llama.cpp's llama graph"),
+    ("tokenizer", "only byte-level BPE tokenizers"),
+])
+def test_a_run_with_export_gguf_refuses_a_model_gguf_cannot_hold_before_quantizing(tmp_path, tiny_model_dir, case,
+                                                                                  message) -> None:
+    """Read from the input folder before any model loads, not after the quantize stage has run."""
+    folder = tiny_model_dir("mixtral" if case == "routing" else "llama")
+    config = json.loads((folder / "config.json").read_text())
+    if case == "rope":
+        config["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    elif case == "routing":
+        config["norm_topk_prob"] = False  # a Mixtral-shaped model that does not renormalize its top-2
+    else:
+        spec = json.loads((folder / "tokenizer.json").read_text())
+        spec["pre_tokenizer"] = {"type": "Whitespace"}
+        (folder / "tokenizer.json").write_text(json.dumps(spec))
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ShrinkError, match=f"^export.gguf: .*{message}") as error:
+        run_shrink(["pipeline=quantize", f"model.path={folder}", *tiny_data_overrides(), "quant.sym=true",
+                    "quant.group_size=32", "export.gguf=true"], tmp_path / "run")
+    assert "\n" not in str(error.value) and not (tmp_path / "run").exists()
