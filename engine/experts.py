@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
@@ -103,6 +103,31 @@ def disk_names(model: nn.Module) -> tuple[tuple[str, str, str], list[tuple[str, 
             elif targets[0].endswith("down_proj") and len(children) == 1:
                 names[2] = children[0]
     return (names[0], names[1], names[2]), renames
+
+
+# the (gate, up, down) role of the per-expert child names checkpoints use: Qwen-MoE / DeepSeek
+# style and Mixtral's; other tools write either whatever the family's own is (AutoRound and
+# gptqmodel unfuse transformers 5's fused experts under the Qwen-style names, even for Mixtral)
+EXPERT_ROLES = {"gate_proj": 0, "up_proj": 1, "down_proj": 2, "w1": 0, "w3": 1, "w2": 2}
+
+
+def stored_names(keys: Iterable[str], suffix: str, default: tuple[str, str, str]) -> tuple[str, str, str]:
+    """(gate, up, down) child names of the experts as a checkpoint's keys hold them (`suffix`: the
+    tensor after the child's name, e.g. "qweight"); `default` where the keys name none of its own."""
+    found = {m.group(1) for k in keys if (m := re.search(rf"\.experts\.\d+\.(\w+)\.{re.escape(suffix)}$", k))}
+    if not found or found <= set(default):
+        return default
+    roles: dict[int, str] = {}
+    for name in sorted(found):
+        role = EXPERT_ROLES.get(name)
+        if role is None or role in roles:
+            raise ShrinkError(f"experts stored as {sorted(found)}: no single gate/up/down role for {name!r} "
+                              f"(known: {', '.join(EXPERT_ROLES)})")
+        roles[role] = name
+    names = list(default)
+    for role, name in roles.items():
+        names[role] = name
+    return names[0], names[1], names[2]
 
 
 def to_disk_key(key: str, renames: list[tuple[str, str]]) -> str:
@@ -243,9 +268,10 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def split_experts(model: nn.Module) -> int:
-    """Replace every fused experts module by SplitExperts (in place); returns how many."""
-    names, _ = disk_names(model)
+def split_experts(model: nn.Module, names: Optional[tuple[str, str, str]] = None) -> int:
+    """Replace every fused experts module by SplitExperts (in place) whose experts' Linears are
+    called `names` (gate, up, down; default: the family's on-disk names); returns how many."""
+    names = names or disk_names(model)[0]
     targets = [(n, m) for n, m in model.named_modules() if fused_parameters(m) and not isinstance(m, SplitExperts)]
     for name, module in targets:
         _set(model, name, SplitExperts(module, read_layout(module, name), names))

@@ -45,6 +45,13 @@ def parse_pattern(pattern: str) -> tuple[int, int]:
     return n, m
 
 
+def check_pattern_fits(name: str, columns: int, pattern: str) -> None:
+    """An N:M pattern's M divides the Linear's input columns (its runs of M cover the row)."""
+    n, m = parse_pattern(pattern)
+    if m and columns % m:
+        raise ShrinkError(f"{name}: prune.pattern {n}:{m}: M={m} does not divide {columns} input columns")
+
+
 def check_prune_config(prune: PruneConfig) -> tuple[int, int]:
     if prune.method not in METHODS:
         raise ShrinkError(f"prune.method: unknown method {prune.method!r} (sparsegpt | wanda | magnitude)")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from prune.baselines import has_nm_pattern, magnitude_prune, wanda_prune
-from prune.config import parse_pattern
+from prune.config import check_pattern_fits, parse_pattern
 from prune.reconstruct import masked_least_squares
 from prune.sparsegpt import sparsegpt_prune
 from quant.export import export_float_dtype, install_quantized, quantization_config
@@ -23,7 +23,6 @@ from quant.gptq import rtn_quantize
 from quant.pack import pack_result
 from engine.calibration import (LinearJob, add_compressor_seconds, calibration_dtype, calibration_facts, compress_model,
                                 record_coverage)
-from engine.errors import ShrinkError
 from engine.modeling import set_weight_matrix, weight_matrix
 from engine.weights import MODEL_DTYPE_HINT, narrow
 
@@ -44,8 +43,7 @@ def prune_stage(state: "RunState") -> dict[str, Any]:
     def compressor(job: LinearJob) -> dict[str, Any]:
         start, pack_seconds = time.perf_counter(), 0.0
         W = weight_matrix(job.module)
-        if m and W.shape[1] % m:
-            raise ShrinkError(f"{job.full_name}: prune.pattern {n}:{m}: M={m} does not divide {W.shape[1]} input columns")
+        check_pattern_fits(job.full_name, W.shape[1], prune.pattern)  # (checked before loading where it can be)
         sparsity = float(prune.layer_sparsity.get(job.layer_index, prune.sparsity))
         stats: dict[str, Any] = {"sparsity_target": n / m if m else sparsity}
         if job.hessian is None:  # an expert with too few tokens: magnitude

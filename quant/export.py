@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from engine.experts import disk_names, split_experts, split_modules, to_disk_key, to_memory_key
+from engine.experts import disk_names, split_experts, split_modules, stored_names, to_disk_key, to_memory_key
 from engine.files import atomic_folder
 from engine.modeling import linear_dims
 from engine.weights import SAFE_INDEX, SAFE_NAME, check_load, narrow, read_headers, tied_embeddings, unique_tensors
@@ -407,8 +407,10 @@ def _install_placeholders(model: nn.Module, qcfg: dict[str, Any], keys: set[str]
     bits, group_size = int(qcfg["bits"]), int(qcfg["group_size"])
     fmt = memory_format(qcfg)
     qnames = sorted(k[: -len(".qweight")] for k in keys if k.endswith(".qweight"))
-    # fused experts are read back as split ones: the per-expert keys map onto their Linears
-    renames = disk_names(model)[1] if split_experts(model) else []
+    # fused experts are read back as split ones: the per-expert keys map onto their Linears, under
+    # the names the files use (another tool's export may use other names than the family's own)
+    default, renames = disk_names(model)
+    renames = renames if split_experts(model, stored_names(keys, "qweight", default)) else []
     qnames = [to_memory_key(n, renames) for n in qnames]
     for name in qnames:
         old = model.get_submodule(name)

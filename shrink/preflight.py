@@ -107,16 +107,13 @@ def ready_quantize(state: "RunState") -> None:
 
 def ready_prune(state: "RunState") -> None:
     """ready_compression, and an N:M pattern's M divides every pruned Linear's inputs."""
-    from prune.config import parse_pattern
+    from prune.config import check_pattern_fits
 
     prune = state.cfg.prune
     targets = ready_compression(state, "prune", prune.skip, f"{prune.method} {prune.pattern}",
                                 quantizes=prune.joint_quant)
-    n, m = parse_pattern(prune.pattern)
     for name, module in targets.items():
-        columns = linear_dims(module)[0]
-        if m and columns % m:
-            raise ShrinkError(f"{name}: prune.pattern {n}:{m}: M={m} does not divide {columns} input columns")
+        check_pattern_fits(name, linear_dims(module)[0], prune.pattern)
 
 
 def ready_distill(state: "RunState") -> None:

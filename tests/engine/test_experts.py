@@ -140,3 +140,42 @@ def test_a_stage_under_min_coverage_fails_before_changing_any_weight() -> None:
     fuse_experts(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not any(isinstance(m, SplitExperts) for m in model.modules())
+
+
+def test_stored_expert_names_follow_the_files_keys() -> None:
+    from engine.experts import stored_names
+
+    mixtral = ("w1", "w3", "w2")
+    keys = [f"model.layers.0.mlp.experts.{e}.{n}.qweight" for e in range(2) for n in ("gate_proj", "up_proj", "down_proj")]
+    assert stored_names(keys, "qweight", mixtral) == ("gate_proj", "up_proj", "down_proj")
+    assert stored_names([k.replace("gate_proj", "w1") for k in keys if "up" not in k and "down" not in k], "qweight",
+                        ("gate_proj", "up_proj", "down_proj")) == ("w1", "up_proj", "down_proj")
+    assert stored_names(["model.layers.0.self_attn.q_proj.qweight"], "qweight", mixtral) == mixtral  # no experts
+    with pytest.raises(ShrinkError, match=r"experts stored as \['fc1', 'fc2'\]: no single gate/up/down role for 'fc1'"):
+        stored_names(["m.experts.0.fc1.qweight", "m.experts.0.fc2.qweight"], "qweight", mixtral)
+
+
+def test_a_gptq_moe_export_under_other_expert_names_loads_to_the_same_model(tmp_path, tiny_model_dir) -> None:
+    """AutoRound and gptqmodel write Mixtral's experts as gate_proj/up_proj/down_proj, not w1/w3/w2."""
+    from safetensors.torch import load_file, save_file
+
+    from quant.export import load_quantized_model
+    from tests.conftest import run_shrink, tiny_data_overrides
+
+    run_shrink(["pipeline=quantize", f"model.path={tiny_model_dir('mixtral')}", *tiny_data_overrides(),
+                "eval.baseline=false", "quant.method=rtn", "quant.group_size=32", "quant.sym=true"], tmp_path / "run")
+    ours = tmp_path / "run" / "model"
+    other = tmp_path / "other"
+    other.mkdir()
+    tensors = load_file(str(ours / "model.safetensors"))
+    renamed = {k.replace(".w1.", ".gate_proj.").replace(".w3.", ".up_proj.").replace(".w2.", ".down_proj."): v
+               for k, v in tensors.items()}
+    assert renamed.keys() != tensors.keys()  # the export does use Mixtral's names
+    save_file(renamed, str(other / "model.safetensors"), metadata={"format": "pt"})
+    for f in ours.iterdir():
+        if f.suffix != ".safetensors":
+            (other / f.name).write_bytes(f.read_bytes())
+    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = (load_quantized_model(f, dtype=torch.float32)(input_ids=ids).logits for f in (ours, other))
+    assert torch.equal(a, b)
