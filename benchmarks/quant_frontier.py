@@ -2,10 +2,10 @@
 search, GPTAQ, the `quant=best` preset) and round-to-nearest next to gptqmodel (GPTQ, + mse, +
 mse + GPTAQ; the project's venv), llm-compressor's GPTQModifier and AutoRound light (each in its
 own venv: $SHRINK_PEER_VENVS/llmc and /autoround, default /work/venvs), on the shared teacher and
-the MoE teacher at 4, 3 and 2 bits, group 128, symmetric. Every arm calibrates on the very same 128 x 512 docs-en train windows
-(sampled once here, handed to the peers as a file), saves its model, and every saved model is
-evaluated by ONE evaluator (`shrink pipeline=eval`: the perplexity protocol of docs/results.md)
-on the same windows. Seconds are the quantization alone as each tool reports it (shrink: the
+the MoE teacher at 4, 3 and 2 bits, group 128, symmetric. Every arm calibrates on the very same
+128 x 512 docs-en train windows (sampled once here, handed to the peers as a file), saves its
+model, and every saved model is evaluated by ONE evaluator (`shrink pipeline=eval`: the
+perplexity protocol of docs/results.md) on the same windows. Seconds are the quantization alone as each tool reports it (shrink: the
 quantize stage; peers: their quantize call), with the load average before and after (noisy when
 the machine is shared). Writes benchmarks/results/quant_frontier.json (and the plot
 quant_frontier.png); `--split valid` evaluates on docs-en valid instead (quant_frontier_dev.json:

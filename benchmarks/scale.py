@@ -172,7 +172,8 @@ def run_arm(folder: Path, method: str, lazy: bool, out: Path, stages: str = "[qu
     cmd = [sys.executable, "-m", "benchmarks.scale", "--arm", str(folder), "--method", method, "--out", str(out),
            "--stages", stages] + (["--lazy"] if lazy else [])
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    return {**row_of(proc, f"arm {method} on {folder.name}"), "load_average_before": load_before, "load_average_after": os.getloadavg()[0]}
+    return {**row_of(proc, f"arm {method} on {folder.name}"), "load_average_before": load_before,
+            "load_average_after": os.getloadavg()[0]}
 
 
 def depth(results: Results, scratch: Path, depths: tuple[int, ...], method: str) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -78,10 +78,17 @@ def fit_layout(model: nn.Module, qcfg: dict[str, Any]) -> dict[str, Any]:
     if not is_awq(qcfg):
         return qcfg
     _, layers = find_decoder_layers(model)
-    sizes = {m.in_features for m in layers.modules() if isinstance(m, QuantLinear)}
-    sizes |= {linear_dims(m)[0] for m in find_linears(layers).values() if linear_dims(m)[0] % 32 == 0}
-    size = math.gcd(int(qcfg["group_size"]), *sizes) if sizes else int(qcfg["group_size"])
-    return {**qcfg, "group_size": size}
+    packed = [m.in_features for m in layers.modules() if isinstance(m, QuantLinear)]
+    floats = [linear_dims(m)[0] for m in find_linears(layers).values()]
+    return {**qcfg, "group_size": awq_group_size(int(qcfg["group_size"]), packed, floats)}
+
+
+def awq_group_size(group_size: int, packed: Iterable[int], float_inputs: Iterable[int]) -> int:
+    """AWQ's one group size for a model (fit_layout, and `shrink plan` pricing it): the largest
+    divisor of the calibrated group size that divides the input size of every packed Linear and
+    of every float one a QuantLinear can hold (a multiple of 32 inputs)."""
+    sizes = set(packed) | {s for s in float_inputs if s % 32 == 0}
+    return math.gcd(group_size, *sizes) if sizes else group_size
 
 
 def float_matrices(model: nn.Module, rename: Callable[[str], str], quantized: list[str]) -> list[str]:

@@ -30,6 +30,7 @@ from engine.errors import ShrinkError
 from engine.experts import ExpertLayout
 from engine.modeling import linear_dims
 from quant.config import check_quant_config, export_format
+from quant.layout import awq_group_size
 
 log = logging.getLogger(__name__)
 
@@ -221,23 +222,15 @@ def recipe_storages(stages: list[str], quant: Any, prune: Any, dtype: str) -> li
     return result
 
 
-def awq_group(model: nn.Module, group_size: int, linears: set[str], experts: dict[str, ExpertLayout]) -> int:
-    """The one group size AWQ's layout is written with (quant.layout.fit_layout): the largest
-    divisor of group_size that divides the input size of every decoder-layer matrix it can hold
-    (a multiple of 32 inputs), experts' included."""
-    sizes = {linear_dims(model.get_submodule(n))[0] for n in linears}
-    sizes |= {d for layout in experts.values() for d in (layout.hidden, layout.intermediate)}
-    sizes = {s for s in sizes if s % 32 == 0}
-    return math.gcd(group_size, *sizes) if sizes and group_size != -1 else group_size
-
-
 def price_units(model: nn.Module, units: list[Unit], storage: Storage, dtype_bytes: int,
                 linears: set[str], experts: dict[str, ExpertLayout]) -> list[Unit]:
     seen: set[int] = set()
     priced = []
     dtype_bytes = storage.float_bytes or dtype_bytes
-    if storage.awq:  # one group for the whole model, as the export writes it
-        storage = replace(storage, group_size=awq_group(model, storage.group_size, linears, experts))
+    if storage.awq:  # one group for the whole model, as the export writes it (experts' matrices included)
+        inputs = [linear_dims(model.get_submodule(n))[0] for n in linears]
+        inputs += [d for layout in experts.values() for d in (layout.hidden, layout.intermediate)]
+        storage = replace(storage, group_size=awq_group_size(storage.group_size, (), inputs))
     for unit in units:
         expert_bytes: dict[str, int] = {}
         weight = sum(price_module(model.get_submodule(m), m, storage, dtype_bytes, linears, experts, seen,
