@@ -110,6 +110,7 @@ class Results:
             self.shas = sorted(set(self.shas) | set(old.get("git_shas", [])))
 
     def add(self, row: dict[str, Any]) -> None:
+        row = {**row, "git_sha": row.get("git_sha", git_sha())}  # the code that measured this row
         self.rows.append(row)
         print(row, flush=True)
         self.save()

@@ -27,6 +27,7 @@ the weights in place and returns its own stats.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from contextlib import contextmanager
@@ -83,7 +84,8 @@ Compressor = Callable[[LinearJob], dict[str, Any]]
 class LayerOutputs:
     """What an after-layer hook gets once every Linear of a decoder layer is compressed: the layer,
     its calibration inputs (from the compressed layers before it) and the outputs the uncompressed
-    layer gave on the reference stream. The hook may change the layer's weights; the engine then
+    layer gave on the reference stream (targets[b]: batch b's first rows only when
+    compress_model's `reference_rows` says so). The hook may change the layer's weights; the engine then
     recomputes its outputs for the next layer."""
     index: int
     layer: nn.Module
@@ -480,24 +482,45 @@ def sequential_passes(groups: list[list[str]], roles: dict[str, tuple[str, int, 
 
 def calibration_dtype(setting: str, device: torch.device) -> Optional[torch.dtype]:
     """data.calib.dtype as compress_model's `dtype`: auto is float64 on the CPU (see `calibrating`),
-    the model's own elsewhere (GPUs compute float64 far slower, and have less memory for it)."""
+    the model's own elsewhere (GPUs compute float64 far slower, and have less memory for it);
+    bfloat16-autocast keeps float32 (its products' precision is calibration_autocast's)."""
     if setting == "auto":
         return torch.float64 if device.type == "cpu" else None
+    if setting == AUTOCAST_SETTING:
+        return torch.float32
     return None if setting == "model" else getattr(torch, setting)
 
 
-def calibration_facts(dtype: Optional[torch.dtype], device: torch.device) -> dict[str, Any]:
+AUTOCAST_SETTING = "bfloat16-autocast"
+
+
+def calibration_autocast(setting: str, device: torch.device) -> Optional[torch.dtype]:
+    """data.calib.dtype as compress_model's `autocast`: bfloat16 for bfloat16-autocast, else None.
+    A CPU without native bfloat16 (no AVX512-BF16 or AMX) emulates it, slower than float32: said once."""
+    if setting != AUTOCAST_SETTING:
+        return None
+    if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log.warning("data.calib.dtype=%s: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so the "
+                    "products are emulated and slower than data.calib.dtype=float32", setting)
+    return torch.bfloat16
+
+
+def calibration_facts(dtype: Optional[torch.dtype], device: torch.device,
+                      autocast: Optional[torch.dtype] = None) -> dict[str, Any]:
     """What besides its inputs decides a calibration's rounding, for the stage's report: the
     precision, and the kernels' instruction set and thread count (which decide it in float32)."""
     return {"dtype": str(dtype).removeprefix("torch.") if dtype is not None else "model", "device": device.type,
+            **({"autocast": str(autocast).removeprefix("torch.")} if autocast is not None else {}),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
 
 
 @contextmanager
-def calibrating(layer: nn.Module, device: torch.device,
-                dtype: Optional[torch.dtype]) -> Iterator[Callable[[nn.Module, str], None]]:
+def calibrating(layer: nn.Module, device: torch.device, dtype: Optional[torch.dtype],
+                autocast: Optional[torch.dtype] = None) -> Iterator[Callable[[nn.Module, str], None]]:
     """The layer on `device` while it is calibrated, its floating parameters and buffers in `dtype`
-    (None: as they are); after, on the CPU, each in its own dtype again. Yields settle(module, name),
+    (None: as they are), its forwards (on any thread: the lockstep's, refinement's) under
+    torch.autocast to `autocast` when given (the Hessian sums opt out, see HessianAccumulator.add);
+    after, on the CPU, each in its own dtype again. Yields settle(module, name),
     which rounds a module's parameters to the dtypes they are stored in (refusing, in one line
     naming the tensor, a value beyond that dtype's range): a compressed Linear's
     new weights, before the forwards go on through it, are then exactly those the model keeps.
@@ -521,12 +544,29 @@ def calibrating(layer: nn.Module, device: torch.device,
             if stored != p.dtype:
                 p.data.copy_(narrow(p.data, stored, f"{name}.{leaf}", "model.dtype", MODEL_DTYPE_HINT))
 
+    # the instance's own forward (accelerate's hooks set one) comes back after; else the class's
+    own_forward = layer.__dict__.get("forward")
+    if autocast is not None:
+        layer.forward = _autocast_forward(layer.forward, device.type, autocast)
     try:
         yield settle
     finally:
+        if autocast is not None:
+            del layer.forward
+            if own_forward is not None:
+                layer.forward = own_forward
         for t in tensors:
             t.data = t.data.to(own[id(t)])
         layer.to("cpu")
+
+
+def _autocast_forward(forward: Callable[..., Any], device_type: str, dtype: torch.dtype) -> Callable[..., Any]:
+    """forward under its own torch.autocast (autocast's state is per thread: each call enters it)."""
+    @functools.wraps(forward)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device_type, dtype=dtype):
+            return forward(*args, **kwargs)
+    return run
 
 
 def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor: Compressor,
@@ -536,8 +576,9 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
                    min_coverage: float = 0.0, profile: Optional[list[dict[str, Any]]] = None,
                    comm: Optional[CalibComm] = None, lockstep_memory: Optional[int] = None,
                    checkpoint: Optional[LayerCheckpoint] = None, stream: Optional["LayerStream"] = None,
-                   dtype: Optional[torch.dtype] = None, paired: bool = False,
-                   after_layer: Optional[AfterLayer] = None, _rerun: bool = False) -> list[dict[str, Any]]:
+                   dtype: Optional[torch.dtype] = None, autocast: Optional[torch.dtype] = None, paired: bool = False,
+                   after_layer: Optional[AfterLayer] = None, reference_rows: Optional[Callable[[list[int]], int]] = None,
+                   _rerun: bool = False) -> list[dict[str, Any]]:
     """Compress every Linear of every decoder layer (fused experts split first; names matching
     `skip` left alone); returns a per-Linear report. `full_hessian=False` hands the compressor
     accumulators holding only diag(H). Fails before touching a weight if the Linears reached
@@ -553,12 +594,16 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
     ranks would have to restore together, so the pipeline gives none). `stream` (a lazy model,
     engine/streaming.py) reads each layer in before its turn and takes it when done. `dtype`: the
     precision the calibration computes in (the captured inputs, each layer while it is calibrated,
-    the Hessians in float64 when it is float64; see `calibrating`); None: the model's own.
+    the Hessians in float64 when it is float64; see `calibrating`); None: the model's own. `autocast`:
+    the dtype of the layer forwards' matrix products (torch.autocast), None: `dtype`.
     `paired` or `after_layer` keep the reference stream (engine/reference.py: the uncompressed
     model's layer inputs, each layer run on them before it is compressed): with `paired` every
     Linear's statistics pair its inputs with its reference inputs (LinearJob.cross); `after_layer`
     is called with each compressed layer, its inputs and its reference outputs (LayerOutputs),
-    may change its weights, and its figures go into the layer's profile (one process only)."""
+    may change its weights, and its figures go into the layer's profile (one process only).
+    `reference_rows` (an after-layer hook that reads the head of each batch only, without `paired`):
+    from the batches' sizes, how many windows at the head of each the reference stream keeps: its
+    forwards then cost that share of a pass, and LayerOutputs.targets hold those rows."""
     if comm is not None and after_layer is not None:
         raise ValueError("compress_model: an after-layer hook sees one rank's windows only (not under torchrun)")
     moe = moe or MoeConfig()
@@ -574,7 +619,8 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
         if windows is not None else device
     calls = capture_layer_calls(model, windows, batch_size, device, store, dtype) if windows is not None else None
     hidden = [b.hidden() for b in calls[0]] if calls is not None else None
-    ref_hidden = list(hidden) if reference else None
+    ref_rows = reference_rows([h.shape[0] for h in hidden]) if reference and reference_rows and not paired else None
+    ref_hidden = [h[:ref_rows] for h in hidden] if reference else None
     report: list[dict[str, Any]] = []
     resumed = checkpoint.restore(layers) if checkpoint is not None else None
     first_layer = 0
@@ -594,7 +640,7 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
         start = time.time()
         if stream is not None:
             stream.load(i, layer)
-        with calibrating(layer, device, dtype) as settle:
+        with calibrating(layer, device, dtype, autocast) as settle:
             job = _LayerJob(i, len(layers), parent_name, targets[i], expert_roles(layer), compressor, moe, device,
                             report, comm, lockstep_memory=lockstep_memory, settle=settle)
             first = len(report)
@@ -606,8 +652,9 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
                 batches = [c.with_hidden(h) for c, h in zip(calls[i], hidden)]
                 refs = None
                 if reference:  # the uncompressed layer on its own inputs, before it is compressed
-                    refs, ref_hidden = _reference_pass(layer, [c.with_hidden(h) for c, h in zip(calls[i], ref_hidden)],
-                                                       job, store, paired)
+                    heads = [b.select(slice(0, ref_rows)) if ref_rows is not None else b for b in batches]
+                    refs, ref_hidden = _reference_pass(layer, [b.with_hidden(h) for b, h in zip(heads, ref_hidden)],
+                                                       job, store, paired, sum(h.shape[0] for h in hidden))
                 hidden = _calibrate_layer(layer, batches, job, true_sequential, full_hessian, store, _rerun, refs,
                                           want_outputs=after_layer is None)
                 if after_layer is not None:
@@ -700,10 +747,11 @@ class _LayerJob:
 
 
 def _reference_pass(layer: nn.Module, batches: list[LayerBatch], job: "_LayerJob", store: torch.device,
-                    paired: bool) -> tuple[Optional[ReferenceInputs], list[torch.Tensor]]:
+                    paired: bool, windows: int) -> tuple[Optional[ReferenceInputs], list[torch.Tensor]]:
     """The uncompressed layer over the reference stream: its Linears' inputs when `paired` (expert
     Linears only when every token runs through every expert: routed tokens differ between the two
-    models, so they would not pair) and its outputs, the next layer's reference inputs."""
+    models, so they would not pair) and its outputs, the next layer's reference inputs. `windows`:
+    the compressed stream's (the profile counts the share of a forward this pass is)."""
     names = [n for n in job.linears if job.moe.all_experts or n not in job.roles] if paired else []
     refs = ReferenceInputs(set(names)) if paired else None
     current, kept = [0], {}  # the batch being run; id -> (input, stored copy) within it
@@ -728,7 +776,7 @@ def _reference_pass(layer: nn.Module, batches: list[LayerBatch], job: "_LayerJob
     finally:
         for h in handles:
             h.remove()
-    job.clock.forwards += 1
+    job.clock.forwards += sum(b.hidden().shape[0] for b in batches) / windows
     return refs, outputs
 
 

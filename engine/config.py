@@ -80,11 +80,13 @@ class CalibDataConfig:
     seq_len: int = 512
     # Precision the calibration computes in (the layer forwards over these windows, their Hessians
     # and the solves): auto (float64 on the CPU, where it makes the result the same on every
-    # machine; the model's dtype on GPUs) | model | float32 | float64. See engine/calibration.py.
+    # machine; the model's dtype on GPUs) | model | float32 | float64 | bfloat16-autocast (float32
+    # with the forwards' matrix products in bfloat16, as AutoRound's AMP: fast on GPUs and on CPUs
+    # with AMX or AVX512-BF16; the Hessians and solves stay float32). See engine/calibration.py.
     dtype: str = "auto"
 
 
-CALIB_DTYPES = ("auto", "model", "float32", "float64")
+CALIB_DTYPES = ("auto", "model", "float32", "float64", "bfloat16-autocast")
 
 
 def check_calib_dtype(value: str) -> None:

@@ -27,12 +27,14 @@ def add_gram_(S: torch.Tensor, X: torch.Tensor, block: int = TRIANGLE_BLOCK) -> 
     """S += X^T X on the upper block triangle only (blocks on the diagonal in full).
 
     About half the FLOPs of the full product at the same GEMM speed; column slices of X
-    are strided views (GEMMs read them in place), so nothing is copied.
+    are strided views (GEMMs read them in place), so nothing is copied. In S's own dtype even
+    inside a forward under torch.autocast (the calibration's hooks run there).
     """
     cols = X.shape[1]
-    for start in range(0, cols, block):
-        end = min(start + block, cols)
-        S[:end, start:end].addmm_(X[:, :end].t(), X[:, start:end])
+    with torch.autocast(S.device.type, enabled=False):
+        for start in range(0, cols, block):
+            end = min(start + block, cols)
+            S[:end, start:end].addmm_(X[:, :end].t(), X[:, start:end])
 
 
 class HessianAccumulator:

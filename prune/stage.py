@@ -21,8 +21,8 @@ from quant.export import export_float_dtype, install_quantized, quantization_con
 from quant.streaming import streamed_export
 from quant.gptq import rtn_quantize
 from quant.pack import pack_result
-from engine.calibration import (LinearJob, add_compressor_seconds, calibration_dtype, calibration_facts, compress_model,
-                                record_coverage)
+from engine.calibration import (LinearJob, add_compressor_seconds, calibration_autocast, calibration_dtype,
+                                calibration_facts, compress_model, record_coverage)
 from engine.modeling import set_weight_matrix, weight_matrix
 from engine.weights import MODEL_DTYPE_HINT, narrow
 
@@ -83,6 +83,7 @@ def prune_stage(state: "RunState") -> dict[str, Any]:
 
     windows = None if prune.method == "magnitude" and not prune.reconstruct else state.calibration()
     calib_dtype = calibration_dtype(state.cfg.data.calib.dtype, state.device)
+    calib_autocast = calibration_autocast(state.cfg.data.calib.dtype, state.device)
     # Wanda reads only activation norms: no [cols, cols] Hessian for it unless reconstructing
     profile: list[dict[str, Any]] = []
     # lazy: each layer read from the shards before its turn, written to the output when done
@@ -94,7 +95,8 @@ def prune_stage(state: "RunState") -> dict[str, Any]:
                                 full_hessian=prune.method != "wanda" or prune.reconstruct,
                                 skip=prune.skip, moe=state.cfg.moe, min_coverage=state.cfg.min_coverage,
                                 stream=stream, checkpoint=state.layer_checkpoint,
-                                comm=state.comm.sharing(packed) if state.comm is not None else None, dtype=calib_dtype)
+                                comm=state.comm.sharing(packed) if state.comm is not None else None,
+                                dtype=calib_dtype, autocast=calib_autocast)
     # from the report, which a resumed run restores with the layers a killed run finished (and
     # which holds every rank's entries under torchrun)
     per_linear = {r["full_name"]: r["sparsity"] for r in report}
@@ -104,7 +106,8 @@ def prune_stage(state: "RunState") -> dict[str, Any]:
     result = {"method": prune.method, "pattern": prune.pattern, "reconstruct": prune.reconstruct,
               "sparsity_mean": overall, "per_linear": per_linear, "layers": report, **record_coverage(state, report),
               "profile": add_compressor_seconds(profile, report, ("sweep_seconds", "pack_seconds")),
-              **({"calibration": calibration_facts(calib_dtype, state.device)} if windows is not None else {})}
+              **({"calibration": calibration_facts(calib_dtype, state.device, calib_autocast)}
+                 if windows is not None else {})}
     if m:
         result["pattern_ok"] = all(r.get("pattern_ok", False) for r in report)
     log.info("pruned: mean sparsity %.4f%s", overall, f", {n}:{m} pattern ok: {result['pattern_ok']}" if m else "")

@@ -144,13 +144,24 @@ def _loss(out: LayerOutputs, weights: dict[str, torch.Tensor], b: int, rows: sli
     return F.mse_loss(pred.float(), target.float())
 
 
+def reference_rows(settings: RefineSettings, sizes: list[int]) -> int:
+    """How many windows at the head of each calibration batch (of these sizes) the steps read
+    (`_windows` walks the heads first): the reference stream need keep no more."""
+    slots = _slots(sizes, settings)
+    return max(slots[k % len(slots)][1].stop for k in range(min(settings.steps, len(slots))))
+
+
 def _windows(out: LayerOutputs, settings: RefineSettings):
-    """(batch, rows) of each step: `windows` consecutive windows at a time, walking every
-    calibration batch in turn, so the steps see the calibration windows evenly."""
-    sizes = [t.shape[0] for t in out.targets]
+    """(batch, rows) of each step (see `_slots`), over the batches of out.targets."""
+    slots = _slots([t.shape[0] for t in out.targets], settings)
+    for k in range(settings.steps):
+        yield slots[k % len(slots)]
+
+
+def _slots(sizes: list[int], settings: RefineSettings) -> list[tuple[int, slice]]:
+    """`windows` consecutive windows at a time, in the order the steps take them: every
+    calibration batch's first slot, then every batch's second, ..., so the steps see the
+    calibration windows evenly (and read only the heads of the batches when few)."""
     per = max(1, min(settings.windows, min(sizes)))
     slots = [(b, slice(a, a + per)) for b, n in enumerate(sizes) for a in range(0, n - per + 1, per)]
-    # interleave the batches: step k takes batch k mod B
-    order = sorted(range(len(slots)), key=lambda i: (slots[i][1].start, slots[i][0]))
-    for k in range(settings.steps):
-        yield slots[order[k % len(order)]]
+    return sorted(slots, key=lambda slot: (slot[1].start, slot[0]))

@@ -7,6 +7,7 @@ Existing zeros (a pruned model) are kept zero: they are passed to GPTQ as a mask
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import replace
@@ -20,9 +21,9 @@ from quant.export import export_float_dtype, install_quantized, quantization_con
 from quant.streaming import streamed_export
 from quant.gptq import QuantResult, gptq_quantize, gptq_quantize_batch, rtn_quantize
 from quant.pack import pack_result
-from engine.calibration import (LayerOutputs, LinearJob, add_compressor_seconds, calibration_dtype, calibration_facts,
-                                compress_model, record_coverage)
-from quant.refine import RefineSettings, refine_layer
+from engine.calibration import (LayerOutputs, LinearJob, add_compressor_seconds, calibration_autocast,
+                                calibration_dtype, calibration_facts, compress_model, record_coverage)
+from quant.refine import RefineSettings, refine_layer, reference_rows
 from engine.modeling import set_weight_matrix, weight_matrix
 from engine.weights import MODEL_DTYPE_HINT, narrow
 
@@ -93,6 +94,7 @@ def quantize_stage(state: "RunState") -> dict[str, Any]:
 
     windows = state.calibration() if quant.method == "gptq" else None
     calib_dtype = calibration_dtype(state.cfg.data.calib.dtype, state.device)
+    calib_autocast = calibration_autocast(state.cfg.data.calib.dtype, state.device)
     if state.layer_checkpoint is not None:
         state.layer_checkpoint.track(packed)  # a resumed run gets the finished layers' packed tensors back
     profile: list[dict[str, Any]] = []
@@ -105,7 +107,9 @@ def quantize_stage(state: "RunState") -> dict[str, Any]:
                                 min_coverage=state.cfg.min_coverage, profile=profile, stream=stream,
                                 checkpoint=state.layer_checkpoint, paired=bool(quant.gptaq),
                                 after_layer=refine_after if refine is not None else None,
-                                comm=state.comm.sharing(packed) if state.comm is not None else None, dtype=calib_dtype)
+                                reference_rows=functools.partial(reference_rows, refine) if refine is not None else None,
+                                comm=state.comm.sharing(packed) if state.comm is not None else None,
+                                dtype=calib_dtype, autocast=calib_autocast)
     kept.clear()  # (the ends below are not refined)
     end_report = []
     if stream is None:
@@ -115,5 +119,5 @@ def quantize_stage(state: "RunState") -> dict[str, Any]:
     return {"method": quant.method, "bits": quant.bits, "group_size": quant.group_size, "layers": report,
             **({"ends": end_report} if end_report else {}),
             **record_coverage(state, report),
-            **({"calibration": calibration_facts(calib_dtype, state.device)} if windows is not None else {}),
+            **({"calibration": calibration_facts(calib_dtype, state.device, calib_autocast)} if windows is not None else {}),
             "profile": add_compressor_seconds(profile, report, ("sweep_seconds", "pack_seconds"))}

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.calibration import LinearJob, accumulate, capture_layer_calls, compress_model, input_groups, run_layer
+from engine.calibration import (LinearJob, LayerOutputs, accumulate, calibrating, calibration_autocast, calibration_dtype,
+                                capture_layer_calls, compress_model, input_groups, run_layer)
 from engine.errors import ShrinkError
 from engine.modeling import find_decoder_layers, set_weight_matrix, weight_matrix
 from engine.experts import split_experts
@@ -117,6 +118,71 @@ def test_true_sequential_feeds_compressed_outputs_to_later_groups(sequential: bo
     compress_model(model, windows(), compressor, CPU, true_sequential=sequential)
     o_proj_H = seen["0.self_attn.o_proj"]
     assert (float(o_proj_H.abs().max()) == 0) == sequential
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_bfloat16_autocast_computes_the_products_in_bfloat16_and_hessians_and_solves_in_float32(family) -> None:
+    """data.calib.dtype=bfloat16-autocast: float32 weights and stream, the layer's matmuls in bfloat16
+    (a Linear after the attention or MLP reads a bfloat16 input), Hessians and the compressor outside
+    autocast in float32; afterwards every layer is as it was (its forward and dtypes)."""
+    model = tiny_model(family)
+    assert calibration_dtype("bfloat16-autocast", CPU) == torch.float32
+    assert calibration_autocast("bfloat16-autocast", CPU) == torch.bfloat16
+    assert calibration_autocast("float32", CPU) is None and calibration_autocast("auto", CPU) is None
+    inputs: dict[str, set] = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: inputs.setdefault(n, set()).add(i[0].dtype))
+             for n, m in model.named_modules() if n.endswith(("o_proj", "down_proj", "c_proj"))]
+    solved: list[tuple] = []
+
+    def compressor(job: LinearJob) -> dict:
+        solved.append((job.hessian.H.dtype, torch.is_autocast_enabled("cpu")))
+        return {}
+
+    for true_sequential in (True, False):  # the lockstep's threads and the rerun path
+        inputs.clear()
+        compress_model(model, windows(), compressor, CPU, true_sequential=true_sequential, dtype=torch.float32,
+                       autocast=torch.bfloat16)
+        # (layer 0 also runs once outside calibration, in float32: capturing its inputs' structure)
+        assert inputs and all(seen == {torch.bfloat16} for n, seen in inputs.items() if ".0." not in n), inputs
+        assert all(torch.bfloat16 in seen for seen in inputs.values())
+    for h in hooks:
+        h.remove()
+    assert solved and set(solved) == {(torch.float32, False)}
+    for layer in find_decoder_layers(model)[1]:
+        assert "forward" not in layer.__dict__
+        assert {p.dtype for p in layer.parameters()} == {torch.float32}
+
+
+def test_calibrating_puts_an_instance_forward_back() -> None:
+    """accelerate's hooks set a module's forward on the instance: autocast wraps it and then restores it."""
+    layer = torch.nn.Linear(4, 4)
+    own = layer.forward
+    layer.forward = own
+    with calibrating(layer, CPU, None, torch.bfloat16):
+        assert layer(torch.randn(2, 4)).dtype == torch.bfloat16
+    assert layer.__dict__["forward"] is own
+    assert layer(torch.randn(2, 4)).dtype == torch.float32
+
+
+def test_the_reference_stream_can_keep_the_head_rows_of_each_batch_only() -> None:
+    """compress_model(reference_rows=): the after-layer hook's targets are the first rows of each
+    batch, the same values the whole reference stream gives them (kwargs sliced with the rows)."""
+    targets: dict[int | None, list[list[torch.Tensor]]] = {}
+    for rows in (None, 1):
+        model = tiny_model("llama")
+        seen = targets.setdefault(rows, [])
+
+        def after(out: LayerOutputs) -> dict:
+            seen.append([t.clone() for t in out.targets])
+            return {}
+
+        compress_model(model, windows(8), lambda job: {}, CPU, batch_size=3, after_layer=after,
+                       reference_rows=(lambda sizes: rows) if rows else None)
+    assert [[t.shape[0] for t in layer] for layer in targets[1]] == [[1, 1, 1]] * 2
+    assert [[t.shape[0] for t in layer] for layer in targets[None]] == [[3, 3, 2]] * 2
+    for full, heads in zip(targets[None], targets[1]):
+        for f, h in zip(full, heads):
+            torch.testing.assert_close(h, f[:1])
 
 
 def test_diagonal_only_hessians_give_the_same_norms_and_a_diagonal_error_model() -> None:

@@ -14,10 +14,12 @@ from engine.calibration import LayerBatch, LayerOutputs
 from engine.errors import ShrinkError
 from quant.config import QuantConfig, check_quant_config
 from quant.gptq import gptq_quantize
-from quant.refine import RefineSettings, Tunable, refine_layer
+from quant.refine import RefineSettings, Tunable, _windows, reference_rows, refine_layer
 from tests.conftest import ROOT, correlated_layer, run_shrink, tiny_data_overrides
 from tests.engine.test_streaming import tensors
 from tests.quant.test_gptaq import lazy_equals_eager_and_reloads
+
+CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("act_order", [False, True])
@@ -136,6 +138,25 @@ def test_a_refined_export_reloads_and_lazy_equals_eager(tmp_path, tiny_model_dir
             for e in refined if e["layer"] == 0} == gptq
 
 
+@pytest.mark.parametrize("sizes,steps,windows", [([8] * 16, 25, 2), ([8, 8, 1], 10, 2), ([4, 4, 3], 7, 3),
+                                                 ([8, 8], 30, 2), ([5], 3, 8)])
+def test_the_reference_stream_keeps_the_rows_the_steps_read_and_no_more(sizes, steps, windows) -> None:
+    """The steps walk the same windows whether the targets hold every row or the heads the
+    reference stream keeps (compress_model's reference_rows), and read the last head row."""
+    settings = RefineSettings(steps, 0.01, windows)
+    rows = reference_rows(settings, sizes)
+
+    def walk(kept: int) -> list[tuple[int, int, int]]:
+        out = LayerOutputs(0, nn.Identity(), [], [torch.zeros(min(n, kept), 1) for n in sizes], {}, {}, CPU)
+        return [(b, r.start, r.stop) for b, r in _windows(out, settings)]
+
+    full = walk(max(sizes))
+    assert walk(rows) == full
+    assert max(stop for _b, _start, stop in full) == rows
+    if (sizes, steps) == ([8] * 16, 25):  # quant=best's steps on 128 windows in batches of 8: half of them
+        assert rows == 4
+
+
 def test_pruned_zeros_stay_zero(tmp_path, tiny_model_dir) -> None:
     folder = tiny_model_dir("llama")
     run_shrink(["pipeline=prune_quantize", f"model.path={folder}", "prune=sparsegpt_2of4", "quant.group_size=32",
@@ -160,3 +181,8 @@ def test_the_best_preset_composes_and_passes_the_checks() -> None:
     check_quant_config(quant)
     assert quant.method == "gptq" and quant.scale_search is not None
     assert compose(["quant=best", "quant.bits=3", "quant.sym=true"]).quant.bits == 3
+    # it sets the calibration's precision too, over the data preset's, under the command line's
+    assert not quant.true_sequential and quant.refine_steps > 0
+    assert compose(["data=docs_en", "quant=best"]).data.calib.dtype == "bfloat16-autocast"
+    assert compose(["quant=best", "data.calib.dtype=float64"]).data.calib.dtype == "float64"
+    assert compose([]).data.calib.dtype == "auto"
