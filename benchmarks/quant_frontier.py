@@ -218,7 +218,8 @@ def plot(p: dict[str, Any], path: Optional[Path] = None) -> Path:
 
 def render_table(p: dict[str, Any]) -> str:
     """docs/results.md: per model and bits, every arm's perplexity, its increase over dense, seconds,
-    and for shrink's arms the perplexity of the exported folder reloaded in a fresh process."""
+    for shrink's arms the perplexity of the exported folder reloaded in a fresh process, and the
+    commit that measured the row (rows of one commit and model ran in one invocation)."""
     from benchmarks.markdown import footer, md
 
     order = [a[0] for a in ARMS + DEV_ARMS]
@@ -232,17 +233,18 @@ def render_table(p: dict[str, Any]) -> str:
             for r in sorted((r for r in rows if r["bits"] == bits), key=lambda r: order.index(r["arm"])
                             if r["arm"] in order else len(order)):
                 if "failed" in r:
-                    lines.append([f"{bits}", r["arm"], "did not run: " + r["failed"][:80]] + [None] * 5)
+                    lines.append([f"{bits}", r["arm"], "did not run: " + r["failed"][:80]] + [None] * 6)
                     continue
                 ar = auto.get(bits)
                 lines.append([f"{bits}", r["arm"], f"{r['ppl']:.3f}", dense and f"{r['ppl'] - dense:+.3f}",
                               f"{r['seconds']:.0f}",
                               ar and f"{r['seconds'] / ar['seconds']:.2f}",
                               r.get("ppl_in_run") and f"{r['ppl_in_run']:.3f}",
-                              r.get("load_average") and "/".join(f"{x:.1f}" for x in r["load_average"])])
+                              r.get("load_average") and "/".join(f"{x:.1f}" for x in r["load_average"]),
+                              r.get("git_sha", "earlier")[:7]])
         head = f"`{model}`" + (f" (dense {dense:.3f})" if dense else "")
         out.append(head + "\n\n" + md(["bits", "arm", "ppl", "over dense", "seconds", "x AutoRound's time",
-                                       "ppl in the run (shrink)", "load avg before/after"], lines))
+                                       "ppl in the run (shrink)", "load avg before/after", "git"], lines))
     return "\n\n".join(out) + footer(p)
 
 
