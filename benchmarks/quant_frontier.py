@@ -78,6 +78,7 @@ DEV_ARMS: list[tuple[str, str, list[str]]] = [
     # its refinement's step size and the windows per step, at the same cost (50 x 1 reads as many windows)
     ("shrink quant=best, lr 0.01", "shrink", ["quant=best", "quant.refine_lr=0.01"]),
     ("shrink quant=best, lr 0.0025", "shrink", ["quant=best", "quant.refine_lr=0.0025"]),
+    ("shrink quant=best, refine 25x4", "shrink", ["quant=best", "quant.refine_windows=4"]),
     ("shrink quant=best, refine 50x1", "shrink", ["quant=best", "quant.refine_steps=50", "quant.refine_windows=1"]),
     ("shrink quant=best, refine 50x1, lr 0.01", "shrink",
      ["quant=best", "quant.refine_steps=50", "quant.refine_windows=1", "quant.refine_lr=0.01"]),
