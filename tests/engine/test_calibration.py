@@ -1,6 +1,8 @@
 """The shared layer-wise engine: captured inputs, Hessians, grouping, true-sequential."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -151,6 +153,13 @@ def test_bfloat16_autocast_computes_the_products_in_bfloat16_and_hessians_and_so
     for layer in find_decoder_layers(model)[1]:
         assert "forward" not in layer.__dict__
         assert {p.dtype for p in layer.parameters()} == {torch.float32}
+
+
+def test_bfloat16_autocast_on_a_cpu_without_native_bfloat16_says_it_is_emulated(monkeypatch, caplog) -> None:
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="engine.calibration"):
+        assert calibration_autocast("bfloat16-autocast", CPU) == torch.bfloat16
+    assert "no native bfloat16" in caplog.text and "data.calib.dtype=float32" in caplog.text
 
 
 def test_calibrating_puts_an_instance_forward_back() -> None:
