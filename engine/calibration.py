@@ -496,7 +496,7 @@ AUTOCAST_SETTING = "bfloat16-autocast"
 
 def calibration_autocast(setting: str, device: torch.device) -> Optional[torch.dtype]:
     """data.calib.dtype as compress_model's `autocast`: bfloat16 for bfloat16-autocast, else None.
-    A CPU without native bfloat16 (no AVX512-BF16 or AMX) emulates it, slower than float32: said once."""
+    A CPU without native bfloat16 (no AVX512-BF16 or AMX) emulates it, slower than float32: a warning says so."""
     if setting != AUTOCAST_SETTING:
         return None
     if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -519,7 +519,7 @@ def calibrating(layer: nn.Module, device: torch.device, dtype: Optional[torch.dt
                 autocast: Optional[torch.dtype] = None) -> Iterator[Callable[[nn.Module, str], None]]:
     """The layer on `device` while it is calibrated, its floating parameters and buffers in `dtype`
     (None: as they are), its forwards (on any thread: the lockstep's, refinement's) under
-    torch.autocast to `autocast` when given (the Hessian sums opt out, see HessianAccumulator.add);
+    torch.autocast to `autocast` when given (the Hessian sums opt out, see engine.hessian.add_gram_);
     after, on the CPU, each in its own dtype again. Yields settle(module, name),
     which rounds a module's parameters to the dtypes they are stored in (refusing, in one line
     naming the tensor, a value beyond that dtype's range): a compressed Linear's
@@ -576,8 +576,9 @@ def compress_model(model: nn.Module, windows: Optional[torch.Tensor], compressor
                    min_coverage: float = 0.0, profile: Optional[list[dict[str, Any]]] = None,
                    comm: Optional[CalibComm] = None, lockstep_memory: Optional[int] = None,
                    checkpoint: Optional[LayerCheckpoint] = None, stream: Optional["LayerStream"] = None,
-                   dtype: Optional[torch.dtype] = None, autocast: Optional[torch.dtype] = None, paired: bool = False,
-                   after_layer: Optional[AfterLayer] = None, reference_rows: Optional[Callable[[list[int]], int]] = None,
+                   dtype: Optional[torch.dtype] = None, autocast: Optional[torch.dtype] = None,
+                   paired: bool = False, after_layer: Optional[AfterLayer] = None,
+                   reference_rows: Optional[Callable[[list[int]], int]] = None,
                    _rerun: bool = False) -> list[dict[str, Any]]:
     """Compress every Linear of every decoder layer (fused experts split first; names matching
     `skip` left alone); returns a per-Linear report. `full_hessian=False` hands the compressor

@@ -107,7 +107,7 @@ def quantize_stage(state: "RunState") -> dict[str, Any]:
                                 min_coverage=state.cfg.min_coverage, profile=profile, stream=stream,
                                 checkpoint=state.layer_checkpoint, paired=bool(quant.gptaq),
                                 after_layer=refine_after if refine is not None else None,
-                                reference_rows=functools.partial(reference_rows, refine) if refine is not None else None,
+                                reference_rows=None if refine is None else functools.partial(reference_rows, refine),
                                 comm=state.comm.sharing(packed) if state.comm is not None else None,
                                 dtype=calib_dtype, autocast=calib_autocast)
     kept.clear()  # (the ends below are not refined)
@@ -119,5 +119,6 @@ def quantize_stage(state: "RunState") -> dict[str, Any]:
     return {"method": quant.method, "bits": quant.bits, "group_size": quant.group_size, "layers": report,
             **({"ends": end_report} if end_report else {}),
             **record_coverage(state, report),
-            **({"calibration": calibration_facts(calib_dtype, state.device, calib_autocast)} if windows is not None else {}),
+            **({"calibration": calibration_facts(calib_dtype, state.device, calib_autocast)}
+               if windows is not None else {}),
             "profile": add_compressor_seconds(profile, report, ("sweep_seconds", "pack_seconds"))}

@@ -6,8 +6,8 @@ import logging
 import pytest
 import torch
 
-from engine.calibration import (LinearJob, LayerOutputs, accumulate, calibrating, calibration_autocast, calibration_dtype,
-                                capture_layer_calls, compress_model, input_groups, run_layer)
+from engine.calibration import (LinearJob, LayerOutputs, accumulate, calibrating, calibration_autocast,
+                                calibration_dtype, capture_layer_calls, compress_model, input_groups, run_layer)
 from engine.errors import ShrinkError
 from engine.modeling import find_decoder_layers, set_weight_matrix, weight_matrix
 from engine.experts import split_experts

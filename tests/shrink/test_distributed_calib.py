@@ -47,8 +47,8 @@ def single(overrides: list[str], out: Path) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("family,extra", [("llama", []), ("mixtral", []),
                                           # quant=best's calibration (its refinement is one process only)
-                                          ("llama", ["data.calib.dtype=bfloat16-autocast", "quant.true_sequential=false",
-                                                     "quant.scale_search=mse"])])
+                                          ("llama", ["data.calib.dtype=bfloat16-autocast",
+                                                     "quant.true_sequential=false", "quant.scale_search=mse"])])
 def test_two_ranks_quantize_as_one_process(tmp_path: Path, tiny_model_dir, family: str, extra: list[str]) -> None:
     folder = tiny_model_dir(family)
     common = ["pipeline=quantize", f"model.path={folder}", *tiny_data_overrides(), "quant.group_size=32", *extra]
