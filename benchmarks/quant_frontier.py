@@ -195,6 +195,7 @@ def plot(p: dict[str, Any], path: Optional[Path] = None) -> Path:
 
     path = path or ROOT / "benchmarks" / "results" / f"{p['benchmark']}.png"
     models = [m for m in MODELS if any(r["model"] == m for r in p["rows"])]
+    labels = [a[0] for a in ARMS if a[1] != "dense"]
     fig = Figure(figsize=(6 * len(models), 4.5))
     FigureCanvasAgg(fig)
     for k, model in enumerate(models):
@@ -203,7 +204,8 @@ def plot(p: dict[str, Any], path: Optional[Path] = None) -> Path:
         dense = next((r["ppl"] for r in rows if r["arm"] == "dense"), None)
         for arm in dict.fromkeys(r["arm"] for r in rows if r["arm"] != "dense"):
             pts = sorted((r["bits"], r["ppl"]) for r in rows if r["arm"] == arm)
-            ax.plot([b for b, _ in pts], [q for _, q in pts], marker="o", label=arm)
+            ax.plot([b for b, _ in pts], [q for _, q in pts], marker="o", label=arm,
+                    color=f"C{labels.index(arm) % 10}" if arm in labels else None)  # one colour per arm in every panel
         if dense:
             ax.axhline(dense, color="black", linestyle=":", label="dense")
         ax.set_yscale("log")
