@@ -26,18 +26,22 @@ def ppl(metrics: dict) -> float:
     return next(iter(metrics["ppl"].values()))
 
 
-@pytest.mark.parametrize("method", ["gptq", "sparsegpt", "sparsegpt+reconstruct"])
+@pytest.mark.parametrize("method", ["gptq", "sparsegpt", "sparsegpt+reconstruct", "best"])
 def test_layerwise_compression_on_the_device_matches_the_cpu(tmp_path: Path, tiny_model_dir, method: str) -> None:
     """One calibration engine on both: same Hessians up to float reduction order, so the same
-    perplexity to well under a percent, and a model folder that loads."""
+    perplexity to well under a percent, and a model folder that loads. quant=best (bfloat16
+    autocast and refinement: its products round differently on each device) to 2%."""
     folder = tiny_model_dir("llama")
     stage = (["pipeline=quantize", "quant.method=gptq", "quant.bits=4", "quant.group_size=32"] if method == "gptq"
+             else ["pipeline=quantize", "quant=best", "quant.bits=4", "quant.group_size=32", "quant.refine_steps=6"]
+             if method == "best"
              else ["pipeline=prune", "prune.method=sparsegpt", "prune.sparsity=0.5",
                    f"prune.reconstruct={method.endswith('reconstruct')}"])
     common = [f"model.path={folder}", *tiny_data_overrides(), *stage, "eval.baseline=false"]
     cpu = run_shrink(common + ["model.device=cpu"], tmp_path / "cpu")
     dev = run_shrink(common + [f"model.device={DEVICE}"], tmp_path / "dev")
-    assert abs(ppl(dev) - ppl(cpu)) <= 5e-3 * ppl(cpu), (ppl(cpu), ppl(dev))
+    tolerance = 2e-2 if method == "best" else 5e-3
+    assert abs(ppl(dev) - ppl(cpu)) <= tolerance * ppl(cpu), (ppl(cpu), ppl(dev))
     assert abs(dev["sparsity"] - cpu["sparsity"]) < 1e-3
     AutoModelForCausalLM.from_pretrained(tmp_path / "dev" / "model")
 
