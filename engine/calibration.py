@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 import torch
 from torch import nn
 
-from engine.config import MoeConfig
+from engine.config import AUTOCAST_SETTING, MoeConfig
 from engine.coverage import compression_targets, coverage
 from engine.distributed_calib import CalibComm
 from engine.errors import ShrinkError
@@ -490,8 +490,6 @@ def calibration_dtype(setting: str, device: torch.device) -> Optional[torch.dtyp
         return torch.float32
     return None if setting == "model" else getattr(torch, setting)
 
-
-AUTOCAST_SETTING = "bfloat16-autocast"
 
 
 def calibration_autocast(setting: str, device: torch.device) -> Optional[torch.dtype]:

@@ -86,7 +86,8 @@ class CalibDataConfig:
     dtype: str = "auto"
 
 
-CALIB_DTYPES = ("auto", "model", "float32", "float64", "bfloat16-autocast")
+AUTOCAST_SETTING = "bfloat16-autocast"  # data.calib.dtype's mixed-precision value (engine/calibration.py)
+CALIB_DTYPES = ("auto", "model", "float32", "float64", AUTOCAST_SETTING)
 
 
 def check_calib_dtype(value: str) -> None:

@@ -122,9 +122,9 @@ def fit_grid(W: torch.Tensor, bits: int, sym: bool, search: Optional[ScaleSearch
 
 
 def _range_error(W: torch.Tensor, grid: Grid, norm: float, weight: Optional[torch.Tensor]) -> torch.Tensor:
-    """sum_j weight_j |w_j - q_j|^norm per row (and candidate, for a batched grid). `quantize`'s
-    operations in place on one buffer (the search's cost is this memory traffic): the same values."""
-    err = W.div(grid.scale).round_().add_(grid.zero).clamp_(0, grid.maxq).sub_(grid.zero).mul_(grid.scale).sub_(W)
+    """sum_j weight_j |w_j - q_j|^norm per row (and candidate, for a batched grid), in place on
+    `quantize`'s fresh buffer (the search's cost is this memory traffic)."""
+    err = quantize(W, grid).sub_(W)
     err = err.square_() if norm == 2 else err.abs_().pow_(norm)
     if weight is not None:
         err.mul_(weight)
@@ -132,8 +132,8 @@ def _range_error(W: torch.Tensor, grid: Grid, norm: float, weight: Optional[torc
 
 
 def quantize_codes(w: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """Integer codes in [0, maxq] (as fp32) for w [rows, k] on grid."""
-    return torch.clamp(torch.round(w / grid.scale) + grid.zero, 0, grid.maxq)
+    """Integer codes in [0, maxq] (as fp32) for w [rows, k] on grid (in place on the quotient's buffer)."""
+    return (w / grid.scale).round_().add_(grid.zero).clamp_(0, grid.maxq)
 
 
 def dequantize_codes(q: torch.Tensor, grid: Grid) -> torch.Tensor:
@@ -141,5 +141,5 @@ def dequantize_codes(q: torch.Tensor, grid: Grid) -> torch.Tensor:
 
 
 def quantize(w: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """Round w onto the grid and back (fake quantization)."""
-    return dequantize_codes(quantize_codes(w, grid), grid)
+    """Round w onto the grid and back (fake quantization): dequantize_codes in place on the fresh codes."""
+    return quantize_codes(w, grid).sub_(grid.zero).mul_(grid.scale)

@@ -147,8 +147,7 @@ def _loss(out: LayerOutputs, weights: dict[str, torch.Tensor], b: int, rows: sli
 def reference_rows(settings: RefineSettings, sizes: list[int]) -> int:
     """How many windows at the head of each calibration batch (of these sizes) the steps read
     (`_windows` walks the heads first): the reference stream need keep no more."""
-    slots = _slots(sizes, settings)
-    return max(slots[k % len(slots)][1].stop for k in range(min(settings.steps, len(slots))))
+    return max(rows.stop for _b, rows in _slots(sizes, settings)[: settings.steps])
 
 
 def _windows(out: LayerOutputs, settings: RefineSettings):
