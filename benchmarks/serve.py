@@ -51,6 +51,9 @@ ARMS: list[tuple[str, str, Optional[str], list[str], str]] = [
     ("GPTQ 3-bit g128 (asymmetric, GPTQ layout)", "llama-teacher", "quantize", ["quant.bits=3"], "bfloat16"),
     ("GPTQ 3-bit g128 symmetric", "llama-teacher", "quantize", ["quant.bits=3", "quant.sym=true"], "bfloat16"),
     ("GPTQ 8-bit g128 symmetric", "llama-teacher", "quantize", ["quant.bits=8", "quant.sym=true"], "bfloat16"),
+    # refined codes and scales (issue 31's preset), the same GPTQ layout
+    ("quant=best 3-bit g128 symmetric", "llama-teacher", "quantize", ["quant=best", "quant.bits=3", "quant.sym=true"],
+     "bfloat16"),
     ("SparseGPT 2:4 + GPTQ 4-bit g128 (default)", "llama-teacher", "prune_quantize", ["prune.pattern=2:4"],
      "bfloat16"),
     ("float bf16", "llama-teacher", None, [], "bfloat16"),
