@@ -54,6 +54,7 @@ ARMS: list[tuple[str, str, Optional[str], list[str], str]] = [
     # refined codes and scales (issue 31's preset), the same GPTQ layout
     ("quant=best 3-bit g128 symmetric", "llama-teacher", "quantize", ["quant=best", "quant.bits=3", "quant.sym=true"],
      "bfloat16"),
+    ("quant=best 4-bit g128 symmetric", "llama-teacher", "quantize", ["quant=best", "quant.sym=true"], "bfloat16"),
     ("SparseGPT 2:4 + GPTQ 4-bit g128 (default)", "llama-teacher", "prune_quantize", ["prune.pattern=2:4"],
      "bfloat16"),
     ("float bf16", "llama-teacher", None, [], "bfloat16"),
